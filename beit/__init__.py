@@ -1,0 +1,34 @@
+"""BEiT masked image modeling: the reference model, blockwise masking and checkpoint interop.
+
+``beit.create_model(name, **overrides)`` builds a model; ``beit.load_pretrained(model, path)`` loads an official
+(unilm), timm or Hugging Face checkpoint into it.
+"""
+
+__version__ = "0.1.0"
+
+from beit.checkpoint import convert_state_dict, export_state_dict, load_pretrained  # noqa: E402
+from beit.masking import MaskingGenerator, generate_masks, mask_to_index  # noqa: E402
+from beit.model import (  # noqa: E402
+    IMPLS,
+    BeitConfig,
+    VisionTransformerForMaskedImageModeling,
+    create_model,
+    list_models,
+    resolve_impl,
+)
+
+__all__ = [
+    "__version__",
+    "IMPLS",
+    "BeitConfig",
+    "MaskingGenerator",
+    "VisionTransformerForMaskedImageModeling",
+    "convert_state_dict",
+    "create_model",
+    "export_state_dict",
+    "generate_masks",
+    "list_models",
+    "load_pretrained",
+    "mask_to_index",
+    "resolve_impl",
+]

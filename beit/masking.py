@@ -1,0 +1,140 @@
+"""Blockwise masking, the official BEiT algorithm (unilm ``beit/masking_generator.py``), on current NumPy.
+
+Per call, blocks are added until ``num_masking_patches`` cells are masked or a block cannot be placed:
+    target area  ~ U(min_num_patches, max_mask)              max_mask = min(remaining, max_num_patches)
+    aspect       ~ exp(U(log min_aspect, log max_aspect))   max_aspect defaults to 1 / min_aspect
+    h, w         = round(sqrt(area * aspect)), round(sqrt(area / aspect))
+    top, left    ~ randint(0, H - h), randint(0, W - w)      inclusive bounds, only when h < H and w < W
+A block is kept when it adds between 1 and ``max_mask`` new cells; ten attempts per block; the call stops when a
+block adds nothing. So a mask holds at most ``num_masking_patches`` cells (75 of 196 by default, about 38%) and
+sometimes fewer. Random numbers come from Python's ``random`` (the official code's source, so a seeded
+``random.Random`` reproduces the official masks draw for draw).
+
+The batch helpers produce what the model and the kernels take: ``bool_masked_pos`` [B, N] and a padded index
+[B, K] of masked patch positions (ascending, -1 for padding, K = ``num_masking_patches``), which lets the masked
+rows be gathered with a static shape and no device-to-host synchronisation.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import torch
+
+
+class MaskingGenerator:
+    def __init__(
+        self,
+        input_size: int | tuple[int, int] = 14,
+        num_masking_patches: int = 75,
+        min_num_patches: int = 16,
+        max_num_patches: int | None = None,
+        min_aspect: float = 0.3,
+        max_aspect: float | None = None,
+        rng: random.Random | int | None = None,
+    ):
+        if not isinstance(input_size, (tuple, list)):
+            input_size = (input_size, input_size)
+        self.height, self.width = (int(s) for s in input_size)
+        if self.height <= 0 or self.width <= 0:
+            raise ValueError(f"input_size must be positive, got {input_size}")
+        self.num_patches = self.height * self.width
+        if not 0 <= num_masking_patches <= self.num_patches:
+            raise ValueError(
+                f"num_masking_patches={num_masking_patches} must lie in [0, {self.num_patches}] "
+                f"for a {self.height}x{self.width} grid"
+            )
+        if min_aspect <= 0:
+            raise ValueError(f"min_aspect must be positive, got {min_aspect}")
+        self.num_masking_patches = num_masking_patches
+        self.min_num_patches = min_num_patches
+        self.max_num_patches = num_masking_patches if max_num_patches is None else max_num_patches
+        max_aspect = max_aspect or 1 / min_aspect
+        self.log_aspect_ratio = (math.log(min_aspect), math.log(max_aspect))
+        # None draws from the global ``random`` module, as the official code does; an int seeds a private stream.
+        self.rng = random.Random(rng) if isinstance(rng, int) else (rng if rng is not None else random)
+
+    def __repr__(self) -> str:
+        return (
+            f"MaskingGenerator({self.height}, {self.width} -> [{self.min_num_patches} ~ {self.max_num_patches}], "
+            f"max = {self.num_masking_patches}, {self.log_aspect_ratio[0]:.3f} ~ {self.log_aspect_ratio[1]:.3f})"
+        )
+
+    def get_shape(self) -> tuple[int, int]:
+        return self.height, self.width
+
+    def _mask(self, mask: np.ndarray, max_mask_patches: int) -> int:
+        rng = self.rng
+        delta = 0
+        for _attempt in range(10):
+            target_area = rng.uniform(self.min_num_patches, max_mask_patches)
+            aspect_ratio = math.exp(rng.uniform(*self.log_aspect_ratio))
+            h = int(round(math.sqrt(target_area * aspect_ratio)))
+            w = int(round(math.sqrt(target_area / aspect_ratio)))
+            if w < self.width and h < self.height:
+                top = rng.randint(0, self.height - h)
+                left = rng.randint(0, self.width - w)
+                block = mask[top : top + h, left : left + w]  # a view: writing it writes the mask
+                num_new = h * w - int(block.sum())
+                if 0 < num_new <= max_mask_patches:
+                    block[...] = True
+                    delta += num_new
+                if delta > 0:
+                    break
+        return delta
+
+    def __call__(self) -> np.ndarray:
+        """One mask: a [height, width] bool array with at most ``num_masking_patches`` True cells."""
+        mask = np.zeros(self.get_shape(), dtype=bool)
+        mask_count = 0
+        while mask_count < self.num_masking_patches:
+            max_mask_patches = min(self.num_masking_patches - mask_count, self.max_num_patches)
+            delta = self._mask(mask, max_mask_patches)
+            if delta == 0:
+                break
+            mask_count += delta
+        return mask
+
+
+def mask_to_index(bool_masked_pos: torch.Tensor, num_indices: int) -> torch.Tensor:
+    """Positions of the masked patches, ascending, padded with -1: [B, N] bool -> [B, num_indices] int64.
+
+    No host synchronisation: the count check runs on the device (``torch._assert_async``), so a mask with more
+    than ``num_indices`` masked patches fails the step rather than being truncated.
+    """
+    if not isinstance(bool_masked_pos, torch.Tensor) or bool_masked_pos.dtype != torch.bool:
+        raise TypeError("bool_masked_pos must be a torch.bool tensor")
+    if bool_masked_pos.dim() != 2:
+        raise ValueError(f"bool_masked_pos must be [B, N], got shape {tuple(bool_masked_pos.shape)}")
+    if num_indices < 0:
+        raise ValueError(f"num_indices must be >= 0, got {num_indices}")
+    B, N = bool_masked_pos.shape
+    torch._assert_async(
+        (bool_masked_pos.sum(dim=1) <= num_indices).all(),
+        f"a mask has more than num_indices={num_indices} masked patches",
+    )
+    pos = torch.arange(N, device=bool_masked_pos.device).expand(B, N)
+    # Masked positions sort first (keys 0..N-1), unmasked ones after them (keys N..2N-1).
+    key = torch.where(bool_masked_pos, pos, pos + N)
+    index = key.sort(dim=1).values[:, : min(num_indices, N)]
+    index = torch.where(index < N, index, torch.full_like(index, -1))
+    if num_indices > N:
+        index = torch.cat((index, index.new_full((B, num_indices - N), -1)), dim=1)
+    return index
+
+
+def generate_masks(
+    generator: MaskingGenerator, batch_size: int, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw ``batch_size`` masks: ``bool_masked_pos`` [B, N] bool and the padded index [B, K] int64 (-1 padding),
+    K = ``generator.num_masking_patches``."""
+    if batch_size < 0:
+        raise ValueError(f"batch_size must be >= 0, got {batch_size}")
+    masks = np.stack([generator() for _ in range(batch_size)]) if batch_size else np.zeros((0, *generator.get_shape()))
+    bool_masked_pos = torch.from_numpy(masks.reshape(batch_size, -1).astype(bool))  # [B, H, W] -> [B, N]
+    index = mask_to_index(bool_masked_pos, generator.num_masking_patches)
+    if device is not None:
+        bool_masked_pos, index = bool_masked_pos.to(device), index.to(device)
+    return bool_masked_pos, index

@@ -1,0 +1,617 @@
+"""The reference BEiT for masked image modeling, faithful to the official implementation.
+
+This is ``VisionTransformerForMaskedImageModeling`` of microsoft/unilm ``beit/modeling_pretrain.py`` with the
+building blocks of ``beit/modeling_finetune.py``, configured as ``run_beit_pretraining.py`` builds it by default:
+one relative position bias shared by all blocks, no absolute position embedding, layer scale 0.1.
+
+    images [B, 3, H, W] --Conv2d(p, stride p)--> [B, N, D]          N = (H/p)(W/p), 196 at 224 px
+    x = x * (1 - w) + mask_token * w                                 w = bool_masked_pos[..., None]
+    x = cat(cls_token, x) (+ pos_embed)                              [B, N+1, D]
+    x = blocks(x, rel_pos_bias)                                      pre-norm, layer scale, drop path
+    x = norm(x)[:, 1:]                                               LayerNorm eps 1e-6
+    logits = lm_head(x[bool_masked_pos])                             [num_masked, vocab], (image, patch) order
+
+Parameter names are those of the official checkpoints (``patch_embed.proj``, ``attn.qkv``, ``q_bias``, ``v_bias``,
+``gamma_1``, ``rel_pos_bias.relative_position_bias_table``, ``lm_head``), so they load without renaming.
+
+The implementation is one switch per model, ``impl``:
+    "ref"    the official code path: explicit softmax attention, Conv2d patch embedding, boolean gather, Linear head.
+    "sdpa"   ``F.scaled_dot_product_attention`` with the relative position bias as ``attn_mask``.
+    "triton" our Triton kernels (``beit_kernels``); available once the kernels are installed.
+    "auto"   the fastest one available for the input's device.
+``create_model(impl=None)`` reads the default from the environment variable ``BEIT_IMPL`` (else "auto"); an
+explicit keyword wins over the environment.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import beit_kernels
+
+IMPLS = ("auto", "ref", "sdpa", "triton")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Implementation switch
+
+
+def _triton_attention_available() -> bool:
+    return hasattr(beit_kernels, "attention")
+
+
+@functools.cache
+def _auto_impl(device_type: str, device_index: int | None) -> str:
+    device = torch.device(device_type, device_index) if device_index is not None else torch.device(device_type)
+    if device_type == "cuda" and beit_kernels.triton_matmul_ok(device) and _triton_attention_available():
+        return "triton"
+    # On CPU, and on GPUs older than sm80 (no tensor-core tl.dot), PyTorch's fused attention is the fastest path.
+    return "sdpa"
+
+
+def resolve_impl(impl: str, device: torch.device | str | None = None) -> str:
+    """Turn ``impl`` (one of ``IMPLS``) into the concrete path used on ``device``; raises for unknown values."""
+    if impl not in IMPLS:
+        raise ValueError(f"unknown impl {impl!r}: expected one of {', '.join(IMPLS)}")
+    if impl == "triton" and not _triton_attention_available():
+        raise ValueError(
+            "impl='triton' needs beit_kernels.attention, which this installation does not provide; "
+            "use impl='sdpa' or 'ref'"
+        )
+    if impl != "auto":
+        return impl
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    return _auto_impl(device.type, device.index)
+
+
+def _default_impl() -> str:
+    impl = os.environ.get("BEIT_IMPL", "auto").strip().lower() or "auto"
+    if impl not in IMPLS:
+        raise ValueError(f"environment variable BEIT_IMPL={impl!r} is not one of {', '.join(IMPLS)}")
+    return impl
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Initialisation and small layers
+
+
+@torch.no_grad()
+def trunc_normal_(tensor: torch.Tensor, std: float = 0.02) -> torch.Tensor:
+    """Normal(0, std) truncated to [-std, std], in place.
+
+    The official wrapper cuts at plus or minus one std (a=-std, b=std), not timm's default of plus or minus 2.
+    Sampled by the inverse CDF, as timm 0.3.2 (the official dependency) did: torch 2.13's ``nn.init.trunc_normal_``
+    rejection-samples and took 7 s to initialise BEiT-B on 2 CPU cores, against 0.5 s here.
+    """
+    if tensor.is_meta:
+        return tensor
+    lo, hi = (1.0 + math.erf(-1.0 / math.sqrt(2.0))) / 2.0, (1.0 + math.erf(1.0 / math.sqrt(2.0))) / 2.0
+    tensor.uniform_(2 * lo - 1, 2 * hi - 1)
+    tensor.erfinv_()
+    tensor.mul_(std * math.sqrt(2.0))
+    return tensor.clamp_(min=-std, max=std)
+
+
+def drop_path(x: torch.Tensor, drop_prob: float = 0.0, training: bool = False) -> torch.Tensor:
+    """Stochastic depth per sample: zero the residual branch of a whole sample with probability ``drop_prob``."""
+    if drop_prob == 0.0 or not training:
+        return x
+    keep_prob = 1 - drop_prob
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)  # [B, 1, 1]: one draw per sample
+    random_tensor = keep_prob + torch.rand(shape, dtype=x.dtype, device=x.device)
+    random_tensor.floor_()
+    return x.div(keep_prob) * random_tensor
+
+
+class DropPath(nn.Module):
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return drop_path(x, self.drop_prob, self.training)
+
+    def extra_repr(self) -> str:
+        return f"p={self.drop_prob}"
+
+
+class Mlp(nn.Module):
+    def __init__(self, in_features: int, hidden_features: int, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_features, in_features)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The official Mlp applies dropout only after fc2.
+        return self.drop(self.fc2(self.act(self.fc1(x))))
+
+
+def _pair(v) -> tuple[int, int]:
+    if isinstance(v, (tuple, list)):
+        if len(v) != 2:
+            raise ValueError(f"expected an int or a pair, got {v!r}")
+        return int(v[0]), int(v[1])
+    return int(v), int(v)
+
+
+class PatchEmbed(nn.Module):
+    """Image to patch embedding: Conv2d with kernel = stride = patch size, flattened to [B, N, D]."""
+
+    def __init__(self, img_size=224, patch_size=16, in_chans: int = 3, embed_dim: int = 768):
+        super().__init__()
+        img_size, patch_size = _pair(img_size), _pair(patch_size)
+        for s, p in zip(img_size, patch_size):
+            if s % p != 0 or s <= 0:
+                raise ValueError(f"image size {img_size} is not a positive multiple of the patch size {patch_size}")
+        self.img_size = img_size
+        self.patch_size = patch_size
+        self.in_chans = in_chans
+        self.patch_shape = (img_size[0] // patch_size[0], img_size[1] // patch_size[1])
+        self.num_patches = self.patch_shape[0] * self.patch_shape[1]
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)  # [B, D, Hp, Wp] -> [B, Hp*Wp, D]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Relative position bias
+
+
+def gen_relative_position_index(window_size: tuple[int, int]) -> torch.Tensor:
+    """The official [N+1, N+1] index into the (2Wh-1)(2Ww-1)+3 row table, cls rows included (N = Wh*Ww)."""
+    wh, ww = window_size
+    num_relative_distance = (2 * wh - 1) * (2 * ww - 1) + 3
+    coords = torch.stack(torch.meshgrid(torch.arange(wh), torch.arange(ww), indexing="ij"))  # [2, Wh, Ww]
+    coords = coords.flatten(1)  # [2, N], row-major over (h, w)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0).contiguous()  # [N, N, 2]
+    rel[:, :, 0] += wh - 1
+    rel[:, :, 1] += ww - 1
+    rel[:, :, 0] *= 2 * ww - 1
+    index = torch.zeros((wh * ww + 1,) * 2, dtype=torch.long)
+    index[1:, 1:] = rel.sum(-1)
+    # The three cls entries, assigned in the official order (the corner is written last).
+    index[0, 0:] = num_relative_distance - 3  # cls -> token
+    index[0:, 0] = num_relative_distance - 2  # token -> cls
+    index[0, 0] = num_relative_distance - 1  # cls -> cls
+    return index
+
+
+def num_relative_distance(window_size: tuple[int, int]) -> int:
+    return (2 * window_size[0] - 1) * (2 * window_size[1] - 1) + 3
+
+
+def _lookup_bias(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    n = index.shape[0]
+    bias = table[index.view(-1)].view(n, n, -1)  # [N+1, N+1, H]
+    return bias.permute(2, 0, 1).contiguous()  # [H, N+1, N+1]
+
+
+class RelativePositionBias(nn.Module):
+    """The relative position bias shared by all blocks: ``forward()`` returns [H, N+1, N+1]."""
+
+    def __init__(self, window_size: tuple[int, int], num_heads: int):
+        super().__init__()
+        self.window_size = tuple(window_size)
+        self.num_relative_distance = num_relative_distance(self.window_size)
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(self.num_relative_distance, num_heads))
+        # Not persistent: it is derived from the window, and official checkpoints' copies are dropped on load.
+        self.register_buffer("relative_position_index", gen_relative_position_index(self.window_size), persistent=False)
+
+    def forward(self) -> torch.Tensor:
+        return _lookup_bias(self.relative_position_bias_table, self.relative_position_index)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Attention and blocks
+
+
+class Attention(nn.Module):
+    """BEiT attention: qkv without bias plus learned q and v biases (the k bias is a constant zero), and an optional
+    relative position bias table of its own (``window_size`` given) besides the shared one passed to ``forward``."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        qkv_bias: bool = False,
+        qk_scale: float | None = None,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        window_size: tuple[int, int] | None = None,
+        attn_head_dim: int | None = None,
+        impl: str = "auto",
+    ):
+        super().__init__()
+        self.num_heads = num_heads
+        head_dim = attn_head_dim if attn_head_dim is not None else dim // num_heads
+        all_head_dim = head_dim * num_heads
+        self.head_dim = head_dim
+        self.scale = qk_scale or head_dim**-0.5
+        self.impl = impl
+
+        self.qkv = nn.Linear(dim, all_head_dim * 3, bias=False)
+        if qkv_bias:
+            self.q_bias = nn.Parameter(torch.zeros(all_head_dim))
+            self.v_bias = nn.Parameter(torch.zeros(all_head_dim))
+        else:
+            self.q_bias = None
+            self.v_bias = None
+
+        if window_size is not None:
+            self.window_size = tuple(window_size)
+            self.num_relative_distance = num_relative_distance(self.window_size)
+            self.relative_position_bias_table = nn.Parameter(torch.zeros(self.num_relative_distance, num_heads))
+            self.register_buffer(
+                "relative_position_index", gen_relative_position_index(self.window_size), persistent=False
+            )
+        else:
+            self.window_size = None
+            self.relative_position_bias_table = None
+            self.relative_position_index = None
+
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(all_head_dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor, rel_pos_bias: torch.Tensor | None = None) -> torch.Tensor:
+        B, N, _ = x.shape
+        qkv_bias = None
+        if self.q_bias is not None:
+            qkv_bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias, requires_grad=False), self.v_bias))
+        qkv = F.linear(x, self.qkv.weight, qkv_bias)
+        qkv = qkv.reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # [3, B, H, N, hd]
+        q, k, v = qkv[0], qkv[1], qkv[2]
+
+        table_bias = None
+        if self.relative_position_bias_table is not None:
+            table_bias = _lookup_bias(self.relative_position_bias_table, self.relative_position_index)  # [H, N, N]
+
+        impl = self.impl if self.impl != "auto" else resolve_impl("auto", x.device)
+        if impl == "ref":
+            # The official code path, operation for operation (the two biases are added one after the other).
+            q = q * self.scale
+            attn = q @ k.transpose(-2, -1)  # [B, H, N, N]
+            if table_bias is not None:
+                attn = attn + table_bias.unsqueeze(0)
+            if rel_pos_bias is not None:
+                attn = attn + rel_pos_bias
+            attn = attn.softmax(dim=-1)
+            attn = self.attn_drop(attn)
+            x = attn @ v
+        elif impl == "sdpa":
+            bias = table_bias
+            if rel_pos_bias is not None:
+                bias = rel_pos_bias if bias is None else bias + rel_pos_bias
+            if bias is not None:
+                # SDPA wants a float mask in the query's dtype (bf16 or fp16 under autocast).
+                bias = bias.to(q.dtype)
+            x = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=bias, dropout_p=self.attn_drop.p if self.training else 0.0, scale=self.scale
+            )
+        elif impl == "triton":
+            bias = table_bias
+            if rel_pos_bias is not None:
+                bias = rel_pos_bias if bias is None else bias + rel_pos_bias
+            if self.training and self.attn_drop.p > 0:
+                raise ValueError("impl='triton' attention has no attention dropout; set attn_drop_rate=0")
+            x = beit_kernels.attention(q, k, v, bias, scale=self.scale)
+        else:
+            raise ValueError(f"unknown impl {impl!r}")
+        x = x.transpose(1, 2).reshape(B, N, -1)  # [B, H, N, hd] -> [B, N, H*hd]
+        return self.proj_drop(self.proj(x))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with layer scale (``gamma_1``, ``gamma_2``) and drop path."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = False,
+        qk_scale: float | None = None,
+        drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+        init_values: float | None = None,
+        window_size: tuple[int, int] | None = None,
+        attn_head_dim: int | None = None,
+        eps: float = 1e-6,
+        impl: str = "auto",
+    ):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = Attention(
+            dim,
+            num_heads=num_heads,
+            qkv_bias=qkv_bias,
+            qk_scale=qk_scale,
+            attn_drop=attn_drop,
+            proj_drop=drop,
+            window_size=window_size,
+            attn_head_dim=attn_head_dim,
+            impl=impl,
+        )
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
+        if init_values is not None and init_values > 0:
+            self.gamma_1 = nn.Parameter(init_values * torch.ones(dim))
+            self.gamma_2 = nn.Parameter(init_values * torch.ones(dim))
+        else:
+            self.gamma_1, self.gamma_2 = None, None
+
+    def forward(self, x: torch.Tensor, rel_pos_bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.gamma_1 is None:
+            x = x + self.drop_path(self.attn(self.norm1(x), rel_pos_bias=rel_pos_bias))
+            x = x + self.drop_path(self.mlp(self.norm2(x)))
+        else:
+            x = x + self.drop_path(self.gamma_1 * self.attn(self.norm1(x), rel_pos_bias=rel_pos_bias))
+            x = x + self.drop_path(self.gamma_2 * self.mlp(self.norm2(x)))
+        return x
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The model
+
+
+@dataclass
+class BeitConfig:
+    """Hyper-parameters of ``VisionTransformerForMaskedImageModeling``; defaults are BEiT-B/16 as pretrained."""
+
+    img_size: int | tuple[int, int] = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    vocab_size: int = 8192
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    qk_scale: float | None = None
+    drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    init_values: float | None = 0.1
+    attn_head_dim: int | None = None
+    use_abs_pos_emb: bool = False
+    use_rel_pos_bias: bool = False
+    use_shared_rel_pos_bias: bool = True
+    layer_norm_eps: float = 1e-6
+    init_std: float = 0.02
+    impl: str = "auto"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class VisionTransformerForMaskedImageModeling(nn.Module):
+    """BEiT for masked image modeling (the official class, same name and parameters)."""
+
+    def __init__(self, config: BeitConfig | None = None, **kwargs):
+        super().__init__()
+        if config is None:
+            config = BeitConfig(**kwargs)
+        elif kwargs:
+            raise TypeError("pass either a BeitConfig or keyword arguments, not both")
+        if config.impl not in IMPLS:
+            raise ValueError(f"unknown impl {config.impl!r}: expected one of {', '.join(IMPLS)}")
+        if config.embed_dim % config.num_heads != 0 and config.attn_head_dim is None:
+            raise ValueError(f"embed_dim {config.embed_dim} is not divisible by num_heads {config.num_heads}")
+        self.config = config
+        self.num_features = self.embed_dim = config.embed_dim
+        dim = config.embed_dim
+
+        self.patch_embed = PatchEmbed(config.img_size, config.patch_size, config.in_chans, dim)
+        num_patches = self.patch_embed.num_patches
+        window_size = self.patch_embed.patch_shape
+
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, dim)) if config.use_abs_pos_emb else None
+        self.pos_drop = nn.Dropout(p=config.drop_rate)
+
+        self.rel_pos_bias = (
+            RelativePositionBias(window_size, config.num_heads) if config.use_shared_rel_pos_bias else None
+        )
+        dpr = torch.linspace(0, config.drop_path_rate, config.depth, device="cpu").tolist()  # official rule
+        self.blocks = nn.ModuleList(
+            [
+                Block(
+                    dim=dim,
+                    num_heads=config.num_heads,
+                    mlp_ratio=config.mlp_ratio,
+                    qkv_bias=config.qkv_bias,
+                    qk_scale=config.qk_scale,
+                    drop=config.drop_rate,
+                    attn_drop=config.attn_drop_rate,
+                    drop_path=dpr[i],
+                    init_values=config.init_values,
+                    window_size=window_size if config.use_rel_pos_bias else None,
+                    attn_head_dim=config.attn_head_dim,
+                    eps=config.layer_norm_eps,
+                    impl=config.impl,
+                )
+                for i in range(config.depth)
+            ]
+        )
+        self.norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.lm_head = nn.Linear(dim, config.vocab_size)
+        self.init_weights()
+
+    # -- initialisation, as the official constructor does it, in the same order --------------------------------
+    def init_weights(self) -> None:
+        std = self.config.init_std
+        if self.pos_embed is not None:
+            trunc_normal_(self.pos_embed, std=std)
+        trunc_normal_(self.cls_token, std=std)
+        trunc_normal_(self.mask_token, std=std)
+        trunc_normal_(self.lm_head.weight, std=std)
+        self.apply(self._init_module)
+        self.fix_init_weight()
+
+    def _init_module(self, m: nn.Module) -> None:
+        std = self.config.init_std
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            trunc_normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    @torch.no_grad()
+    def fix_init_weight(self) -> None:
+        for layer_id, block in enumerate(self.blocks, start=1):
+            block.attn.proj.weight.div_(math.sqrt(2.0 * layer_id))
+            block.mlp.fc2.weight.div_(math.sqrt(2.0 * layer_id))
+
+    # -- API --------------------------------------------------------------------------------------------------
+    @property
+    def impl(self) -> str:
+        return self.config.impl
+
+    def set_impl(self, impl: str) -> None:
+        """Switch every attention of the model to ``impl`` (one of ``IMPLS``)."""
+        if impl not in IMPLS:
+            raise ValueError(f"unknown impl {impl!r}: expected one of {', '.join(IMPLS)}")
+        if impl == "triton":
+            resolve_impl(impl)  # raises a clear error when the kernels are absent
+        self.config.impl = impl
+        for block in self.blocks:
+            block.attn.impl = impl
+
+    def get_num_layers(self) -> int:
+        return len(self.blocks)
+
+    def no_weight_decay(self) -> set[str]:
+        # As the official model: mask_token and the relative position table do get weight decay.
+        return {"pos_embed", "cls_token"}
+
+    @property
+    def num_patches(self) -> int:
+        return self.patch_embed.num_patches
+
+    def _check_inputs(self, x: torch.Tensor, bool_masked_pos: torch.Tensor | None) -> torch.Tensor | None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"images must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4 or x.shape[1] != self.patch_embed.in_chans:
+            raise ValueError(f"images must be [B, {self.patch_embed.in_chans}, H, W], got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"images must be a float tensor (normalised), got {x.dtype}")
+        if tuple(x.shape[2:]) != self.patch_embed.img_size:
+            h, w = self.patch_embed.img_size
+            raise ValueError(
+                f"image size {x.shape[2]}x{x.shape[3]} does not match the model's {h}x{w}; "
+                f"build the model with create_model(..., img_size=({x.shape[2]}, {x.shape[3]}))"
+            )
+        if bool_masked_pos is None:
+            return None
+        if not isinstance(bool_masked_pos, torch.Tensor):
+            raise TypeError(f"bool_masked_pos must be a torch.Tensor, got {type(bool_masked_pos).__name__}")
+        if bool_masked_pos.dtype != torch.bool:
+            raise TypeError(f"bool_masked_pos must have dtype torch.bool, got {bool_masked_pos.dtype}")
+        B = x.shape[0]
+        hp, wp = self.patch_embed.patch_shape
+        if bool_masked_pos.dim() == 3 and tuple(bool_masked_pos.shape) == (B, hp, wp):
+            bool_masked_pos = bool_masked_pos.flatten(1)  # [B, Hp, Wp] -> [B, N]
+        if tuple(bool_masked_pos.shape) != (B, self.num_patches):
+            raise ValueError(
+                f"bool_masked_pos must be [B, {self.num_patches}] (or [B, {hp}, {wp}]) with B={B}, "
+                f"got shape {tuple(bool_masked_pos.shape)}"
+            )
+        if bool_masked_pos.device != x.device:
+            raise ValueError(f"bool_masked_pos is on {bool_masked_pos.device} but the images are on {x.device}")
+        return bool_masked_pos
+
+    def _embed(self, x: torch.Tensor, bool_masked_pos: torch.Tensor | None) -> torch.Tensor:
+        x = self.patch_embed(x)  # [B, N, D]
+        batch_size, seq_len, _ = x.shape
+        if bool_masked_pos is not None:
+            mask_token = self.mask_token.expand(batch_size, seq_len, -1)
+            w = bool_masked_pos.unsqueeze(-1).type_as(mask_token)  # [B, N, 1]
+            x = x * (1 - w) + mask_token * w
+        cls_tokens = self.cls_token.expand(batch_size, -1, -1)
+        x = torch.cat((cls_tokens, x), dim=1)  # [B, N+1, D]
+        if self.pos_embed is not None:
+            x = x + self.pos_embed
+        return self.pos_drop(x)
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        rel_pos_bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None
+        for blk in self.blocks:
+            x = blk(x, rel_pos_bias=rel_pos_bias)
+        return self.norm(x)
+
+    def forward_features(self, x: torch.Tensor, bool_masked_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """The normalised tokens [B, N+1, D], cls first; masked patches are replaced by the mask token."""
+        bool_masked_pos = self._check_inputs(x, bool_masked_pos)
+        return self._encode(self._embed(x, bool_masked_pos))
+
+    def forward(
+        self, x: torch.Tensor, bool_masked_pos: torch.Tensor | None = None, return_all_tokens: bool = False
+    ) -> torch.Tensor:
+        """Logits of the masked positions [num_masked, vocab] in row-major (image, patch) order, or of every patch
+        [B, N, vocab] with ``return_all_tokens=True``."""
+        if bool_masked_pos is None and not return_all_tokens:
+            raise ValueError("forward needs bool_masked_pos (or return_all_tokens=True)")
+        bool_masked_pos = self._check_inputs(x, bool_masked_pos)
+        x = self._encode(self._embed(x, bool_masked_pos))[:, 1:]  # drop cls: [B, N, D]
+        if return_all_tokens:
+            return self.lm_head(x)
+        # Boolean gather: the official path (a device-to-host sync and a data-dependent shape).
+        return self.lm_head(x[bool_masked_pos])
+
+
+Beit = VisionTransformerForMaskedImageModeling
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Registry
+
+_MODEL_ARGS: dict[str, dict] = {
+    "beit_tiny_patch16_224": dict(embed_dim=192, depth=12, num_heads=3),
+    "beit_small_patch16_224": dict(embed_dim=384, depth=12, num_heads=6),
+    "beit_base_patch16_224": dict(embed_dim=768, depth=12, num_heads=12),
+    "beit_large_patch16_224": dict(embed_dim=1024, depth=24, num_heads=16, init_values=1e-5),
+}
+# The official registry names of unilm's modeling_pretrain.py.
+_ALIASES = {
+    "beit_base_patch16_224_8k_vocab": "beit_base_patch16_224",
+    "beit_large_patch16_224_8k_vocab": "beit_large_patch16_224",
+}
+
+
+def list_models() -> list[str]:
+    return sorted(_MODEL_ARGS)
+
+
+def create_model(name: str, **overrides) -> VisionTransformerForMaskedImageModeling:
+    """Build a registered BEiT (``list_models()``), with any ``BeitConfig`` field overridden by keyword.
+
+    ``impl`` defaults to the environment variable ``BEIT_IMPL``, else "auto".
+    """
+    key = _ALIASES.get(name, name)
+    if key not in _MODEL_ARGS:
+        raise ValueError(f"unknown model {name!r}: available models are {', '.join(list_models())}")
+    known = {f.name for f in fields(BeitConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise TypeError(f"unknown option(s) for {name}: {', '.join(unknown)}; BeitConfig fields are {sorted(known)}")
+    args = dict(_MODEL_ARGS[key], **overrides)
+    if args.get("impl") is None:
+        args["impl"] = _default_impl()
+    if args["impl"] == "triton":
+        resolve_impl("triton")
+    return VisionTransformerForMaskedImageModeling(BeitConfig(**args))

@@ -1,0 +1,19 @@
+"""beit_kernels: Triton kernels for BEiT pretraining, each with a plain-PyTorch reference.
+
+This package imports torch and triton only, never ``beit``, so other ViT code bases can use it on its own.
+``beit_kernels.reference`` holds the plain-PyTorch reference of each public op (same signature); tests,
+benchmarks and the CPU path all use it. ``beit_kernels.backend`` tells which devices the Triton path suits.
+"""
+
+from beit_kernels.backend import (
+    triton_available,
+    triton_matmul_ok,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "triton_available",
+    "triton_matmul_ok",
+]

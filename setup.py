@@ -1,0 +1,75 @@
+"""Packaging for the BEiT pretraining stack.
+
+The repository keeps its source in ``beit/`` and ``kernels/``. ``kernels/`` installs as the import package
+``beit_kernels`` because ``kernels`` (and ``bench``) are taken on PyPI, and transformers imports a package named
+``kernels``. ``bench/`` and ``tests/`` are never installed: the package list is explicit.
+"""
+
+import re
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).parent
+
+
+def _version() -> str:
+    text = (ROOT / "beit" / "__init__.py").read_text()
+    return re.search(r'^__version__ = "([^"]+)"', text, re.M).group(1)
+
+
+DALI = [
+    # CUDA 13 wheel; on CUDA 12 machines install nvidia-dali-cuda120 instead (see README).
+    "nvidia-dali-cuda130",
+]
+
+DEV = [
+    "pytest>=7",
+    "pytest-benchmark>=4",
+    "hypothesis>=6",
+    "ruff>=0.5",
+    "pyyaml>=6",
+    # Interop tests compare against an independent BEiT implementation.
+    "transformers>=4.40",
+    # dall-e 0.1 is installed with --no-deps by the README's test command: its metadata asks for torchvision,
+    # which would replace the installed torch by a multi-GB CUDA build. These are what it imports.
+    "attrs",
+    "requests",
+    *DALI,
+]
+
+setup(
+    name="beit-stack",
+    version=_version(),
+    description="Fast, faithful BEiT masked-image-modeling pretraining: Triton kernels, DALI data, trainer.",
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.10,<3.13",
+    packages=["beit", "beit_kernels"],
+    package_dir={"beit": "beit", "beit_kernels": "kernels"},
+    install_requires=[
+        "torch>=2.3",
+        "triton>=3.0; platform_system == 'Linux'",
+        "numpy>=1.24",
+        "safetensors>=0.4",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "dali": DALI,
+        "dev": DEV,
+        "bench": ["xformers", "matplotlib"],
+    },
+    entry_points={
+        "console_scripts": [
+            "beit-env=beit.env:main",
+        ],
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3.10",
+        "Programming Language :: Python :: 3.11",
+        "Programming Language :: Python :: 3.12",
+        "Operating System :: POSIX :: Linux",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)

@@ -1,0 +1,270 @@
+"""Checkpoint interop: Hugging Face (transformers 4 and 5 names), official unilm, timm; file reading; bad files."""
+
+import json
+import pickle
+
+import pytest
+import torch
+
+import beit
+from beit.checkpoint import (
+    convert_state_dict,
+    export_state_dict,
+    hf_config_kwargs,
+    load_pretrained,
+    read_state_dict,
+)
+from beit.model import BeitConfig, VisionTransformerForMaskedImageModeling
+
+SMALL = dict(img_size=48, patch_size=16, embed_dim=32, depth=2, num_heads=4, vocab_size=50, layer_norm_eps=1e-6)
+
+
+def ours(**kw):
+    return VisionTransformerForMaskedImageModeling(BeitConfig(**dict(SMALL, **kw))).eval()
+
+
+def randomize_(model):
+    """Give every parameter a distinct random value (tables, mask token and layer scales included)."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return model
+
+
+def inputs(B=3, n=9):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(B, 3, 48, 48, generator=g)
+    mask = torch.rand(B, n, generator=g) < 0.5
+    mask[0, 0] = True
+    return x, mask
+
+
+def hf_model(**kw):
+    transformers = pytest.importorskip("transformers")
+    args = dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        image_size=48,
+        patch_size=16,
+        vocab_size=50,
+        use_mask_token=True,
+        use_absolute_position_embeddings=False,
+        use_relative_position_bias=False,
+        use_shared_relative_position_bias=True,
+        layer_scale_init_value=0.1,
+        layer_norm_eps=1e-6,
+        use_mean_pooling=True,
+        attn_implementation="eager",
+    )
+    args.update(kw)
+    attn = args.pop("attn_implementation")
+    config = transformers.BeitConfig(**args)
+    config._attn_implementation = attn
+    return randomize_(transformers.BeitForMaskedImageModeling(config)).eval()
+
+
+def hf_logits(model, x, mask):
+    with torch.no_grad():
+        return model(pixel_values=x, bool_masked_pos=mask).logits[mask]
+
+
+HF_VARIANTS = [
+    dict(),
+    dict(use_relative_position_bias=True, use_shared_relative_position_bias=False),
+]
+
+
+def _ours_for(hf_kwargs):
+    per_block = hf_kwargs.get("use_relative_position_bias", False)
+    return ours(use_rel_pos_bias=per_block, use_shared_rel_pos_bias=not per_block)
+
+
+@pytest.mark.parametrize("variant", HF_VARIANTS)
+def test_hf_transformers5_model_converts_to_the_same_logits(variant):
+    hf = hf_model(**variant)
+    model = _ours_for(variant)
+    report = load_pretrained(model, hf.state_dict(), strict=True)
+    assert report.source == "hf"
+    x, mask = inputs()
+    with torch.no_grad():
+        out = model(x, mask)
+    ref = hf_logits(hf, x, mask)
+    assert out.shape == ref.shape
+    assert (out - ref).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("variant", HF_VARIANTS)
+def test_export_round_trips_to_hf(variant, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    hf = hf_model(**variant)
+    model = _ours_for(variant)
+    load_pretrained(model, hf.state_dict(), strict=True)
+    x, mask = inputs()
+    ref = hf_logits(hf, x, mask)
+
+    # transformers 5 module names load strictly into the installed transformers' model.
+    fresh = hf_model(**variant)
+    if any(k.startswith("beit.layers.") for k in fresh.state_dict()):
+        fresh.load_state_dict(export_state_dict(model, "hf5"), strict=True)
+        assert (hf_logits(fresh, x, mask) - ref).abs().max() < 1e-5
+
+    # The hub layout (transformers 4 names), saved as a model folder, goes through from_pretrained.
+    from safetensors.torch import save_file
+
+    sd = export_state_dict(model, "hf")
+    assert "beit.encoder.layer.0.attention.attention.query.weight" in sd
+    assert not any(".key.bias" in k for k in sd)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "model.safetensors"))
+    config = transformers.BeitConfig(**hf_config_kwargs(model))
+    (tmp_path / "config.json").write_text(
+        json.dumps(dict(config.to_dict(), architectures=["BeitForMaskedImageModeling"]))
+    )
+    loaded = transformers.BeitForMaskedImageModeling.from_pretrained(str(tmp_path)).eval()
+    assert (hf_logits(loaded, x, mask) - ref).abs().max() < 1e-5
+
+    # And the folder loads back into ours.
+    again = _ours_for(variant)
+    assert load_pretrained(again, tmp_path, strict=True).source == "hf"
+    with torch.no_grad():
+        assert (again(x, mask) - ref).abs().max() < 1e-4
+
+
+def test_hf_transformers4_names_are_read():
+    model = randomize_(ours())
+    sd = export_state_dict(model, "hf")  # transformers 4 names, as on the hub
+    sd["beit.encoder.relative_position_bias.relative_position_index"] = torch.zeros(10, 10, dtype=torch.long)
+    sd["beit.encoder.layer.0.attention.attention.key.bias"] = torch.randn(32)  # softmax-invariant: dropped
+    again = ours()
+    assert load_pretrained(again, sd, strict=True).source == "hf"
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(again.state_dict()[k], v, rtol=0, atol=0)
+
+
+def test_unilm_round_trip_through_a_pth_file(tmp_path):
+    model = randomize_(ours())
+    sd = export_state_dict(model, "unilm")
+    assert tuple(sd["rel_pos_bias.relative_position_index"].shape) == (10, 10)
+    assert len(sd) == len(model.state_dict()) + 1
+    # A training checkpoint of the official trainer: weights under "model", DDP prefix, other entries beside.
+    path = tmp_path / "checkpoint-799.pth"
+    torch.save({"model": {"module." + k: v for k, v in sd.items()}, "epoch": 799, "args": {"lr": 1.5e-3}}, path)
+    again = ours()
+    report = load_pretrained(again, path)
+    assert report.source == "unilm" and not report.missing_keys and not report.unexpected_keys
+    x, mask = inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(again(x, mask), model(x, mask), rtol=0, atol=0)
+
+
+def test_unilm_packed_qkv_bias_is_split():
+    model = randomize_(ours())
+    sd = export_state_dict(model, "unilm")
+    for i in range(2):
+        q, v = sd.pop(f"blocks.{i}.attn.q_bias"), sd.pop(f"blocks.{i}.attn.v_bias")
+        sd[f"blocks.{i}.attn.qkv.bias"] = torch.cat([q, torch.randn_like(q), v])
+    again = ours()
+    load_pretrained(again, sd, src="unilm", strict=True)
+    x, mask = inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(again(x, mask), model(x, mask))
+
+
+def test_shared_table_is_copied_into_per_block_tables():
+    shared = randomize_(ours())
+    per_block = ours(use_rel_pos_bias=True, use_shared_rel_pos_bias=False)
+    report = load_pretrained(per_block, export_state_dict(shared, "unilm"))
+    assert not report.missing_keys and not report.unexpected_keys
+    table = shared.rel_pos_bias.relative_position_bias_table
+    for blk in per_block.blocks:
+        torch.testing.assert_close(blk.attn.relative_position_bias_table, table, rtol=0, atol=0)
+    x, mask = inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(per_block(x, mask), shared(x, mask))
+
+
+def test_timm_layout():
+    source = randomize_(ours(use_rel_pos_bias=True, use_shared_rel_pos_bias=False))
+    sd = {k: v for k, v in source.state_dict().items() if not k.startswith(("mask_token", "lm_head"))}
+    for i in range(2):
+        sd[f"blocks.{i}.attn.k_bias"] = torch.zeros(32)  # timm's non-persistent buffer, in older files
+        sd[f"blocks.{i}.attn.relative_position_index"] = torch.zeros(10, 10, dtype=torch.long)
+    sd["fc_norm.weight"], sd["head.weight"] = torch.ones(32), torch.zeros(5, 32)
+    target = ours(use_rel_pos_bias=True, use_shared_rel_pos_bias=False)
+    report = load_pretrained(target, sd, src="timm")
+    assert report.missing_keys == ["lm_head.bias", "lm_head.weight", "mask_token"]
+    assert report.unexpected_keys == ["fc_norm.weight", "head.weight"]
+    for k, v in sd.items():
+        if k in target.state_dict():
+            torch.testing.assert_close(target.state_dict()[k], v, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="missing keys"):
+        load_pretrained(ours(use_rel_pos_bias=True, use_shared_rel_pos_bias=False), sd, strict=True)
+
+
+def test_shape_mismatch_is_a_clear_error():
+    big = beit.create_model("beit_tiny_patch16_224", depth=1, vocab_size=50)
+    small = beit.create_model("beit_tiny_patch16_224", depth=1, vocab_size=50, img_size=160)
+    with pytest.raises(ValueError, match=r"rel_pos_bias.relative_position_bias_table: checkpoint \(732, 3\) vs model "
+                                         r"\(364, 3\).*|image or patch size"):  # fmt: skip
+        load_pretrained(small, export_state_dict(big, "unilm"))
+    with pytest.raises(ValueError, match=r"lm_head.weight: checkpoint \(50, 192\) vs model \(60, 192\)"):
+        load_pretrained(beit.create_model("beit_tiny_patch16_224", depth=1, vocab_size=60), big.state_dict())
+
+
+def test_safetensors_and_bin_files(tmp_path):
+    from safetensors.torch import save_file
+
+    model = randomize_(ours())
+    save_file(model.state_dict(), str(tmp_path / "w.safetensors"))
+    torch.save(model.state_dict(), tmp_path / "w.bin")
+    for name in ("w.safetensors", "w.bin"):
+        again = ours()
+        assert not load_pretrained(again, tmp_path / name).missing_keys
+        torch.testing.assert_close(again.lm_head.weight, model.lm_head.weight, rtol=0, atol=0)
+
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("arbitrary code ran",))
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        read_state_dict(tmp_path / "nope.pth")
+    html = tmp_path / "encoder.pth"
+    html.write_text("<!DOCTYPE html><html><body>Access denied</body></html>")
+    with pytest.raises(ValueError, match="HTML"):
+        read_state_dict(html)
+    log = tmp_path / "beit.pth"
+    log.write_text("--2021-07-01 10:00:00--  https://example.invalid/beit.pth\nResolving example.invalid... failed\n")
+    with pytest.raises(ValueError, match="wget log"):
+        read_state_dict(log)
+    empty = tmp_path / "empty.pth"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match="empty"):
+        read_state_dict(empty)
+    evil = tmp_path / "evil.pth"
+    with open(evil, "wb") as f:
+        pickle.dump({"model": Payload()}, f)
+    with pytest.raises(ValueError, match="weights-only"):
+        read_state_dict(evil)
+    bad_st = tmp_path / "bad.safetensors"
+    bad_st.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    with pytest.raises(ValueError, match="safetensors"):
+        read_state_dict(bad_st)
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        read_state_dict(tmp_path / "folder")
+
+
+def test_unknown_layouts_are_refused():
+    with pytest.raises(ValueError, match="cannot tell the checkpoint layout"):
+        convert_state_dict({"foo.weight": torch.zeros(1)})
+    with pytest.raises(ValueError, match="unknown checkpoint source"):
+        convert_state_dict({"blocks.0.x": torch.zeros(1)}, src="mmcv")
+    with pytest.raises(ValueError, match="unknown export layout"):
+        export_state_dict(ours(), "onnx")
+    with pytest.raises(TypeError):
+        convert_state_dict([1, 2, 3])
