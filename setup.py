@@ -54,6 +54,7 @@ setup(
         "numpy>=1.24",
         "safetensors>=0.4",
         "tqdm>=4.60",
+        "pillow>=9",
     ],
     extras_require={
         "dali": DALI,

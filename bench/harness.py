@@ -1,0 +1,168 @@
+"""The shared benchmark harness: timing, peak memory, and long-format rows that say where they were measured.
+
+Every bench script imports this module (``sys.path`` gets ``bench/`` first, as the scripts do) and writes rows of
+the form
+    kernel, provider, mode, metric, unit, shape (dict), dtype, p50, p20, p80, device, torch, triton, git_sha, date
+one per (kernel, provider, mode, metric, shape). Speed-ups are ratios of rows measured in the same run on the same
+device; nothing here compares numbers across machines.
+
+On CUDA, timing uses ``triton.testing.do_bench`` (L2 flushed between repetitions, quantiles 0.5/0.2/0.8); on the
+CPU, a perf_counter loop, for smoke runs of the harness only (its numbers say little about GPU speed).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+
+QUANTILES = (0.5, 0.2, 0.8)
+
+
+def git_sha() -> str:
+    sha = os.environ.get("BEIT_GIT_SHA")
+    if sha:
+        return sha
+    try:
+        root = Path(__file__).resolve().parent.parent
+        out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True).stdout
+        return out.stdout.strip() + ("-dirty" if dirty.strip() else "") if out.returncode == 0 else "unknown"
+    except OSError:
+        return "unknown"
+
+
+def device_name(device: torch.device | str | None = None) -> str:
+    device = torch.device(device) if device is not None else _default_device()
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"{torch.cuda.get_device_name(device)} (sm{major}{minor})"
+    return f"cpu: {platform.processor() or platform.machine()} x{os.cpu_count()}"
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def env_info(device: torch.device | str | None = None) -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    return {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "cuda": str(torch.version.cuda),
+        "triton": triton_version,
+        "python": platform.python_version(),
+        "git_sha": git_sha(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+def time_fn(
+    fn: Callable[[], object],
+    *,
+    device: torch.device | str | None = None,
+    warmup_ms: float = 25,
+    rep_ms: float = 100,
+    min_reps: int = 3,
+) -> tuple[float, float, float]:
+    """Milliseconds per call of ``fn`` at the quantiles 0.5, 0.2, 0.8."""
+    device = torch.device(device) if device is not None else _default_device()
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return tuple(do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=list(QUANTILES)))
+    fn()  # warm-up: first calls compile or allocate
+    times = []
+    deadline = time.perf_counter() + rep_ms / 1e3
+    while len(times) < min_reps or time.perf_counter() < deadline:
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    t = torch.tensor(times, dtype=torch.float64)
+    return tuple(torch.quantile(t, q).item() for q in QUANTILES)
+
+
+def peak_memory_mb(fn: Callable[[], object], device: torch.device | str | None = None) -> float | None:
+    """Peak memory that one call of ``fn`` adds on top of what is allocated before it, in MiB (None on CPU)."""
+    device = torch.device(device) if device is not None else _default_device()
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def row(
+    kernel: str,
+    provider: str,
+    mode: str,
+    metric: str,
+    unit: str,
+    values: float | Iterable[float] | None,
+    *,
+    shape: dict,
+    dtype: torch.dtype | str | None,
+    env: dict,
+    **extra,
+) -> dict:
+    """One long-format row; ``values`` is one number or the (p50, p20, p80) triple."""
+    if values is None:
+        p50 = p20 = p80 = None
+    elif isinstance(values, (int, float)):
+        p50 = p20 = p80 = float(values)
+    else:
+        p50, p20, p80 = (float(v) for v in values)
+    return {
+        "kernel": kernel,
+        "provider": provider,
+        "mode": mode,
+        "metric": metric,
+        "unit": unit,
+        "shape": shape,
+        "dtype": str(dtype).replace("torch.", "") if dtype is not None else None,
+        "p50": p50,
+        "p20": p20,
+        "p80": p80,
+        **extra,
+        **env,
+    }
+
+
+def write_rows(rows: list[dict], path: str | os.PathLike) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rows, indent=1) + "\n")
+
+
+def format_table(rows: list[dict], columns: Iterable[str] = ("kernel", "provider", "mode", "metric", "p50", "unit")):
+    columns = list(columns)
+
+    def cell(r, c):
+        v = r.get(c)
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        if isinstance(v, dict):
+            return ",".join(f"{k}={x}" for k, x in v.items())
+        return "-" if v is None else str(v)
+
+    cells = [[cell(r, c) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]
+    return "\n".join(lines)
