@@ -6,14 +6,23 @@ benchmarks and the CPU path all use it. ``beit_kernels.backend`` tells which dev
 """
 
 from beit_kernels.backend import (
+    IMPLS,
+    resolve_impl,
     triton_available,
     triton_matmul_ok,
 )
+
+# Triton ships for Linux only; elsewhere the package still imports, with the reference path alone.
+if triton_available():
+    from beit_kernels.attention import attention
 
 __version__ = "0.1.0"
 
 __all__ = [
     "__version__",
+    "IMPLS",
+    "attention",
+    "resolve_impl",
     "triton_available",
     "triton_matmul_ok",
 ]

@@ -30,3 +30,29 @@ def triton_matmul_ok(device: torch.device | str | None = None) -> bool:
         return False
     major, _ = torch.cuda.get_device_capability(device)
     return major >= 8
+
+
+IMPLS = ("auto", "ref", "sdpa", "triton")
+
+
+@functools.cache
+def _auto_impl(device_type: str, device_index: int | None) -> str:
+    device = torch.device(device_type, device_index) if device_index is not None else torch.device(device_type)
+    if triton_matmul_ok(device):
+        return "triton"
+    # On CPU, and on GPUs older than sm80 (no tensor-core tl.dot), PyTorch's fused attention is the fastest path.
+    return "sdpa"
+
+
+def resolve_impl(impl: str, device: torch.device | str | None = None) -> str:
+    """Turn ``impl`` (one of ``IMPLS``) into the concrete path for ``device``: "ref" (the official PyTorch code),
+    "sdpa" (PyTorch's fused attention) or "triton" (our kernels); "auto" picks "triton" on sm80+ GPUs, else
+    "sdpa". Raises for unknown values and for "triton" where Triton is not installed."""
+    if impl not in IMPLS:
+        raise ValueError(f"unknown impl {impl!r}: expected one of {', '.join(IMPLS)}")
+    if impl == "triton" and not triton_available():
+        raise ValueError("impl='triton' needs the triton package, which is not installed; use impl='sdpa' or 'ref'")
+    if impl != "auto":
+        return impl
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    return _auto_impl(device.type, device.index)

@@ -307,13 +307,28 @@ def test_auto_resolves_to_an_available_impl():
         beit.resolve_impl("cuda")
 
 
-def test_triton_impl_without_kernels_is_a_clear_error():
-    import beit_kernels
-
-    if hasattr(beit_kernels, "attention"):
-        pytest.skip("the attention kernel is installed")
-    with pytest.raises(ValueError, match="beit_kernels.attention"):
-        beit.create_model("beit_tiny_patch16_224", depth=1, impl="triton")
+@pytest.mark.parametrize("variant", [dict(), dict(use_rel_pos_bias=True, use_shared_rel_pos_bias=False)])
+def test_triton_impl_matches_ref(variant):
+    """impl="triton" (the interpreter on CPU) against the official path: logits and every parameter's gradient."""
+    torch.manual_seed(2)
+    model = small_model(**variant)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "relative_position_bias_table" in name:
+                p.normal_(0, 1.0)
+    x = torch.randn(3, 3, 48, 48)
+    mask = random_mask(3, 9, p=0.5)
+    mask[0, 0] = True
+    results = {}
+    for impl in ("ref", "triton"):
+        model.set_impl(impl)
+        model.zero_grad()
+        logits = model(x, mask)
+        logits.logsumexp(-1).sum().backward()
+        results[impl] = (logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    torch.testing.assert_close(results["triton"][0], results["ref"][0], rtol=1e-5, atol=1e-5)
+    for name, grad in results["ref"][1].items():
+        torch.testing.assert_close(results["triton"][1][name], grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,553 @@
+"""Memory-efficient attention with a learnable additive bias and its gradient, reduced over the batch in-kernel.
+
+Math (per batch b and head h; q, k, v are [N, D]):
+    S = scale * q @ k^T + bias[b, h]          [N, N], bias broadcast from its own shape
+    P = softmax(S, dim=-1),  O = P @ v
+Backward, with Delta = rowsum(dO * O):
+    dV = P^T @ dO,   dP = dO @ v^T,   dS = P * (dP - Delta)
+    dq = scale * dS @ k,   dk = scale * dS^T @ q,   dbias = dS summed over every broadcast dimension
+
+Shapes and dtypes:
+    q, k, v   [B, H, N, D], one dtype (float16, bfloat16 or float32) and one device, last dimension contiguous;
+              other strides are free, so q, k, v split from a packed [B, N, 3, H, D] qkv need no copy.
+    bias      None, or any float tensor broadcastable to [B, H, N, N] ([H, N, N], [1, H, N, N], [B, H, N, N], ...);
+              it may require grad.
+    scale     defaults to D ** -0.5.
+    output    [B, H, N, D] in q's dtype; its memory is laid out as [B, N, H, D], so the usual
+              ``o.transpose(1, 2).reshape(B, N, H * D)`` that follows is free.
+    N >= 1 (197 at 224 px, 577 at 384 px); 1 <= D <= 256 (D is padded to a power of two >= 16 in registers).
+
+Design:
+    Forward: one program per (query block, b*h); online softmax over key blocks (FlashAttention 2); saves only
+    O and a per-row log-sum-exp (base 2, fp32): no N x N tensor is kept for backward.
+    Backward: two kernels that recompute P from the log-sum-exp.
+      _attn_bwd_dq_kernel: one program per (query block, b*h); also writes Delta.
+      _attn_bwd_dkdv_kernel: one program per (key block, h, batch group); it loops over the batches of its group
+        and over query blocks, accumulating dk, dv per batch and adding dS into its own column of an fp32 bias
+        gradient buffer of shape [G, H, N, N] (G groups of batches; G = B when the bias has a batch dimension).
+        The host sums the G partial buffers and reduces to the bias's own shape. No atomics anywhere: every output
+        element has one writer and a fixed summation order, so results are bitwise reproducible for a given
+        device, batch size and dtype (there is no ``deterministic`` switch because there is nothing to switch).
+        When the bias is broadcast over the batch, G <= B // 2: no [B, H, N, N] tensor is ever allocated.
+    fp32 inputs use IEEE fp32 dot products (not TF32), so fp32 results match PyTorch's fp32 math.
+
+Limits: self-attention only (q, k, v share N); no dropout and no causal mask (BEiT needs neither); a bias that
+broadcasts over heads but not over the batch gets a [B, H, N, N] fp32 partial gradient before the reduction.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton kernels
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, BIAS, O, LSE,  #
+    stride_qb, stride_qh, stride_qn,  #
+    stride_kb, stride_kh, stride_kn,  #
+    stride_vb, stride_vh, stride_vn,  #
+    stride_bb, stride_bh, stride_bm, stride_bn,  #
+    stride_ob, stride_oh, stride_on,  #
+    H, N, D, qk_scale,  #
+    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,  #
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,  #
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < N
+    mask_d = offs_d < D
+    q = tl.load(
+        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
+        mask=mask_m[:, None] & mask_d[None, :],
+        other=0.0,
+    )
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    bias_base = BIAS + b * stride_bb + h * stride_bh
+
+    # Row max and row sum of the online softmax, in base 2 (exp2 is the fast path).
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(0, N, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        k = tl.load(
+            k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0
+        )
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = s * qk_scale
+        if HAS_BIAS:
+            bias = tl.load(
+                bias_base + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn,
+                mask=mask_m[:, None] & mask_n[None, :],
+                other=0.0,
+            )
+            s += bias.to(tl.float32) * 1.4426950408889634
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(
+            v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0
+        )
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    acc = acc / l_i[:, None]
+    tl.store(
+        O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
+        acc.to(O.dtype.element_ty),
+        mask=mask_m[:, None] & mask_d[None, :],
+    )
+    tl.store(LSE + pid_bh * N + offs_m, m_i + tl.log2(l_i), mask=mask_m)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, BIAS, O, DO, LSE, DELTA, DQ,  #
+    stride_qb, stride_qh, stride_qn,  #
+    stride_kb, stride_kh, stride_kn,  #
+    stride_vb, stride_vh, stride_vn,  #
+    stride_bb, stride_bh, stride_bm, stride_bn,  #
+    stride_ob, stride_oh, stride_on,  #
+    stride_dob, stride_doh, stride_don,  #
+    stride_dqb, stride_dqh, stride_dqn,  #
+    H, N, D, qk_scale, sm_scale,  #
+    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,  #
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,  #
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < N
+    mask_md = mask_m[:, None] & (offs_d < D)[None, :]
+    q = tl.load(
+        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :], mask=mask_md, other=0.0
+    )
+    do = tl.load(
+        DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :], mask=mask_md, other=0.0
+    )
+    o = tl.load(
+        O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :], mask=mask_md, other=0.0
+    )
+    # Delta = rowsum(dO * O): computed here, where dO and O are loaded anyway, and stored for the dk/dv kernel.
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    tl.store(DELTA + pid_bh * N + offs_m, delta, mask=mask_m)
+    lse = tl.load(LSE + pid_bh * N + offs_m, mask=mask_m, other=0.0)
+
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    bias_base = BIAS + b * stride_bb + h * stride_bh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(0, N, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        mask_nd = mask_n[:, None] & (offs_d < D)[None, :]
+        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=mask_nd, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=mask_nd, other=0.0)
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = s * qk_scale
+        if HAS_BIAS:
+            bias = tl.load(
+                bias_base + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn,
+                mask=mask_m[:, None] & mask_n[None, :],
+                other=0.0,
+            )
+            s += bias.to(tl.float32) * 1.4426950408889634
+        p = tl.exp2(s - lse[:, None])
+        p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
+        if IEEE:
+            dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+        else:
+            dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        if IEEE:
+            dq += tl.dot(ds, k, input_precision="ieee")
+        else:
+            dq += tl.dot(ds.to(k.dtype), k)
+    dq = dq * sm_scale
+    tl.store(
+        DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :],
+        dq.to(DQ.dtype.element_ty),
+        mask=mask_md,
+    )
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, BIAS, DO, LSE, DELTA, DK, DV, DBIAS,  #
+    stride_qb, stride_qh, stride_qn,  #
+    stride_kb, stride_kh, stride_kn,  #
+    stride_vb, stride_vh, stride_vn,  #
+    stride_bb, stride_bh, stride_bm, stride_bn,  #
+    stride_dob, stride_doh, stride_don,  #
+    stride_dkb, stride_dkh, stride_dkn,  #
+    stride_dvb, stride_dvh, stride_dvn,  #
+    stride_dbg, stride_dbh, stride_dbm,  #
+    B, H, N, D, batches_per_group, qk_scale, sm_scale,  #
+    HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, IEEE: tl.constexpr,  #
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,  #
+):  # fmt: skip
+    pid_n = tl.program_id(0)
+    h = tl.program_id(1)
+    g = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_n = offs_n < N
+    mask_nd = mask_n[:, None] & (offs_d < D)[None, :]
+    b_start = g * batches_per_group
+    b_end = tl.minimum(b_start + batches_per_group, B)
+    dbias_base = DBIAS + g * stride_dbg + h * stride_dbh
+    for b in range(b_start, b_end):
+        k = tl.load(
+            K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :], mask=mask_nd, other=0.0
+        )
+        v = tl.load(
+            V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :], mask=mask_nd, other=0.0
+        )
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        row = (b * H + h) * N
+        for start_m in range(0, N, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            mask_m = offs_m < N
+            mask_md = mask_m[:, None] & (offs_d < D)[None, :]
+            q = tl.load(
+                Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
+                mask=mask_md,
+                other=0.0,
+            )
+            do = tl.load(
+                DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :],
+                mask=mask_md,
+                other=0.0,
+            )
+            lse = tl.load(LSE + row + offs_m, mask=mask_m, other=0.0)
+            delta = tl.load(DELTA + row + offs_m, mask=mask_m, other=0.0)
+            if IEEE:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k))
+            s = s * qk_scale
+            mask_mn = mask_m[:, None] & mask_n[None, :]
+            if HAS_BIAS:
+                bias = tl.load(
+                    BIAS + b * stride_bb + h * stride_bh + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn,
+                    mask=mask_mn,
+                    other=0.0,
+                )
+                s += bias.to(tl.float32) * 1.4426950408889634
+            p = tl.exp2(s - lse[:, None])
+            p = tl.where(mask_mn, p, 0.0)  # [BLOCK_M, BLOCK_N]
+            if IEEE:
+                dv += tl.dot(tl.trans(p), do, input_precision="ieee")
+                dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+            else:
+                dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+                dp = tl.dot(do, tl.trans(v))
+            ds = p * (dp - delta[:, None])
+            if IEEE:
+                dk += tl.dot(tl.trans(ds), q, input_precision="ieee")
+            else:
+                dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+            if BIAS_GRAD:
+                # This program alone owns these columns of group g's partial gradient, so a plain
+                # read-add-write is race-free; the barrier orders it against the next batch's read of the same
+                # tile, which Triton may lay out across other threads of the block.
+                dbias_ptrs = dbias_base + offs_m[:, None] * stride_dbm + offs_n[None, :]
+                tl.store(dbias_ptrs, tl.load(dbias_ptrs, mask=mask_mn, other=0.0) + ds, mask=mask_mn)
+                tl.debug_barrier()
+        tl.store(
+            DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
+            (dk * sm_scale).to(DK.dtype.element_ty),
+            mask=mask_nd,
+        )
+        tl.store(
+            DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
+            dv.to(DV.dtype.element_ty),
+            mask=mask_nd,
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Host launchers
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _block_config(kind: str, head_dim: int) -> dict:
+    """Tile sizes. Not autotuned: the dk/dv kernel accumulates into its bias buffer, which autotuning's repeated
+    launches would corrupt, and one fixed table keeps results reproducible. In the interpreter, large tiles mean
+    fewer Python-level steps."""
+    if _interpreting():
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1)
+    big = head_dim > 64
+    if kind == "fwd":
+        return dict(BLOCK_M=128 if not big else 64, BLOCK_N=64, num_warps=4 if not big else 8, num_stages=3)
+    return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4 if not big else 8, num_stages=2)
+
+
+def _check_inputs(q, k, v, bias):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"attention: {name} must be [B, H, N, D], got shape {tuple(t.shape)}")
+    if not (q.shape == k.shape == v.shape):
+        raise ValueError(
+            f"attention: q, k, v must have one shape [B, H, N, D], got {tuple(q.shape)}, {tuple(k.shape)}, "
+            f"{tuple(v.shape)}"
+        )
+    if q.dtype not in _DTYPES:
+        raise TypeError(f"attention: dtype {q.dtype} is not supported; use float16, bfloat16 or float32")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"attention: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if q.device.type != "cuda" and not _interpreting():
+        raise ValueError(
+            f"attention: the Triton kernel needs a CUDA tensor (got {q.device}); on CPU use "
+            "beit_kernels.reference.attention, or set TRITON_INTERPRET=1 before importing triton (tests only)"
+        )
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"attention: {name}'s last dimension must be contiguous (stride 1), got {t.stride()}")
+    B, H, N, D = q.shape
+    if N < 1 or B < 1 or H < 1:
+        raise ValueError(f"attention: empty input of shape {tuple(q.shape)}")
+    if not 1 <= D <= MAX_HEAD_DIM:
+        raise ValueError(f"attention: head dimension {D} is not supported (1 to {MAX_HEAD_DIM})")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"attention: bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if bias.dtype not in _DTYPES:
+            raise TypeError(f"attention: bias dtype {bias.dtype} is not supported; use float16, bfloat16 or float32")
+        if bias.device != q.device:
+            raise ValueError(f"attention: bias is on {bias.device} but q is on {q.device}")
+        if bias.dim() > 4:
+            raise ValueError(f"attention: bias of shape {tuple(bias.shape)} has more than 4 dimensions")
+        try:
+            torch.broadcast_shapes(tuple(bias.shape), (B, H, N, N))
+            expanded = torch.broadcast_shapes(tuple(bias.shape), (B, H, N, N)) == (B, H, N, N)
+        except RuntimeError:
+            expanded = False
+        if not expanded:
+            raise ValueError(f"attention: bias of shape {tuple(bias.shape)} does not broadcast to [B, H, N, N] = "
+                             f"{[B, H, N, N]}")  # fmt: skip
+
+
+def _bias_view(bias: torch.Tensor | None, B: int, H: int, N: int, like: torch.Tensor):
+    """The bias expanded to [B, H, N, N] (broadcast dimensions get stride 0) and its four strides."""
+    if bias is None:
+        return like, (0, 0, 0, 0)
+    view = bias.expand(B, H, N, N)
+    return view, view.stride()
+
+
+def attention_fwd(q, k, v, bias, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel; returns O [B, H, N, D] (memory [B, N, H, D]) and the base-2 LSE [B, H, N]."""
+    B, H, N, D = q.shape
+    o = torch.empty((B, N, H, D), device=q.device, dtype=q.dtype).permute(0, 2, 1, 3)  # [B, H, N, D] view
+    lse = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
+    bias_v, sb = _bias_view(bias, B, H, N, q)
+    cfg = _block_config("fwd", D)
+    grid = (triton.cdiv(N, cfg["BLOCK_M"]), B * H)
+    _attn_fwd_kernel[grid](
+        q, k, v, bias_v, o, lse,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        *sb,
+        o.stride(0), o.stride(1), o.stride(2),
+        H, N, D, scale * LOG2E,
+        HAS_BIAS=bias is not None, IEEE=q.dtype == torch.float32,
+        BLOCK_D=max(16, triton.next_power_of_2(D)),
+        **cfg,
+    )  # fmt: skip
+    return o, lse
+
+
+def _num_groups(B: int, H: int, n_blocks: int, device: torch.device, batch_broadcast: bool) -> int:
+    """How many batch groups the dk/dv kernel uses: enough programs to fill the GPU, few enough partial bias
+    buffers to stay far below [B, H, N, N]."""
+    if not batch_broadcast or B == 1:
+        return B
+    if device.type == "cuda":
+        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        target = 2 * n_blocks * H  # the interpreter: two groups, so the grouping path is exercised
+    groups = max(1, math.ceil(target / (n_blocks * H)))
+    return max(1, min(groups, B // 2))
+
+
+def attention_bwd(do, q, k, v, bias, o, lse, scale: float, bias_grad: bool):
+    """Launch the backward kernels; returns dq, dk, dv [B, H, N, D] and the bias gradient in the bias's own shape
+    and dtype (an empty tensor when ``bias_grad`` is False)."""
+    B, H, N, D = q.shape
+    if do.stride(-1) != 1:
+        do = do.contiguous()
+    dq = torch.empty((B, N, H, D), device=q.device, dtype=q.dtype).permute(0, 2, 1, 3)
+    dk = torch.empty((B, N, H, D), device=q.device, dtype=q.dtype).permute(0, 2, 1, 3)
+    dv = torch.empty((B, N, H, D), device=q.device, dtype=q.dtype).permute(0, 2, 1, 3)
+    delta = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
+    bias_v, sb = _bias_view(bias, B, H, N, q)
+    block_d = max(16, triton.next_power_of_2(D))
+    ieee = q.dtype == torch.float32
+
+    cfg = _block_config("bwd", D)
+    _attn_bwd_dq_kernel[(triton.cdiv(N, cfg["BLOCK_M"]), B * H)](
+        q, k, v, bias_v, o, do, lse, delta, dq,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        *sb,
+        o.stride(0), o.stride(1), o.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        H, N, D, scale * LOG2E, scale,
+        HAS_BIAS=bias is not None, IEEE=ieee, BLOCK_D=block_d, **cfg,
+    )  # fmt: skip
+
+    n_blocks = triton.cdiv(N, cfg["BLOCK_N"])
+    batch_broadcast = bias is not None and sb[0] == 0
+    groups = _num_groups(B, H, n_blocks, q.device, batch_broadcast) if bias_grad else B
+    per_group = math.ceil(B / groups)
+    groups = math.ceil(B / per_group)
+    if bias_grad:
+        dbias_partial = torch.zeros((groups, H, N, N), device=q.device, dtype=torch.float32)
+    else:
+        dbias_partial = torch.empty((1, 1, 1, 1), device=q.device, dtype=torch.float32)
+    _attn_bwd_dkdv_kernel[(n_blocks, H, groups)](
+        q, k, v, bias_v, do, lse, delta, dk, dv, dbias_partial,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        *sb,
+        do.stride(0), do.stride(1), do.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2),
+        dv.stride(0), dv.stride(1), dv.stride(2),
+        dbias_partial.stride(0), dbias_partial.stride(1), dbias_partial.stride(2),
+        B, H, N, D, per_group, scale * LOG2E, scale,
+        HAS_BIAS=bias is not None, BIAS_GRAD=bias_grad, IEEE=ieee, BLOCK_D=block_d, **cfg,
+    )  # fmt: skip
+
+    if not bias_grad:
+        return dq, dk, dv, torch.empty(0, device=q.device, dtype=q.dtype)
+    if batch_broadcast:
+        dbias = dbias_partial.sum(0, keepdim=True)  # [G, H, N, N] -> [1, H, N, N], in a fixed order
+    else:
+        dbias = dbias_partial  # G == B: one partial per batch, already [B, H, N, N]
+    return dq, dk, dv, dbias.sum_to_size(bias.shape).to(bias.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# torch.library registration: opaque custom ops, so torch.compile traces a model around them without a graph break
+
+
+@torch.library.custom_op("beit_kernels::attention_fwd", mutates_args=())
+def _attention_fwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return attention_fwd(q, k, v, bias, scale)
+
+
+@_attention_fwd_op.register_fake
+def _(q, k, v, bias, scale):
+    B, H, N, D = q.shape
+    o = q.new_empty((B, N, H, D)).permute(0, 2, 1, 3)
+    return o, q.new_empty((B, H, N), dtype=torch.float32)
+
+
+@torch.library.custom_op("beit_kernels::attention_bwd", mutates_args=())
+def _attention_bwd_op(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor | None,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+    bias_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return attention_bwd(do, q, k, v, bias, o, lse, scale, bias_grad)
+
+
+@_attention_bwd_op.register_fake
+def _(do, q, k, v, bias, o, lse, scale, bias_grad):
+    B, H, N, D = q.shape
+
+    def like_q():
+        return q.new_empty((B, N, H, D)).permute(0, 2, 1, 3)
+
+    dbias = bias.new_empty(bias.shape) if bias_grad else q.new_empty((0,))
+    return like_q(), like_q(), like_q(), dbias
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Autograd
+
+
+class AttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, bias, scale):
+        o, lse = torch.ops.beit_kernels.attention_fwd(q, k, v, bias, scale)
+        ctx.save_for_backward(q, k, v, bias, o, lse)
+        ctx.scale = scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, bias, o, lse = ctx.saved_tensors
+        bias_grad = bias is not None and ctx.needs_input_grad[3]
+        dq, dk, dv, dbias = torch.ops.beit_kernels.attention_bwd(do, q, k, v, bias, o, lse, ctx.scale, bias_grad)
+        return dq, dk, dv, (dbias if bias_grad else None), None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public function
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None, *, scale: float | None = None
+) -> torch.Tensor:
+    """softmax(scale * q @ k^T + bias) @ v for q, k, v [B, H, N, D]; differentiable in q, k, v and the bias.
+
+    See the module docstring for shapes, dtypes, memory and reproducibility.
+    """
+    _check_inputs(q, k, v, bias)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    return AttentionFunction.apply(q, k, v, bias, float(scale))

@@ -1,0 +1,43 @@
+"""Tiny CPU runs of the benchmark scripts, so the harness and the scripts cannot rot between GPU runs."""
+
+import json
+import os
+import sys
+
+import pytest
+
+BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "bench")
+sys.path.insert(0, os.path.abspath(BENCH))
+
+import bench_attention  # noqa: E402
+import harness  # noqa: E402
+import summarize  # noqa: E402
+
+
+def test_attention_bench_quick_run_writes_complete_rows(tmp_path):
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("CPU smoke run needs the Triton interpreter")
+    out = tmp_path / "attention.json"
+    rows = bench_attention.main(["--quick", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(rows))
+    providers = {r["provider"] for r in rows}
+    assert {"ours", "reference", "sdpa"} <= providers
+    for r in rows:
+        for key in ("kernel", "provider", "mode", "metric", "unit", "shape", "dtype", "device", "torch", "triton",
+                    "git_sha", "date"):  # fmt: skip
+            assert r.get(key) not in (None, ""), (key, r)
+        if r["metric"] == "time":
+            assert 0 < r["p20"] <= r["p50"] <= r["p80"]
+            assert r["max_abs_err"] < 1e-4  # every provider computed the same attention
+    table = summarize.summarize(rows)
+    assert "| attention |" in table and "ours" in table
+
+
+def test_harness_row_and_table():
+    env = harness.env_info("cpu")
+    r = harness.row("k", "p", "fwd", "time", "ms", (2.0, 1.0, 3.0), shape=dict(B=3), dtype="float32", env=env)
+    assert (r["p50"], r["p20"], r["p80"]) == (2.0, 1.0, 3.0) and r["device"].startswith("cpu")
+    assert "B=3" in harness.format_table([r], ("kernel", "shape", "p50"))
+    ms = harness.time_fn(lambda: sum(range(1000)), device="cpu", rep_ms=5)
+    assert 0 < ms[1] <= ms[0] <= ms[2]
+    assert harness.peak_memory_mb(lambda: None, device="cpu") is None

@@ -1,0 +1,269 @@
+"""beit_kernels.attention against float64 references: outputs and the gradients of q, k, v and the bias.
+
+On CPU the kernels run in Triton's interpreter (tests/conftest.py), whose bf16 dot is wrong: fp32 and fp16 here,
+bf16 in the `gpu` tests. Low-precision results must be within twice plain PyTorch's error in the same dtype
+(plus a tiny epsilon) of the float64 reference.
+"""
+
+import pytest
+import torch
+
+import beit_kernels
+from beit_kernels import reference
+from beit_kernels.attention import _num_groups
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def torch_lowp_attention(q, k, v, bias, scale):
+    """Plain PyTorch attention computed in the inputs' own dtype (no upcast): the error yardstick."""
+    s = (q * scale) @ k.transpose(-2, -1)
+    if bias is not None:
+        s = s + bias.to(q.dtype)
+    return s.softmax(-1) @ v
+
+
+def make_inputs(B, H, N, D, dtype, bias_shape, bias_grad=True, device=DEVICE, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    q, k, v = (torch.randn(B, H, N, D, generator=g).to(device, dtype).requires_grad_() for _ in range(3))
+    bias = None
+    if bias_shape is not None:
+        bias = (torch.randn(bias_shape, generator=g) * 2).to(device).requires_grad_(bias_grad)
+    do = torch.randn(B, H, N, D, generator=g).to(device, dtype)
+    return q, k, v, bias, do
+
+
+def run(fn, q, k, v, bias, do, scale):
+    leaves = [t for t in (q, k, v, bias) if t is not None and t.requires_grad]
+    for t in leaves:
+        t.grad = None
+    out = fn(q, k, v, bias, scale)
+    out.backward(do)
+    grads = [t.grad.clone() if t is not None and t.requires_grad else None for t in (q, k, v, bias)]
+    for t in leaves:
+        t.grad = None
+    return out.detach(), grads
+
+
+def check(q, k, v, bias, do, *, eps=None):
+    scale = q.shape[-1] ** -0.5
+    dtype = q.dtype
+    ours, ours_g = run(lambda *a: beit_kernels.attention(*a[:4], scale=a[4]), q, k, v, bias, do, scale)
+
+    def detach64(t):
+        return None if t is None else t.detach().double().requires_grad_(t.requires_grad)
+
+    q64, k64, v64, b64 = (detach64(t) for t in (q, k, v, bias))
+    ref, ref_g = run(lambda *a: reference.attention(*a[:4], scale=a[4]), q64, k64, v64, b64, do.double(), scale)
+    lowp, lowp_g = run(torch_lowp_attention, q, k, v, bias, do, scale)
+
+    eps = eps if eps is not None else (1e-6 if dtype == torch.float32 else 1e-4)
+    names = ["out", "dq", "dk", "dv", "dbias"]
+    for name, a, r, p in zip(names, [ours, *ours_g], [ref, *ref_g], [lowp, *lowp_g]):
+        if r is None:
+            assert a is None, name
+            continue
+        assert a.shape == r.shape and a.dtype == (bias.dtype if name == "dbias" else dtype), name
+        assert torch.isfinite(a).all(), name
+        err = (a.double() - r).abs().max().item()
+        bound = 2 * (p.double() - r).abs().max().item() + eps * max(1.0, r.abs().max().item())
+        assert err <= bound, f"{name}: max error {err:.3g} > bound {bound:.3g}"
+    return ours, ours_g
+
+
+SHAPES = [(1, 2, 1, 16), (2, 3, 7, 32), (3, 2, 50, 64)]
+
+
+def bias_shapes(B, H, N):
+    return {"none": None, "HNN": (H, N, N), "1HNN": (1, H, N, N), "BHNN": (B, H, N, N)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("bias_kind", ["none", "HNN", "1HNN", "BHNN"])
+def test_forward_and_gradients(dtype, shape, bias_kind):
+    B, H, N, D = shape
+    check(*make_inputs(B, H, N, D, dtype, bias_shapes(B, H, N)[bias_kind]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_beit_sequence_length(dtype):
+    check(*make_inputs(3, 2, 197, 64, dtype, (2, 197, 197)))
+
+
+@pytest.mark.parametrize("bias_shape", [(7, 7), (3, 1, 1, 7), (1, 1, 7, 1), (2, 7, 7)])
+def test_other_broadcast_bias_shapes(bias_shape):
+    check(*make_inputs(3, 2, 7, 16, torch.float32, bias_shape))
+
+
+@pytest.mark.parametrize("bias_kind", ["HNN", "BHNN"])
+def test_bias_without_gradient(bias_kind):
+    B, H, N, D = 2, 3, 20, 32
+    q, k, v, bias, do = make_inputs(B, H, N, D, torch.float16, bias_shapes(B, H, N)[bias_kind], bias_grad=False)
+    _, grads = check(q, k, v, bias, do)
+    assert grads[3] is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_strided_views_of_packed_qkv(dtype):
+    B, N, H, D = 3, 50, 2, 32
+    g = torch.Generator().manual_seed(3)
+    qkv = torch.randn(B, N, 3, H, D, generator=g).to(DEVICE, dtype).requires_grad_()
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # three [B, H, N, D] views with strides of the packed tensor
+    assert not q.is_contiguous() and q.stride(-1) == 1
+    bias = torch.randn(H, N, N, generator=g).to(DEVICE).requires_grad_()
+    do = torch.randn(B, H, N, D, generator=g).to(DEVICE, dtype)
+    out = beit_kernels.attention(q, k, v, bias)
+    out.backward(do)
+    qkv64 = qkv.detach().double().requires_grad_()
+    bias64 = bias.detach().double().requires_grad_()
+    q64, k64, v64 = qkv64.permute(2, 0, 3, 1, 4).unbind(0)
+    ref = reference.attention(q64, k64, v64, bias64)
+    ref.backward(do.double())
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
+    torch.testing.assert_close(qkv.grad.double(), qkv64.grad, atol=tol, rtol=tol)
+    torch.testing.assert_close(bias.grad.double(), bias64.grad, atol=tol, rtol=tol)
+
+
+def test_head_dim_not_a_power_of_two():
+    check(*make_inputs(2, 2, 19, 40, torch.float32, (2, 19, 19)))
+
+
+def test_output_memory_is_token_major():
+    q, k, v, bias, _ = make_inputs(2, 3, 7, 16, torch.float32, (3, 7, 7))
+    out = beit_kernels.attention(q, k, v, bias)
+    # [B, H, N, D] laid out as [B, N, H, D]: the model's transpose(1, 2).reshape(B, N, H*D) is a view.
+    assert out.transpose(1, 2).is_contiguous()
+
+
+def test_no_n_by_n_tensor_is_saved_for_backward():
+    B, H, N, D = 2, 3, 50, 16
+    q, k, v, bias, do = make_inputs(B, H, N, D, torch.float32, (H, N, N))
+    saved = []
+
+    def pack(t):
+        saved.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = beit_kernels.attention(q, k, v, bias)
+    out.backward(do)
+    assert (B, H, N) in saved  # the log-sum-exp
+    nn_shaped = [s for s in saved if len(s) >= 2 and s[-2:] == (N, N)]
+    assert nn_shaped == [(H, N, N)]  # the bias, an input; nothing of [B, H, N, N]
+
+
+def test_bias_gradient_is_bitwise_reproducible():
+    q, k, v, bias, do = make_inputs(3, 2, 50, 32, torch.float32, (2, 50, 50))
+    runs = [run(lambda *a: beit_kernels.attention(*a[:4]), q, k, v, bias, do, None)[1] for _ in range(2)]
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_batch_groups_never_reach_the_batch_size():
+    for B in (2, 3, 16, 256):
+        g = _num_groups(B, 12, 4, torch.device("cpu"), batch_broadcast=True)
+        assert 1 <= g <= max(1, B // 2)
+    assert _num_groups(5, 12, 4, torch.device("cpu"), batch_broadcast=False) == 5
+
+
+def test_default_scale_is_inverse_sqrt_head_dim():
+    q, k, v, bias, _ = make_inputs(1, 1, 5, 16, torch.float32, None)
+    torch.testing.assert_close(beit_kernels.attention(q, k, v), beit_kernels.attention(q, k, v, scale=0.25))
+
+
+def test_compiles_without_graph_break():
+    q, k, v, bias, _ = make_inputs(2, 2, 7, 16, torch.float32, (2, 7, 7))
+
+    def f(q, k, v, bias):
+        return (beit_kernels.attention(q, k, v, bias) * 2).sum()
+
+    explanation = torch._dynamo.explain(f)(q, k, v, bias)
+    assert explanation.graph_break_count == 0
+    assert explanation.graph_count == 1
+
+
+def test_custom_ops_pass_opcheck():
+    q, k, v, bias, do = make_inputs(2, 2, 7, 16, torch.float32, (2, 7, 7))
+    q, k, v, bias = (t.detach() for t in (q, k, v, bias))
+    torch.library.opcheck(torch.ops.beit_kernels.attention_fwd.default, (q, k, v, bias, 0.25))
+    o, lse = torch.ops.beit_kernels.attention_fwd(q, k, v, bias, 0.25)
+    torch.library.opcheck(torch.ops.beit_kernels.attention_bwd.default, (do, q, k, v, bias, o, lse, 0.25, True))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input
+
+
+def _qkv(shape=(2, 2, 7, 16), dtype=torch.float32):
+    return [torch.randn(shape, dtype=dtype, device=DEVICE) for _ in range(3)]
+
+
+def test_bad_inputs_are_refused_before_launch():
+    q, k, v = _qkv()
+    with pytest.raises(TypeError, match="one dtype"):
+        beit_kernels.attention(q, k.half(), v)
+    with pytest.raises(TypeError, match="not supported"):
+        beit_kernels.attention(q.double(), k.double(), v.double())
+    with pytest.raises(ValueError, match=r"\[B, H, N, D\]"):
+        beit_kernels.attention(q[0], k[0], v[0])
+    with pytest.raises(ValueError, match="one shape"):
+        beit_kernels.attention(q, k[:, :, :5], v)
+    with pytest.raises(ValueError, match="one device"):
+        beit_kernels.attention(q, k.to("meta"), v)
+    with pytest.raises(ValueError, match="does not broadcast"):
+        beit_kernels.attention(q, k, v, torch.randn(3, 7, 7, device=DEVICE))
+    with pytest.raises(ValueError, match="does not broadcast"):
+        beit_kernels.attention(q, k, v, torch.randn(2, 7, 8, device=DEVICE))
+    with pytest.raises(TypeError, match="bias dtype"):
+        beit_kernels.attention(q, k, v, torch.zeros(2, 7, 7, dtype=torch.int64, device=DEVICE))
+    with pytest.raises(ValueError, match="head dimension 300"):
+        beit_kernels.attention(*_qkv((1, 1, 3, 300)))
+    t = torch.randn(2, 2, 16, 7, device=DEVICE).transpose(-1, -2)  # last dimension strided
+    with pytest.raises(ValueError, match="last dimension must be contiguous"):
+        beit_kernels.attention(t, t, t)
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        beit_kernels.attention(q, k, v, bias=[[0.0]])
+
+
+def test_cpu_tensors_without_the_interpreter_are_refused(monkeypatch):
+    if DEVICE == "cuda":
+        pytest.skip("checks the CPU path")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="needs a CUDA tensor"):
+        beit_kernels.attention(*_qkv())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPU: bf16 and real shapes
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("heads", [12, 16])
+@pytest.mark.parametrize("bias_kind", ["HNN", "BHNN"])
+def test_gpu_real_shapes(dtype, heads, bias_kind):
+    B, N, D = 8, 197, 64
+    check(*make_inputs(B, heads, N, D, dtype, bias_shapes(B, heads, N)[bias_kind]))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("N,D", [(577, 64), (50, 128), (197, 32)])
+def test_gpu_other_lengths_and_head_dims(N, D):
+    check(*make_inputs(4, 6, N, D, torch.bfloat16, (6, N, N)))
+
+
+@pytest.mark.gpu
+def test_gpu_broadcast_bias_gradient_allocates_no_batch_sized_buffer():
+    B, H, N, D = 64, 12, 197, 64
+    q, k, v, bias, do = make_inputs(B, H, N, D, torch.bfloat16, (H, N, N))
+    out = beit_kernels.attention(q, k, v, bias)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out.backward(do)
+    torch.cuda.synchronize()
+    added = torch.cuda.max_memory_allocated() - base
+    full_fp32_bias = B * H * N * N * 4
+    assert added < full_fp32_bias / 2, f"backward added {added / 2**20:.1f} MiB"
