@@ -28,7 +28,6 @@ DEV = [
     "pytest-benchmark>=4",
     "hypothesis>=6",
     "ruff>=0.5",
-    "pyyaml>=6",
     # Interop tests compare against an independent BEiT implementation.
     "transformers>=4.40",
     # dall-e 0.1 is installed with --no-deps by the README's test command: its metadata asks for torchvision,
@@ -46,7 +45,7 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.10,<3.13",
-    packages=["beit", "beit_kernels"],
+    packages=["beit", "beit.tokenizer", "beit_kernels"],
     package_dir={"beit": "beit", "beit_kernels": "kernels"},
     install_requires=[
         "torch>=2.3",
@@ -64,6 +63,7 @@ setup(
     entry_points={
         "console_scripts": [
             "beit-env=beit.env:main",
+            "beit-tokenizer=beit.tokenizer:main",
         ],
     },
     classifiers=[

@@ -1,0 +1,112 @@
+"""What both tokenizers share: the pixel mapping, the input checks, patch extraction and the file sniffing.
+
+Both tokenizers take the 112 px view after ``map_pixels`` (values in [0.1, 0.9]), as the official BEiT data
+pipeline produces it, so the trainer can swap one for the other without touching its data.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+# DALL-E's logit-Laplace epsilon: map_pixels squeezes [0, 1] into [eps, 1 - eps] (dall_e/utils.py).
+LOGIT_LAPLACE_EPS = 0.1
+# Resampling (lanczos, bicubic) of a mapped image may overshoot [0.1, 0.9] a little; anything further out was not
+# mapped (ImageNet-normalised tensors go negative, raw [0, 1] images have dark and bright pixels).
+_RANGE_SLACK = 0.02
+
+
+def map_pixels(x: torch.Tensor) -> torch.Tensor:
+    """[0, 1] -> [0.1, 0.9], the DALL-E encoder's input range. Accepts any float tensor of shape [..., C, H, W]."""
+    if not torch.is_floating_point(x):
+        raise TypeError(f"map_pixels expects a float tensor in [0, 1], got {x.dtype} (convert uint8 with x / 255)")
+    return (1 - 2 * LOGIT_LAPLACE_EPS) * x + LOGIT_LAPLACE_EPS
+
+
+def unmap_pixels(x: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`map_pixels`, clamped to [0, 1]."""
+    if not torch.is_floating_point(x):
+        raise TypeError(f"unmap_pixels expects a float tensor, got {x.dtype}")
+    return ((x - LOGIT_LAPLACE_EPS) / (1 - 2 * LOGIT_LAPLACE_EPS)).clamp(0, 1)
+
+
+def check_images(images: torch.Tensor, channels: int, patch_size: int, check_range: bool) -> None:
+    """Refuse what would tokenize silently wrong: wrong rank, channels, dtype, a size that is not a multiple of the
+    patch, and (with ``check_range``, one device-to-host sync) values outside the mapped range."""
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"images must be a tensor [B, {channels}, H, W], got {type(images).__name__}")
+    if images.dim() != 4 or images.shape[1] != channels:
+        raise ValueError(f"images must have shape [B, {channels}, H, W], got {list(images.shape)}")
+    if not torch.is_floating_point(images):
+        raise TypeError(f"images must be float (after map_pixels), got {images.dtype}")
+    h, w = images.shape[-2:]
+    if h % patch_size or w % patch_size or h == 0 or w == 0:
+        raise ValueError(f"image height and width must be positive multiples of {patch_size}, got {h}x{w}")
+    if check_range and images.numel():
+        lo, hi = torch.aminmax(images.detach())
+        lo, hi = lo.item(), hi.item()
+        if lo < LOGIT_LAPLACE_EPS - _RANGE_SLACK or hi > 1 - LOGIT_LAPLACE_EPS + _RANGE_SLACK:
+            raise ValueError(
+                f"image values span [{lo:.3g}, {hi:.3g}]; the tokenizer expects images in [0, 1] passed through "
+                "map_pixels (range [0.1, 0.9]), not normalised or 0-255 images "
+                "(pass check_range=False to skip this check)"
+            )
+
+
+def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """[B, C, H, W] -> [B, (H/p)*(W/p), C*p*p]: patches in raster order (as the dVAE's flattened logits), each
+    flattened channel-major (c, row, column)."""
+    b, c, h, w = images.shape
+    p = patch_size
+    x = images.reshape(b, c, h // p, p, w // p, p)  # B, C, H/p, p, W/p, p
+    x = x.permute(0, 2, 4, 1, 3, 5)  # B, H/p, W/p, C, p, p
+    return x.reshape(b, (h // p) * (w // p), c * p * p)
+
+
+def sniff_weights_file(path: Path, expected: str) -> None:
+    """Refuse a missing file, or one that is evidently not weights (HTML page, wget log, empty), before reading it;
+    every message says what was expected."""
+    from beit.checkpoint import _sniff
+
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; expected {expected}")
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; expected {expected}")
+    try:
+        _sniff(path)
+    except ValueError as e:
+        raise ValueError(f"{e}; expected {expected}") from None
+
+
+class VisualTokenizer(nn.Module):
+    """The interface the trainer relies on: ``vocab_size``, ``input_size`` (the side of the view it tokenizes),
+    ``patch_size`` (pixels per token side) and ``get_codebook_indices``."""
+
+    vocab_size: int
+    input_size: int
+    patch_size: int = 8
+    in_channels: int = 3
+
+    def __init__(self) -> None:
+        super().__init__()
+        # One host sync per call; a trainer that has validated its pipeline may switch it off.
+        self.check_range = True
+
+    def check_device(self, images: torch.Tensor) -> None:
+        ref = next(itertools.chain(self.buffers(), self.parameters()))
+        if images.device != ref.device:
+            raise ValueError(
+                f"images are on {images.device} but the tokenizer is on {ref.device}: move one with .to(device)"
+            )
+
+    def num_tokens(self, height: int, width: int | None = None) -> int:
+        width = height if width is None else width
+        return (height // self.patch_size) * (width // self.patch_size)
+
+
+def as_path(path: str | os.PathLike) -> Path:
+    return Path(os.path.expanduser(os.fspath(path)))

@@ -1,0 +1,157 @@
+"""Tokenizer throughput: images per second of ``get_codebook_indices`` on the 112 px view, batch 256.
+
+Providers (same random weights for every DALL-E variant: the official module draws them, ours copies them):
+    official-fp16        dall_e.encoder.Encoder's own path: every conv but the last cast to fp16 on CUDA, fp32 last
+                         (on the CPU it runs fp32); only when the dall-e package imports
+    ours-bf16-cl         DalleEncoder, bf16 autocast, channels_last, fp32 output conv (the default on CUDA)
+    ours-bf16-cl-bf16out the same with the output conv in bf16 too
+    ours-fp32            DalleEncoder in fp32 (cuDNN's TF32 setting as torch leaves it, recorded in the rows)
+    ours-bf16-cl-compile with --compile: ours-bf16-cl under torch.compile
+    kmeans               KMeansTokenizer with a random codebook of the same vocabulary size
+Rows: time (ms), throughput (img/s; its p20/p80 come from the p80/p20 times), peak memory (CUDA), token agreement
+with official-fp16 and with ours-fp32 (random weights on uniform-noise images: a consistency check, not a quality
+measure), and the speed-up of ours-bf16-cl over official-fp16 (the issue's target is 1.5x on an H100).
+
+    python bench/bench_tokenizer.py --out bench/results/tokenizer.json            # GPU: 112 px, batch 256
+    python bench/bench_tokenizer.py --quick                                       # CPU smoke run, tiny sizes
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import harness  # noqa: E402
+import torch  # noqa: E402
+
+from beit.tokenizer import DalleEncoder, KMeansTokenizer, map_pixels  # noqa: E402
+
+KERNEL = "tokenizer"
+
+
+def build_providers(args, device: torch.device) -> dict:
+    """name -> (callable(images) -> ids [B, N], dtype label, extra row fields)."""
+    cfg = dict(n_hid=args.n_hid, vocab_size=args.vocab_size)
+    providers = {}
+    official = None
+    try:
+        import dall_e
+
+        torch.manual_seed(0)
+        official = dall_e.encoder.Encoder(**cfg, device=device).eval()
+    except ImportError as e:
+        print(f"official provider skipped: dall_e does not import ({e})", file=sys.stderr)
+
+    def ours(**configure):
+        enc = DalleEncoder(**cfg)
+        if official is not None:
+            enc.load_state_dict(official.state_dict())
+        return enc.to(device).configure(check_range=False, **configure)
+
+    if official is not None:
+
+        @torch.no_grad()
+        def run_official(x):
+            return official(x).argmax(1).flatten(1)
+
+        label = "fp16 (fp32 output conv)" if device.type == "cuda" else "fp32 (no fp16 path on cpu)"
+        providers["official-fp16"] = (run_official, label, {})
+
+    low = "bf16" if device.type == "cpu" or torch.cuda.is_bf16_supported() else "fp16"
+    enc = ours(precision=low, channels_last=True, fp32_logits=True)
+    providers[f"ours-{low}-cl"] = (enc.get_codebook_indices, f"{low} (fp32 output conv)", {})
+    enc = ours(precision=low, channels_last=True, fp32_logits=False)
+    providers[f"ours-{low}-cl-{low}out"] = (enc.get_codebook_indices, low, {})
+    enc = ours(precision="fp32")
+    providers["ours-fp32"] = (enc.get_codebook_indices, "fp32", {"cudnn_allow_tf32": torch.backends.cudnn.allow_tf32})
+    if args.compile:
+        enc = ours(precision=low, channels_last=True, fp32_logits=True, compile=True)
+        providers[f"ours-{low}-cl-compile"] = (enc.get_codebook_indices, f"{low} (fp32 output conv)", {})
+    g = torch.Generator().manual_seed(0)
+    km = KMeansTokenizer(torch.rand(args.vocab_size, 192, generator=g) * 0.8 + 0.1).to(device)
+    km.check_range = False
+    providers["kmeans"] = (km.get_codebook_indices, "fp32", {})
+    return providers
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="CPU-sized smoke run: batch 2, 32 px, n_hid 64, 512 codes")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--size", type=int, default=112)
+    parser.add_argument("--n-hid", type=int, default=256)
+    parser.add_argument("--vocab-size", type=int, default=8192)
+    parser.add_argument("--compile", action="store_true", help="add a torch.compile provider (minutes to compile)")
+    parser.add_argument("--rep-ms", type=float, default=None, help="timing budget per provider")
+    parser.add_argument("--out", default=None, help="write the rows as JSON here")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.batch, args.size, args.n_hid, args.vocab_size = 2, 32, 64, 512
+    rep_ms = args.rep_ms if args.rep_ms is not None else (200 if args.quick else 1000)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as the official pretraining script sets it
+    env = harness.env_info(device)
+    shape = dict(batch=args.batch, size=args.size, n_hid=args.n_hid, vocab=args.vocab_size)
+    g = torch.Generator().manual_seed(1)
+    x = map_pixels(torch.rand(args.batch, 3, args.size, args.size, generator=g)).to(device)
+
+    providers = build_providers(args, device)
+    rows, ids, throughput = [], {}, {}
+    for name, (fn, dtype, extra) in providers.items():
+        ids[name] = fn(x)
+        t50, t20, t80 = harness.time_fn(lambda fn=fn: fn(x), device=device, rep_ms=rep_ms)
+        common = dict(shape=shape, dtype=dtype, env=env, cudnn_benchmark=torch.backends.cudnn.benchmark, **extra)
+        rows.append(harness.row(KERNEL, name, "fwd", "time", "ms", (t50, t20, t80), **common))
+        ips = tuple(args.batch / t * 1e3 for t in (t50, t80, t20))
+        throughput[name] = ips[0]
+        rows.append(harness.row(KERNEL, name, "fwd", "throughput", "img/s", ips, **common))
+        mem = harness.peak_memory_mb(lambda fn=fn: fn(x), device)
+        if mem is not None:
+            rows.append(harness.row(KERNEL, name, "fwd", "peak_memory", "MiB", mem, **common))
+
+    for ref in ("official-fp16", "ours-fp32"):
+        if ref not in ids:
+            continue
+        for name, t in ids.items():
+            if name != ref and name != "kmeans":
+                agree = (t == ids[ref]).float().mean().item()
+                rows.append(
+                    harness.row(
+                        KERNEL,
+                        name,
+                        "fwd",
+                        f"agreement_with_{ref}",
+                        "fraction",
+                        agree,
+                        shape=shape,
+                        dtype=None,
+                        env=env,
+                    )
+                )
+    ours_main = next((n for n in throughput if n.startswith("ours-") and n.endswith("-cl")), None)
+    if "official-fp16" in throughput and ours_main:
+        for name in (n for n in throughput if n.startswith("ours-")):
+            ratio = throughput[name] / throughput["official-fp16"]
+            rows.append(
+                harness.row(
+                    KERNEL, name, "fwd", "speedup_vs_official-fp16", "x", ratio, shape=shape, dtype=None, env=env
+                )
+            )
+
+    if args.out:
+        harness.write_rows(rows, args.out)
+        print(f"wrote {len(rows)} rows to {args.out}")
+    print(f"device: {env['device']}  torch {env['torch']}  git {env['git_sha']}  shape {shape}")
+    if device.type == "cpu":
+        print("(CPU run: a smoke test of the script; its numbers say nothing about GPU speed)")
+    print(harness.format_table(rows, ("provider", "metric", "dtype", "p50", "p20", "p80", "unit")))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,462 @@
+"""Visual tokenizers: the DALL-E encoder against the official ``dall_e`` package, reading encoder.pkl without
+running it, refusing bad files, the k-means tokenizer and its command line."""
+
+import copy
+import os
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from beit.tokenizer import (
+    DalleEncoder,
+    KMeansTokenizer,
+    MiniBatchKMeans,
+    fit_kmeans_tokenizer,
+    load_tokenizer,
+    main,
+    map_pixels,
+    patchify,
+    read_dalle_state_dict,
+    unmap_pixels,
+)
+
+# The smallest config the official validators accept (n_hid >= 64, vocab >= 512): 2.6M parameters.
+SMALL = dict(n_hid=64, vocab_size=512)
+
+
+def mapped_images(b=3, size=32, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return map_pixels(torch.rand(b, 3, size, size, generator=g))
+
+
+@pytest.fixture(scope="module")
+def official():
+    """A randomly initialised official encoder (weights drawn by dall_e itself)."""
+    dall_e = pytest.importorskip("dall_e", reason="the dall-e package (dev extra, installed with --no-deps)")
+    torch.manual_seed(123)
+    return dall_e.encoder.Encoder(**SMALL).eval()
+
+
+@pytest.fixture(scope="module")
+def official_out(official):
+    x = mapped_images(3, 32)
+    with torch.no_grad():
+        return x, official(x)
+
+
+def ours_from(official_module):
+    enc = DalleEncoder(**SMALL)
+    enc.load_state_dict(official_module.state_dict(), strict=True)
+    return enc
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The encoder
+
+
+def test_map_pixels_matches_official():
+    dall_e = pytest.importorskip("dall_e")
+    x = torch.rand(2, 3, 8, 8)
+    torch.testing.assert_close(map_pixels(x), dall_e.utils.map_pixels(x), rtol=0, atol=0)
+    torch.testing.assert_close(unmap_pixels(map_pixels(x)), x, rtol=0, atol=1e-6)
+    with pytest.raises(TypeError, match="float"):
+        map_pixels(torch.zeros(1, 3, 8, 8, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("h,w", [(32, 32), (24, 40)])
+def test_encoder_matches_official_fp32(official, h, w):
+    ours = ours_from(official)
+    x = map_pixels(torch.rand(3, 3, h, w, generator=torch.Generator().manual_seed(4)))
+    with torch.no_grad():
+        ref = official(x)
+    logits = ours(x)
+    assert logits.shape == (3, 512, h // 8, w // 8) and logits.dtype == torch.float32
+    torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)
+    ids = ours.get_codebook_indices(x)
+    assert ids.shape == (3, (h // 8) * (w // 8)) and ids.dtype == torch.int64
+    assert torch.equal(ids, ref.argmax(1).flatten(1))
+
+
+def test_default_config_has_official_names_and_shapes():
+    dall_e = pytest.importorskip("dall_e")
+    meta = torch.device("meta")
+    theirs = dall_e.encoder.Encoder(device=meta).state_dict()
+    with meta:
+        ours = DalleEncoder().state_dict()
+    assert list(ours) == list(theirs)
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
+    assert "blocks.group_1.block_1.res_path.conv_1.w" in ours and "blocks.group_2.block_1.id_path.w" in ours
+    assert sum(v.numel() for v in ours.values()) == 53_786_240  # 53.8M, as derived in the reference notes
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize("fp32_logits", [True, False])
+def test_low_precision_channels_last_close_to_fp32(official_out, official, precision, fp32_logits):
+    x, ref = official_out
+    ours = ours_from(official).configure(precision=precision, channels_last=True, fp32_logits=fp32_logits)
+    assert ours.blocks.input.w.is_contiguous(memory_format=torch.channels_last)
+    logits = ours(x)
+    # Low-precision error relative to the logit scale; tokens may flip only where logits nearly tie.
+    assert (logits - ref).abs().max() <= 0.05 * ref.abs().max()
+    agree = (ours.get_codebook_indices(x) == ref.argmax(1).flatten(1)).float().mean()
+    assert agree >= 0.9
+
+
+def test_caller_autocast_does_not_change_precision(official_out, official):
+    x, ref = official_out
+    ours = ours_from(official)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = ours(x)
+    torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_encoder_traces_as_one_graph(official_out, official):
+    """Dynamo captures the whole forward (fullgraph: no graph breaks); the eager backend keeps this fast on CPU."""
+    x, ref = official_out
+    ours = ours_from(official).configure(compile={"backend": "eager", "fullgraph": True})
+    assert torch.equal(ours.get_codebook_indices(x), ref.argmax(1).flatten(1))
+
+
+@pytest.mark.gpu
+def test_bf16_compiled_on_gpu_agrees(official):
+    ours = ours_from(official).cuda()
+    official = copy.deepcopy(official).cuda()
+    x = mapped_images(4, 112).cuda()
+    with torch.no_grad():
+        ref = official(x).float()  # the official fp16 path
+    ours.configure(precision="bf16", channels_last=True, compile=True)
+    agree = (ours.get_codebook_indices(x) == ref.argmax(1).flatten(1)).float().mean()
+    assert agree >= 0.9
+
+
+def test_probs_and_input_checks(official):
+    ours = ours_from(official)
+    x = mapped_images(2, 16)
+    probs = ours.get_codebook_probs(x)
+    torch.testing.assert_close(probs.sum(1), torch.ones(2, 2, 2))
+    with pytest.raises(ValueError, match="map_pixels"):
+        ours.get_codebook_indices(torch.rand(2, 3, 16, 16) * 2 - 1)  # ImageNet-normalised-like input
+    with pytest.raises(ValueError, match="map_pixels"):
+        ours.get_codebook_indices(unmap_pixels(x))  # forgot map_pixels: values reach 0 and 1
+    with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
+        ours.get_codebook_indices(x[:, :1])
+    with pytest.raises(ValueError, match="multiples of 8"):
+        ours.get_codebook_indices(x[..., :12])
+    with pytest.raises(TypeError, match="float"):
+        ours.get_codebook_indices((x * 255).to(torch.uint8))
+    ours.check_range = False
+    assert ours.get_codebook_indices(unmap_pixels(x)).shape == (2, 4)
+    with pytest.raises(ValueError, match="images are on meta but the tokenizer is on cpu"):
+        ours.get_codebook_indices(x.to("meta"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading encoder.pkl and state dicts
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_whole_pickled_module_loads_and_matches(official, official_out, tmp_path, monkeypatch, zip_format):
+    # OpenAI's encoder.pkl is torch.save(Encoder); the legacy format is what torch < 1.6 wrote.
+    monkeypatch.chdir(tmp_path)  # the legacy loader writes .patch files into the cwd when a class allows it
+    path = tmp_path / "encoder.pkl"
+    torch.save(official, path, _use_new_zipfile_serialization=zip_format)
+    tok = load_tokenizer(f"dalle:{path}", precision="fp32")
+    assert isinstance(tok, DalleEncoder) and tok.vocab_size == 512 and tok.input_size == 112
+    assert tok.config == dict(n_hid=64, n_blk_per_group=2, input_channels=3, vocab_size=512)
+    x, ref = official_out
+    torch.testing.assert_close(tok(x), ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(tok.get_codebook_indices(x), ref.argmax(1).flatten(1))
+    assert sorted(os.listdir(tmp_path)) == ["encoder.pkl"]
+    assert not any(p.requires_grad for p in tok.parameters())
+
+
+@pytest.mark.parametrize("fmt", ["pt", "safetensors", "wrapped"])
+def test_state_dict_files_load(official, official_out, tmp_path, fmt):
+    sd = official.state_dict()
+    if fmt == "safetensors":
+        path = tmp_path / "enc.safetensors"
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    elif fmt == "pt":
+        path = tmp_path / "enc.pt"
+        torch.save(sd, path)
+    else:  # unilm's Dalle_VAE keeps the encoder as .encoder; checkpoints nest it under "state_dict"
+        path = tmp_path / "vae.pth"
+        torch.save({"state_dict": {f"encoder.{k}": v for k, v in sd.items()}}, path)
+    x, ref = official_out
+    tok = load_tokenizer(f"dalle:{path}", precision="fp32")
+    assert torch.equal(tok.get_codebook_indices(x), ref.argmax(1).flatten(1))
+
+
+class _RunsCode:
+    """Unpickling this would call os.mkdir(marker): the restricted reader must refuse before calling anything."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (str(self.marker),))
+
+
+def _bad_files(tmp_path, official):
+    """(file name, content writer, error type, message pattern)."""
+    html = b"<!DOCTYPE html>\n<html><head><title>404 Not Found</title></head></html>\n"
+    wget_log = (
+        b"--2021-09-14 10:11:12--  https://conversationhub.blob.core.windows.net/beit-share-public/dall-e_vae/"
+        b"encoder.pkl\nResolving conversationhub.blob.core.windows.net... 52.239.0.1\n"
+        b"HTTP request sent, awaiting response... 409 Public access is not permitted\n"
+    )
+    marker = tmp_path / "pwned"
+    sd = official.state_dict()
+    return [
+        ("encoder.pkl", html, ValueError, "HTML"),
+        ("encoder.pkl", wget_log, ValueError, r"wget log.*wget -O"),
+        ("encoder.pkl", b"", ValueError, "empty"),
+        ("encoder.pkl", b"\x00garbage" * 20, ValueError, "not a torch pickle"),
+        ("code.pkl", lambda p: torch.save({"x": _RunsCode(marker)}, p), ValueError, r"references posix\.mkdir"),
+        (
+            "linear.pkl",
+            lambda p: torch.save(torch.nn.Linear(2, 2), p),
+            ValueError,
+            r"torch\.nn\.modules\.linear\.Linear",
+        ),
+        ("seq.pkl", lambda p: torch.save(official.blocks, p), ValueError, r"holds a pickled .*Sequential"),
+        ("beit.pt", lambda p: torch.save({"blocks.0.attn.qkv.weight": torch.zeros(6, 2)}, p), ValueError, "BEiT"),
+        (
+            "shape.pt",
+            lambda p: torch.save({**sd, "blocks.group_2.block_1.id_path.w": torch.zeros(3, 3, 1, 1)}, p),
+            ValueError,
+            r"wrong shape \(1\): blocks\.group_2\.block_1\.id_path\.w",
+        ),
+        (
+            "missing.pt",
+            lambda p: torch.save({k: v for k, v in sd.items() if "conv_3" not in k}, p),
+            ValueError,
+            r"missing \(16\)",
+        ),
+        (
+            "nan.pt",
+            lambda p: torch.save({**sd, "blocks.input.b": torch.full((64,), float("nan"))}, p),
+            ValueError,
+            "non-finite",
+        ),
+        ("tokens.safetensors", lambda p: _write_kmeans(p, 16), ValueError, "kmeans:PATH"),
+        ("junk.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}     ", ValueError, "not a valid safetensors"),
+    ], marker
+
+
+@pytest.mark.parametrize("case", range(13))
+def test_bad_dalle_files_are_refused(official, tmp_path, case):
+    cases, marker = _bad_files(tmp_path, official)
+    assert len(cases) == 13
+    name, content, exc, pattern = cases[case]
+    path = tmp_path / name
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        content(path)
+    with pytest.raises(exc, match=pattern):
+        load_tokenizer(f"dalle:{path}")
+    assert not marker.exists()  # nothing named by the file ran
+
+
+def test_truncated_and_missing_files(official, tmp_path):
+    path = tmp_path / "encoder.pkl"
+    torch.save(official, path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # an interrupted download
+    with pytest.raises(ValueError, match="truncated"):
+        load_tokenizer(f"dalle:{path}")
+    with pytest.raises(FileNotFoundError, match=r"does not exist; expected DALL-E encoder weights"):
+        load_tokenizer(f"dalle:{tmp_path / 'nope.pkl'}")
+    with pytest.raises(FileNotFoundError, match="k-means tokenizer file"):
+        load_tokenizer(f"kmeans:{tmp_path / 'nope.safetensors'}")
+
+
+def test_decoder_pickle_is_named(tmp_path):
+    dall_e = pytest.importorskip("dall_e")
+    path = tmp_path / "decoder.pkl"
+    torch.save(dall_e.decoder.Decoder(n_init=8, n_hid=64, vocab_size=512), path)
+    with pytest.raises(ValueError, match=r"DALL-E decoder \(decoder\.pkl\).*encoder\.pkl"):
+        read_dalle_state_dict(path)
+
+
+def test_bad_specs():
+    for spec, pattern in [
+        ("encoder.pkl", "dalle:PATH"),
+        ("vqgan:x.ckpt", "unknown tokenizer kind"),
+        ("dalle:", "no path"),
+    ]:
+        with pytest.raises(ValueError, match=pattern):
+            load_tokenizer(spec)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# k-means
+
+
+def _write_kmeans(path, vocab, **meta_overrides):
+    tok = KMeansTokenizer(torch.rand(vocab, 192) * 0.8 + 0.1)
+    tok.save(path)
+    if meta_overrides:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta, cb = f.metadata(), f.get_tensor("codebook")
+        meta.update({k: str(v) for k, v in meta_overrides.items() if k != "codebook"})
+        save_file({"codebook": meta_overrides.get("codebook", cb)}, str(path), metadata=meta)
+
+
+def _clustered_patches(n, k=12, dim=192, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.rand(k, dim, generator=g) * 0.8 + 0.1
+    which = torch.randint(k, (n,), generator=g)
+    return centers[which] + 0.02 * torch.randn(n, dim, generator=g)
+
+
+def _fit(seed, data, vocab=16, batch=256):
+    km = MiniBatchKMeans(vocab, data.shape[1], seed=seed)
+    km.init_from(data[:600])
+    before = km.quantization_error(data)
+    for step, start in enumerate(range(0, data.shape[0], batch)):
+        km.partial_fit(data[start : start + batch], reassign=step % 3 == 2)
+    return km, before
+
+
+def test_kmeans_lowers_error_and_is_seeded():
+    data = _clustered_patches(3000)
+    km, before = _fit(0, data)
+    after = km.quantization_error(data)
+    assert after < 0.5 * before
+    again, _ = _fit(0, data)
+    assert torch.equal(km.centroids, again.centroids)
+    other, _ = _fit(1, data)
+    assert not torch.equal(km.centroids, other.centroids)
+
+
+def test_kmeans_refuses_too_few_distinct_patches():
+    km = MiniBatchKMeans(16, 192, seed=0)
+    with pytest.raises(ValueError, match="only 3 distinct patches"):
+        km.init_from(torch.rand(3, 192).repeat(10, 1))
+
+
+@pytest.mark.parametrize("h,w", [(112, 112), (24, 40)])
+def test_kmeans_indices_are_nearest_centroids(h, w):
+    tok = KMeansTokenizer(torch.rand(37, 192) * 0.8 + 0.1)
+    tok.chunk_rows = 50  # exercise the chunked path
+    x = map_pixels(torch.rand(3, 3, h, w, generator=torch.Generator().manual_seed(2)))
+    ids = tok.get_codebook_indices(x)
+    assert ids.shape == (3, (h // 8) * (w // 8)) and ids.dtype == torch.int64
+    brute = torch.cdist(
+        patchify(x, 8), tok.codebook[None].expand(3, -1, -1), compute_mode="donot_use_mm_for_euclid_dist"
+    ).argmin(-1)
+    assert torch.equal(ids, brute)
+    tok.check_range = False
+    with pytest.raises(ValueError, match="images are on meta"):
+        tok.get_codebook_indices(x.to("meta"))
+
+
+def test_patchify_layout():
+    x = torch.arange(2 * 3 * 16 * 24, dtype=torch.float32).reshape(2, 3, 16, 24)
+    p = patchify(x, 8)
+    assert p.shape == (2, 6, 192)
+    # Token 4 is row 1, column 1 of the 2x3 grid; values are (channel, row, column) of that patch.
+    assert torch.equal(p[1, 4].view(3, 8, 8), x[1, :, 8:16, 8:16])
+
+
+@pytest.mark.parametrize(
+    "overrides,pattern",
+    [
+        (dict(vocab_size=17), r"codebook has shape \[16, 192\].*requires \[17, 192\]"),
+        (dict(codebook=torch.rand(16, 100)), r"codebook has shape \[16, 100\]"),
+        (dict(format="something-else"), "not a k-means tokenizer"),
+        (dict(patch_size="eight"), "malformed metadata"),
+    ],
+)
+def test_bad_kmeans_files_are_refused(tmp_path, overrides, pattern):
+    path = tmp_path / "tok.safetensors"
+    _write_kmeans(path, 16, **overrides)
+    with pytest.raises(ValueError, match=pattern):
+        load_tokenizer(f"kmeans:{path}")
+
+
+def test_dalle_pickle_given_as_kmeans_is_named(official, tmp_path):
+    path = tmp_path / "encoder.pkl"
+    torch.save(official, path)
+    with pytest.raises(ValueError, match=r"not a safetensors file.*dalle:PATH"):
+        load_tokenizer(f"kmeans:{path}")
+    (tmp_path / "page.safetensors").write_bytes(b"<html><body>Access denied</body></html>")
+    with pytest.raises(ValueError, match="HTML.*k-means tokenizer file"):
+        load_tokenizer(f"kmeans:{tmp_path / 'page.safetensors'}")
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """Ten small PNG and JPEG images of different sizes and modes in a two-level folder tree."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        h, w = (int(v) for v in rng.integers(40, 160, 2))
+        yy, xx = np.mgrid[0:h, 0:w]
+        img = np.stack([xx * 255 // w, yy * 255 // h, np.full((h, w), rng.integers(0, 255))], -1)
+        img = (img + rng.normal(0, 12, img.shape)).clip(0, 255).astype(np.uint8)
+        sub = root / ("cls_a" if i % 2 else "cls_b") / ("deep" if i % 3 == 0 else "")
+        sub.mkdir(parents=True, exist_ok=True)
+        im = Image.fromarray(img)
+        if i == 4:
+            im = im.convert("L")  # grey-scale files are read as RGB
+        im.save(sub / (f"{i}.jpg" if i % 2 else f"{i}.png"))
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+def test_cli_fit_end_to_end(image_folder, tmp_path, capsys):
+    out = tmp_path / "km.safetensors"
+    argv = ["fit", "--data", str(image_folder), "--vocab-size", "32", "--out", str(out)]
+    argv += ["--epochs", "2", "--batch-size", "4", "--workers", "0", "--no-progress", "--seed", "3"]
+    assert main(argv) == 0
+    assert f"kmeans:{out}" in capsys.readouterr().out
+    tok = load_tokenizer(f"kmeans:{out}")
+    assert isinstance(tok, KMeansTokenizer) and tok.vocab_size == 32 and tok.input_size == 112
+    meta = tok.metadata
+    assert meta["n_images"] == "10" and meta["seed"] == "3" and meta["format"] == "beit-kmeans-tokenizer"
+    assert float(meta["quantization_error_last_epoch"]) < float(meta["quantization_error_first_batch"])
+    ids = tok.get_codebook_indices(mapped_images(3, 112))
+    assert ids.shape == (3, 196) and 0 <= ids.min() and ids.max() < 32
+
+    # Same seed, loader workers or not: the same codebook (crops depend on seed, epoch and image only).
+    again = fit_kmeans_tokenizer(image_folder, 32, seed=3, epochs=2, batch_size=4, workers=2, progress=False)
+    assert torch.equal(again.codebook, tok.codebook)
+    assert main(["info", f"kmeans:{out}"]) == 0
+    assert "vocab_size" in capsys.readouterr().out
+
+
+def test_cli_errors_before_work(image_folder, tmp_path, capsys):
+    out = tmp_path / "km.safetensors"
+    cases = [
+        (["--data", str(tmp_path / "none"), "--vocab-size", "8", "--out", str(out)], "is not a folder"),
+        (["--data", str(image_folder), "--vocab-size", "5000", "--out", str(out)], "fewer than vocab_size=5000"),
+        (
+            ["--data", str(image_folder), "--vocab-size", "8", "--out", str(tmp_path / "km.pt")],
+            "ending in .safetensors",
+        ),
+    ]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases.append((["--data", str(empty), "--vocab-size", "8", "--out", str(out)], "no images"))
+    for argv, pattern in cases:
+        assert main(["fit", *argv, "--no-progress", "--workers", "0"]) == 2
+        assert pattern in capsys.readouterr().err
+        assert not out.exists()
+
+
+def test_unreadable_image_is_named(tmp_path):
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    from PIL import Image
+
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "ok.png")
+    with pytest.raises(ValueError, match=r"cannot read image .*broken\.jpg"):
+        fit_kmeans_tokenizer(tmp_path, 4, seed=0, workers=0, progress=False)
