@@ -32,6 +32,8 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn as nn
 
+import beit_kernels
+from beit_kernels import reference as kernel_reference
 from beit_kernels.backend import IMPLS, resolve_impl
 from beit_kernels.nn import (  # noqa: F401  (re-exported: the model's building blocks live with the kernels)
     Attention,
@@ -397,6 +399,87 @@ class VisionTransformerForMaskedImageModeling(nn.Module):
             return self.lm_head(x)
         # Boolean gather: the official path (a device-to-host sync and a data-dependent shape).
         return self.lm_head(x[bool_masked_pos])
+
+    # -- the pretraining loss ----------------------------------------------------------------------------------
+    def _run_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """The blocks without the final norm (which the MIM loss applies to the masked rows only)."""
+        rel_pos_bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None
+        for blk in self.blocks:
+            x = blk(x, rel_pos_bias=rel_pos_bias)
+        return x
+
+    def _check_mim_inputs(self, images, bool_masked_pos, mask_index, tokens):
+        if bool_masked_pos is None:
+            raise ValueError("forward_mim_loss needs bool_masked_pos")
+        bool_masked_pos = self._check_inputs(images, bool_masked_pos)
+        B, N = bool_masked_pos.shape
+        for name, t, shape in (("mask_index", mask_index, None), ("tokens", tokens, (B, N))):
+            if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int32, torch.int64):
+                raise TypeError(f"{name} must be an int32 or int64 tensor")
+            if t.dim() != 2 or t.shape[0] != B or (shape is not None and tuple(t.shape) != shape):
+                want = f"[{B}, {N}]" if shape is not None else f"[{B}, K]"
+                raise ValueError(f"{name} must be {want}, got shape {tuple(t.shape)}")
+            if t.device != images.device:
+                raise ValueError(f"{name} is on {t.device} but the images are on {images.device}")
+        # The blend follows bool_masked_pos and the gather follows mask_index: they must agree. Checked on the
+        # device, so no step waits for the host (a mismatch fails the step at the next synchronisation).
+        picked = bool_masked_pos.gather(1, mask_index.clamp(0, N - 1).long())  # [B, K]
+        agree = ((mask_index < 0) | picked).all() & ((mask_index >= 0).sum(1) == bool_masked_pos.sum(1)).all()
+        torch._assert_async(agree, "mask_index must list exactly the positions of bool_masked_pos (-1 padding)")
+        return bool_masked_pos
+
+    def forward_mim_loss(
+        self, images: torch.Tensor, bool_masked_pos: torch.Tensor, mask_index: torch.Tensor, tokens: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The BEiT pretraining loss: (loss, num_correct, num_valid), 0-d tensors (fp32 loss, int64 counts).
+
+        ``images`` [B, 3, H, W] float; ``bool_masked_pos`` [B, N] bool; ``mask_index`` [B, K] its padded index
+        (``beit.masking.mask_to_index``: ascending, -1 padding); ``tokens`` [B, N] the tokenizer's visual tokens.
+        loss = mean cross-entropy of lm_head(norm(x)) on the masked patches against their tokens; num_correct
+        counts the masked patches whose argmax is their token (the MIM accuracy), num_valid the masked patches.
+
+        impl "ref": the official computation (boolean gather, Linear, CrossEntropy; syncs with the host, and a
+        batch with no masked patch gives NaN, as the official code). "sdpa": the same in PyTorch with static shapes
+        and no sync (padded gather, norm on the masked rows, cross-entropy with ignore_index on the padding).
+        "triton": fused kernels (patch embedding with the blend and cls, gather with the final LayerNorm, chunked
+        linear cross-entropy); no sync. Without a masked patch the last two give a zero loss and zero gradients.
+        """
+        bool_masked_pos = self._check_mim_inputs(images, bool_masked_pos, mask_index, tokens)
+        impl = resolve_impl(self.impl, images.device)
+        if impl == "ref":
+            x = self._encode(self._embed(images, bool_masked_pos))[:, 1:]  # drop cls: [B, N, D]
+            logits = self.lm_head(x[bool_masked_pos])  # [num_masked, V]
+            labels = tokens[bool_masked_pos].long()
+            loss = torch.nn.functional.cross_entropy(logits, labels)
+            num_correct = (logits.argmax(dim=-1) == labels).sum()
+            return loss.float(), num_correct, bool_masked_pos.sum()
+        ignore_index = -100
+        valid = mask_index >= 0
+        labels = tokens.gather(1, mask_index.clamp(min=0).long())  # [B, K]
+        labels = torch.where(valid, labels.long(), ignore_index).reshape(-1)  # [B K], -100 on padding
+        rows = torch.where(valid, mask_index + 1, -1)  # token positions: skip the cls row
+        norm = dict(ln_weight=self.norm.weight, ln_bias=self.norm.bias, eps=self.norm.eps)
+        if impl == "triton":
+            proj = self.patch_embed.proj
+            x = beit_kernels.patch_embed(
+                images,
+                proj.weight,
+                proj.bias,
+                mask=bool_masked_pos,
+                mask_token=self.mask_token,
+                cls_token=self.cls_token,
+                pos_embed=self.pos_embed,
+            )  # [B, N+1, D]
+            x = self._run_blocks(self.pos_drop(x))
+            feats = beit_kernels.masked_gather(x, rows, **norm)  # [B K, D]
+            ops = beit_kernels
+        else:
+            x = self._run_blocks(self._embed(images, bool_masked_pos))
+            feats = kernel_reference.masked_gather(x, rows, **norm)
+            ops = kernel_reference
+        return ops.linear_cross_entropy(
+            feats, self.lm_head.weight, self.lm_head.bias, labels, ignore_index=ignore_index, return_counts=True
+        )
 
 
 Beit = VisionTransformerForMaskedImageModeling

@@ -15,6 +15,9 @@ from beit_kernels.backend import (
 # Triton ships for Linux only; elsewhere the package still imports, with the reference path alone.
 if triton_available():
     from beit_kernels.attention import attention
+    from beit_kernels.linear_cross_entropy import linear_cross_entropy
+    from beit_kernels.masked_gather import masked_gather
+    from beit_kernels.patch_embed import patch_embed
 
 __version__ = "0.1.0"
 
@@ -22,6 +25,9 @@ __all__ = [
     "__version__",
     "IMPLS",
     "attention",
+    "linear_cross_entropy",
+    "masked_gather",
+    "patch_embed",
     "resolve_impl",
     "triton_available",
     "triton_matmul_ok",

@@ -1,0 +1,273 @@
+"""linear_cross_entropy: the chunked fused head loss against its float64 reference: loss, counts, every gradient."""
+
+import pytest
+import torch
+
+import beit_kernels
+from beit_kernels import reference
+from beit_kernels.linear_cross_entropy import default_chunk_size, linear_cross_entropy_fwd
+
+
+def make(M, D, V, *, n_ignored=2, bias=True, seed=0, ignore_index=-100, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, D, dtype=torch.float64, generator=g)
+    w = torch.randn(V, D, dtype=torch.float64, generator=g) * D**-0.5 * 3
+    b = torch.randn(V, dtype=torch.float64, generator=g) if bias else None
+    target = torch.randint(0, V, (M,), generator=g)
+    target[torch.randperm(M, generator=g)[:n_ignored]] = ignore_index
+    return [t.to(device) if t is not None else None for t in (x, w, b, target)]
+
+
+def run(fn, x, w, b, target, dtype, *, upstream=1.0, **kw):
+    leaves = [t.detach().to(dtype).requires_grad_() if t is not None else None for t in (x, w, b)]
+    loss, num_correct, num_valid = fn(*leaves, target, return_counts=True, **kw)
+    (loss * upstream).backward()
+    return (loss, num_correct, num_valid), [t.grad if t is not None else None for t in leaves]
+
+
+def max_err(a, ref):
+    return (a.double() - ref.double()).abs().max().item()
+
+
+def check_close(name, got, ref64, baseline, dtype):
+    assert got.shape == ref64.shape, name
+    assert torch.isfinite(got).all(), name
+    scale = ref64.abs().max().item() + 1e-12
+    if dtype == torch.float32:
+        assert max_err(got, ref64) <= 1e-5 * scale + 1e-6, f"{name}: {max_err(got, ref64)} (scale {scale})"
+    else:
+        tol = 2 * max_err(baseline, ref64) + 1e-4 * scale
+        assert max_err(got, ref64) <= tol, f"{name}: {max_err(got, ref64)} > {tol}"
+
+
+CASES = [
+    # M, D, V, n_ignored, bias, chunk_size, reduction
+    (13, 40, 300, 2, True, 5, "mean"),  # several chunks, the last one short; V not a multiple of the block
+    (13, 40, 300, 2, False, None, "sum"),  # no bias, the default chunk
+    (7, 24, 2500, 1, True, 4, "mean"),  # V over one 2048-wide block, not a multiple of it
+    (6, 40, 97, 6, True, 4, "mean"),  # no valid row: zero loss and zero gradients, not NaN
+    (5, 40, 97, 4, True, 2, "mean"),  # exactly one valid row: the mean divides by 1
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("M,D,V,n_ignored,bias,chunk_size,reduction", CASES)
+def test_linear_cross_entropy_matches_reference(dtype, M, D, V, n_ignored, bias, chunk_size, reduction):
+    x, w, b, target = make(M, D, V, n_ignored=n_ignored, bias=bias)
+    # The gradients are rounded to the input dtype in the forward and scaled by the upstream gradient in the
+    # backward: an exact scaling for a power of two (1, or a GradScaler scale), one more rounding otherwise. So
+    # low precision is compared at a power of two (where plain PyTorch's roundings are the same), fp32 at 2.5.
+    upstream = 2.5 if dtype == torch.float32 else 2.0
+    kw = dict(reduction=reduction, chunk_size=chunk_size, upstream=upstream)
+    rounded = [t.to(dtype).double() if t is not None else None for t in (x, w, b)]
+    ref, ref_grads = run(reference.linear_cross_entropy, *rounded, target, torch.float64, **kw)
+    got, grads = run(beit_kernels.linear_cross_entropy, x, w, b, target, dtype, **kw)
+    base, base_grads = run(reference.linear_cross_entropy, x, w, b, target, dtype, **kw)
+    assert got[0].dtype == torch.float32 and got[0].shape == ()
+    check_close("loss", got[0], ref[0], base[0], dtype)
+    assert got[2].item() == M - n_ignored == ref[2].item()
+    assert got[1].item() == ref[1].item()
+    for name, gg, rg, bg in zip(("x", "weight", "bias"), grads, ref_grads, base_grads):
+        assert (gg is None) == (rg is None), name
+        if rg is None:
+            continue
+        assert gg.dtype == dtype
+        check_close(f"grad {name}", gg, rg, bg, dtype)
+    if n_ignored == M:
+        assert got[0].item() == 0.0
+        assert all(torch.count_nonzero(gg) == 0 for gg in grads if gg is not None)
+
+
+def test_num_correct_counts_first_argmax():
+    M, D, V = 9, 8, 50
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(V, D, generator=g)
+    target = torch.randint(0, V, (M,), generator=g)
+    x = w[target] * 4  # row m's logit is largest at its own target (with high probability: checked below)
+    x[3] = 0.0  # all logits zero (no bias): ties everywhere, argmax is class 0
+    target[3] = 0
+    x[4] = 0.0
+    target[4] = 1  # tie, but the first maximum is class 0: not correct
+    target[5] = -100  # ignored rows never count
+    loss, correct, valid = beit_kernels.linear_cross_entropy(x, w, None, target, return_counts=True, chunk_size=4)
+    logits = x @ w.t()
+    expected = ((logits.argmax(-1) == target) & (target != -100)).sum().item()
+    assert correct.item() == expected and expected >= 5
+    assert valid.item() == M - 1
+
+
+def test_custom_ignore_index_and_strided_int32_target():
+    x, w, b, target = make(11, 16, 70, n_ignored=3, ignore_index=7)
+    target = torch.stack((target, target.flip(0)), dim=1).to(torch.int32)[:, 0]  # [M] with stride 2
+    assert target.stride() == (2,)
+    ref = reference.linear_cross_entropy(x, w, b, target, ignore_index=7, return_counts=True)
+    got = beit_kernels.linear_cross_entropy(x.float(), w.float(), b.float(), target, ignore_index=7, return_counts=True)
+    check_close("loss", got[0], ref[0], None, torch.float32)
+    assert got[1].item() == ref[1].item() and got[2].item() == ref[2].item() == 11 - 3
+
+
+def test_no_grad_and_partial_grads():
+    x, w, b, target = make(10, 16, 70)
+    ref = reference.linear_cross_entropy(x, w, b, target)
+    with torch.no_grad():
+        got = beit_kernels.linear_cross_entropy(x.float(), w.float(), b.float(), target)
+    check_close("loss", got, ref, None, torch.float32)
+    xf = x.float().requires_grad_()  # only x needs a gradient: the weight gradient is not computed
+    beit_kernels.linear_cross_entropy(xf, w.float(), b.float(), target).backward()
+    x64 = x.clone().requires_grad_()
+    reference.linear_cross_entropy(x64, w, b, target).backward()
+    check_close("grad x", xf.grad, x64.grad, None, torch.float32)
+
+
+def test_autocast_runs_in_the_autocast_dtype():
+    x, w, b, target = make(12, 16, 70)
+    leaves = [t.float().requires_grad_() for t in (x, w, b)]
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = beit_kernels.linear_cross_entropy(*leaves, target)
+    loss.backward()
+    assert loss.dtype == torch.float32 and all(t.grad.dtype == torch.float32 for t in leaves)
+    ref = reference.linear_cross_entropy(x, w, b, target)
+    assert abs(loss.item() - ref.item()) < 1e-2 * abs(ref.item())
+
+
+def test_grad_scaler_scale_does_not_overflow_fp16():
+    x, w, b, target = make(12, 16, 70)
+    (_, ref_grads), (_, grads) = (
+        run(fn, x, w, b, target, torch.float16, upstream=2.0**16)
+        for fn in (reference.linear_cross_entropy, beit_kernels.linear_cross_entropy)
+    )
+    for name, gg, rg in zip(("x", "weight", "bias"), grads, ref_grads):
+        assert torch.isfinite(gg).all(), name  # 2**16 itself is inf in fp16: the scaling must not pass through it
+        torch.testing.assert_close(gg.float(), rg.float(), rtol=2e-2, atol=2e-3 * rg.float().abs().max().item())
+
+
+def test_default_chunk_size_follows_liger_rule():
+    assert default_chunk_size(19200, 8192, 768) == 2048  # BEiT-B, B=256: 10 chunks
+    assert default_chunk_size(9600, 8192, 768) == 1024
+    assert default_chunk_size(1, 10, 100) == 1
+
+
+def test_compiles_without_graph_break():
+    x, w, b, target = make(10, 16, 70)
+    leaves = [t.float().requires_grad_() for t in (x, w, b)]
+
+    def step(x, w, b, target):
+        loss, correct, valid = beit_kernels.linear_cross_entropy(x, w, b, target, return_counts=True, chunk_size=4)
+        return loss * 3.0, correct, valid
+
+    loss, correct, valid = torch.compile(step, backend="aot_eager", fullgraph=True)(*leaves, target)
+    loss.backward()
+    grads = [t.grad.clone() for t in leaves]
+    for t in leaves:
+        t.grad = None
+    loss2, correct2, valid2 = step(*leaves, target)
+    loss2.backward()
+    torch.testing.assert_close(loss, loss2)
+    assert correct.item() == correct2.item() and valid.item() == valid2.item()
+    for g1, t in zip(grads, leaves):
+        torch.testing.assert_close(g1, t.grad)
+
+
+def test_opcheck_registrations():
+    x, w, b, target = make(10, 16, 70)
+    args = (x.float(), w.float(), b.float(), target, -100, True, True, True, True, 4)
+    torch.library.opcheck(linear_cross_entropy_fwd, args, test_utils=("test_schema", "test_faketensor"))
+
+
+X, W, B, TGT = torch.zeros(4, 8), torch.zeros(10, 8), torch.zeros(10), torch.zeros(4, dtype=torch.int64)
+
+
+@pytest.mark.parametrize(
+    "args,kw,err,match",
+    [
+        ((X[0], W, B, TGT), {}, ValueError, r"x must be \[M, D\]"),
+        ((X, W[:, :7], B, TGT), {}, ValueError, r"weight must be \[V, D\] with D=8"),
+        ((X, W, B[:9], TGT), {}, ValueError, r"bias must be \[10\]"),
+        ((X, W, B, TGT[:3]), {}, ValueError, r"target must be \[M\] with M=4"),
+        ((X, W, B, TGT.float()), {}, TypeError, "int32 or int64"),
+        ((X.long(), W, B, TGT), {}, TypeError, "fp32, fp16 or bf16"),
+        ((X, W.half(), B, TGT), {}, TypeError, "share a dtype"),
+        ((X, W, B, TGT), dict(reduction="none"), ValueError, "'mean' or 'sum'"),
+        ((X, W, B, TGT), dict(chunk_size=0), ValueError, "chunk_size"),
+        # Target values are checked on the device (no host sync); on the CPU the assert fires at once.
+        ((X, W, B, torch.tensor([0, 1, 10, 2])), {}, RuntimeError, r"targets must lie in \[0, 10\)"),
+        ((X, W, B, torch.tensor([0, -1, 3, 2])), {}, RuntimeError, r"targets must lie in \[0, 10\)"),
+    ],
+)
+def test_bad_inputs_raise(args, kw, err, match):
+    with pytest.raises(err, match=match):
+        beit_kernels.linear_cross_entropy(*args, **kw)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GPU: bf16 at BEiT-B shapes, and no host synchronisation
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_beit_b_matches_reference():
+    M, D, V = 256 * 75, 768, 8192
+    x, w, b, target = make(M, D, V, n_ignored=M // 10, device="cuda")
+    rounded = [t.to(torch.bfloat16).double() for t in (x, w, b)]
+    ref, ref_grads = run(reference.linear_cross_entropy, *rounded, target, torch.float64)
+    got, grads = run(beit_kernels.linear_cross_entropy, x, w, b, target, torch.bfloat16)
+    base, base_grads = run(reference.linear_cross_entropy, x, w, b, target, torch.bfloat16)
+    check_close("loss", got[0], ref[0], base[0], torch.bfloat16)
+    assert got[2].item() == ref[2].item()
+    # bf16 logits can reorder near-ties: the counts agree with plain bf16 PyTorch up to a few rows.
+    assert abs(got[1].item() - base[1].item()) <= max(3, M // 1000)
+    for name, gg, rg, bg in zip(("x", "weight", "bias"), grads, ref_grads, base_grads):
+        check_close(f"grad {name}", gg, rg, bg, torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_gpu_no_sync_and_empty_batch():
+    M, D, V = 2048, 768, 8192
+    x, w, b, target = make(M, D, V, device="cuda")
+    leaves = [t.float().requires_grad_() for t in (x, w, b)]
+    none_valid = torch.full_like(target, -100)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss, correct, valid = beit_kernels.linear_cross_entropy(*leaves, target, return_counts=True)
+            empty = beit_kernels.linear_cross_entropy(*leaves, none_valid)
+        (loss + empty).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert empty.item() == 0.0 and torch.isfinite(loss)
+    assert all(torch.isfinite(t.grad).all() for t in leaves)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GPU code generation, checked without a GPU: the interpreter never runs Triton's compiler, so compile the kernel
+# for sm80 and sm90 (ptxas ships with the triton wheel) in a subprocess without TRITON_INTERPRET.
+
+COMPILE_SCRIPT = """
+import importlib
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+lce = importlib.import_module("beit_kernels.linear_cross_entropy")
+fn = lce._ce_rows_kernel
+for arch in (80, 90):
+    for dt, tgt in (("bf16", "i64"), ("fp16", "i32"), ("fp32", "i64")):
+        sig = dict(z_ptr="*" + dt, target_ptr="*" + tgt, loss_ptr="*fp32", correct_ptr="*i32", n_valid_ptr="*i64",
+                   V="i32", s_z="i32", ignore_index="i32")
+        consts = dict(MEAN=True, COMPUTE_GRAD=True, BLOCK_V=lce._BLOCK_V)
+        full = {n: "constexpr" if n in consts else sig[n] for n in fn.arg_names}
+        k = triton.compile(ASTSource(fn, full, consts), target=GPUTarget("cuda", arch, 32), options=dict(num_warps=8))
+        assert k.asm["cubin"], arch
+print("compiled")
+"""
+
+
+@pytest.mark.slow
+def test_kernel_compiles_for_sm80_and_sm90():
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
