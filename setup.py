@@ -64,6 +64,7 @@ setup(
         "console_scripts": [
             "beit-env=beit.env:main",
             "beit-tokenizer=beit.tokenizer:main",
+            "beit-make-synthetic=beit.data:main",
         ],
     },
     classifiers=[

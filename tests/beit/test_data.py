@@ -1,0 +1,514 @@
+"""beit.data: both loaders' outputs, reproducibility, sharding, masks (native operator and fallback), bad input,
+the plugin build and the synthetic data set. CPU only; tiny images (64/32 px views, 4x4 masks) keep it fast."""
+
+import os
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from beit.data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    INCEPTION_MEAN,
+    BadImageError,
+    build_dali_plugin,
+    build_loader,
+    dali_available,
+    epoch_order,
+    list_images,
+    main,
+    make_synthetic,
+)
+from beit.masking import MaskingGenerator, mask_to_index
+
+needs_dali = pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not installed")
+BACKENDS = [pytest.param("dali", marks=needs_dali), "reference"]
+MASKING = dict(input_size=4, num_masking_patches=6, min_num_patches=2)
+SMALL = dict(device="cpu", num_threads=2, image_size=64, tokenizer_size=32, masking=MASKING)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    make_synthetic(root, 22, classes=3, seed=1, size=(80, 60), gray_fraction=0.2, png_fraction=0.2)
+    return root
+
+
+def _batches(loader):
+    # DALI may reuse its buffers on the next step: copy what is kept.
+    return [{k: v.clone() for k, v in b.items()} for b in loader]
+
+
+def _check_batch(b, batch_size, output_dtype, normalization="imagenet"):
+    if output_dtype == "uint8":
+        assert b["images"].shape == (batch_size, 64, 64, 3) and b["images"].dtype == torch.uint8
+        assert b["images"].float().std() > 10  # not blank
+    else:
+        assert b["images"].shape == (batch_size, 3, 64, 64)
+        assert b["images"].dtype == getattr(torch, output_dtype)
+        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if normalization == "imagenet" else (INCEPTION_MEAN, (0.5,) * 3)
+        lo = torch.tensor([-m / s for m, s in zip(mean, std)]).view(1, 3, 1, 1)
+        hi = torch.tensor([(1 - m) / s for m, s in zip(mean, std)]).view(1, 3, 1, 1)
+        x = b["images"].float()
+        tol = 0.02 if output_dtype != "float32" else 1e-4
+        assert (x >= lo - tol).all() and (x <= hi + tol).all()
+        assert x.std() > 0.1
+    t = b["tokenizer_images"]
+    assert t.shape == (batch_size, 3, 32, 32) and t.dtype == torch.float32
+    assert t.min() >= 0.1 - 1e-6 and t.max() <= 0.9 + 1e-6 and t.std() > 0.02
+    m = b["bool_masked_pos"]
+    assert m.shape == (batch_size, 16) and m.dtype == torch.bool
+    assert (m.sum(1) <= 6).all() and (m.sum(1) > 0).all()
+    idx = b["mask_index"]
+    assert idx.shape == (batch_size, 6) and idx.dtype == torch.int64
+    assert torch.equal(idx, mask_to_index(m, 6))
+    assert b["index"].shape == (batch_size,) and b["index"].dtype == torch.int64
+    assert b["valid"].shape == (batch_size,) and b["valid"].dtype == torch.bool
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("output_dtype", ["float32", "bfloat16", "float16", "uint8"])
+def test_outputs(data_dir, backend, output_dtype):
+    loader = build_loader(data_dir, 8, backend=backend, output_dtype=output_dtype, **SMALL)
+    batches = _batches(loader)
+    assert len(loader) == len(batches) == 3  # 22 files, batch 8
+    for b in batches:
+        _check_batch(b, 8, output_dtype)
+    index = torch.cat([b["index"][b["valid"]] for b in batches])
+    assert sorted(index.tolist()) == list(range(22))
+
+
+@needs_dali
+@pytest.mark.parametrize("output_dtype", ["float32", "float16", "uint8"])
+def test_fused_color_operator_matches_dali_operators(data_dir, output_dtype):
+    """The plugin's one-pass jitter + flip + normalisation against DALI's brightness_contrast, hsv and
+    crop_mirror_normalize on the same crops and factors: equal up to rounding, except where the fused operator
+    clips between contrast and brightness as PIL does (a few saturated pixels)."""
+    fused = build_loader(data_dir, 8, output_dtype=output_dtype, **SMALL)
+    assert fused.fused_color, "the plugin did not load"
+    plain = build_loader(data_dir, 8, output_dtype=output_dtype, **SMALL)
+    plain.fused_color = False
+    unit = 1 if output_dtype == "uint8" else 1 / (255 * min(IMAGENET_STD))  # one grey level
+    for a, b in zip(_batches(fused), _batches(plain)):
+        _check_batch(a, 8, output_dtype)
+        for key in ("images", "tokenizer_images"):
+            diff = (a[key].float() - b[key].float()).abs()
+            scale = unit if key == "images" else 0.8 / 255
+            assert diff.mean() < 1.0 * scale and (diff > 3.5 * scale).float().mean() < 0.05, key
+        assert torch.equal(a["bool_masked_pos"], b["bool_masked_pos"])
+
+
+@needs_dali
+def test_gpu_contrast_variant_on_cpu(data_dir):
+    """The GPU pipeline's contrast step (arithmetic on a device-side centre) cannot run here without a GPU; its
+    graph runs on the CPU and must match the CPU variant up to rounding, except where the GPU variant clips
+    between contrast and brightness (a few saturated pixels)."""
+    ref = build_loader(data_dir, 8, output_dtype="uint8", **SMALL)
+    ref.fused_color = False
+    alt = build_loader(data_dir, 8, output_dtype="uint8", **SMALL)
+    alt.fused_color, alt._arithmetic_contrast = False, True
+    for a, b in zip(_batches(ref), _batches(alt)):
+        _check_batch(b, 8, "uint8")
+        diff = (a["images"].int() - b["images"].int()).abs()
+        assert diff.float().mean() < 1.0 and (diff > 3).float().mean() < 0.05
+        assert torch.equal(a["bool_masked_pos"], b["bool_masked_pos"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inception_normalization_and_official_masks(data_dir, backend):
+    loader = build_loader(data_dir, 4, backend=backend, normalization="inception", **{**SMALL, "masking": None})
+    b = next(iter(loader))
+    assert b["images"].min() >= -1 - 1e-5 and b["images"].max() <= 1 + 1e-5 and b["images"].min() < -0.5
+    assert b["bool_masked_pos"].shape == (4, 196) and b["mask_index"].shape == (4, 75)
+    assert (b["bool_masked_pos"].sum(1) <= 75).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reproducible(data_dir, backend):
+    def run(seed, epoch):
+        loader = build_loader(data_dir, 8, backend=backend, seed=seed, **SMALL)
+        loader.set_epoch(epoch)
+        return _batches(loader)
+
+    a, b = run(0, 1), run(0, 1)
+    for x, y in zip(a, b):
+        for k in x:
+            assert torch.equal(x[k], y[k]), k
+    # An epoch does not depend on the epochs before it (resume gives the uninterrupted run's batches).
+    loader = build_loader(data_dir, 8, backend=backend, seed=0, **SMALL)
+    _batches(loader)
+    loader.set_epoch(1)
+    for x, y in zip(a, _batches(loader)):
+        assert torch.equal(x["images"], y["images"]) and torch.equal(x["bool_masked_pos"], y["bool_masked_pos"])
+    other_epoch, other_seed = run(0, 2), run(1, 1)
+    assert not torch.equal(a[0]["index"], other_epoch[0]["index"])
+    assert not torch.equal(a[0]["images"], other_seed[0]["images"])
+
+
+@pytest.mark.parametrize("num_files", [1, 7, 22, 48, 50, 101])
+@pytest.mark.parametrize("num_shards", [1, 2, 3])
+@pytest.mark.parametrize("batch_size", [1, 4, 8])
+def test_epoch_order_covers_every_file_once(num_files, num_shards, batch_size):
+    for epoch in range(2):
+        parts = [
+            epoch_order(num_files, batch_size, epoch=epoch, seed=3, shard_id=r, num_shards=num_shards)
+            for r in range(num_shards)
+        ]
+        lengths = {len(o) for o, _ in parts}
+        assert len(lengths) == 1 and lengths.pop() % batch_size == 0  # same number of full steps on every rank
+        seen = np.concatenate([o[v] for o, v in parts])
+        assert sorted(seen.tolist()) == list(range(num_files))
+        assert all(((o >= 0) & (o < num_files)).all() for o, _ in parts)
+
+
+def test_epoch_order_shuffles_per_epoch():
+    a = epoch_order(100, 10, epoch=0, seed=0, shard_id=0, num_shards=1)[0]
+    b = epoch_order(100, 10, epoch=1, seed=0, shard_id=0, num_shards=1)[0]
+    assert not np.array_equal(a, b) and sorted(a) == sorted(b)
+    with pytest.raises(ValueError, match="shard_id"):
+        epoch_order(10, 2, epoch=0, seed=0, shard_id=2, num_shards=2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("num_shards", [2, 3])
+def test_sharded_loaders_cover_every_file_once(data_dir, backend, num_shards):
+    for epoch in (0, 1):
+        seen, lengths, masks = [], set(), []
+        for rank in range(num_shards):
+            loader = build_loader(data_dir, 4, backend=backend, shard_id=rank, num_shards=num_shards, **SMALL)
+            loader.set_epoch(epoch)
+            batches = _batches(loader)
+            lengths.add((len(loader), len(batches)))
+            seen += torch.cat([b["index"][b["valid"]] for b in batches]).tolist()
+            masks.append(torch.cat([b["bool_masked_pos"] for b in batches]))
+        assert len(lengths) == 1 and lengths.pop()[0] == -(-22 // (4 * num_shards))
+        assert sorted(seen) == list(range(22))
+        assert not torch.equal(masks[0], masks[1])  # seeds differ per rank
+
+
+def _mask_stats(masks: np.ndarray, budget: int):
+    counts = masks.reshape(len(masks), -1).sum(1)
+    hist = np.bincount(counts, minlength=budget + 1) / len(counts)
+    return counts, hist, masks.mean(0)
+
+
+def _assert_same_mask_distribution(masks, ref, budget):
+    counts, hist, cells = _mask_stats(masks, budget)
+    rcounts, rhist, rcells = _mask_stats(ref, budget)
+    assert counts.max() <= budget
+    assert abs(counts.mean() - rcounts.mean()) < 0.2, (counts.mean(), rcounts.mean())
+    assert abs(hist[budget] - rhist[budget]) < 0.05, (hist[budget], rhist[budget])
+    assert 0.5 * np.abs(hist - rhist).sum() < 0.07, (hist, rhist)  # total variation distance
+    assert np.abs(cells - rcells).max() < 0.07  # where blocks land
+
+
+@needs_dali
+@pytest.mark.parametrize("native", [True, False], ids=["native", "python_fallback"])
+def test_mask_statistics_match_masking_generator(native):
+    from beit.data import dali_masks, load_dali_plugin
+
+    if native:
+        assert load_dali_plugin(), "the native mask operator did not build or load"
+    n = 3000
+    gen = MaskingGenerator(14, 75, rng=123)
+    ref = np.stack([gen() for _ in range(n)])
+    masks = dali_masks(n, seed=7, native=native, batch_size=250)
+    assert masks.shape == (n, 14, 14) and masks.dtype == bool
+    _assert_same_mask_distribution(masks, ref, 75)
+    # A small grid where the budget is often missed: the statistics must still agree.
+    cfg = dict(input_size=(5, 7), num_masking_patches=14, min_num_patches=3, min_aspect=0.5)
+    gen = MaskingGenerator(**cfg, rng=5)
+    _assert_same_mask_distribution(dali_masks(n, seed=3, native=native, batch_size=250, **cfg),
+                                   np.stack([gen() for _ in range(n)]), 14)  # fmt: skip
+
+
+@needs_dali
+def test_native_masks_are_seeded():
+    from beit.data import dali_masks, load_dali_plugin
+
+    assert load_dali_plugin()
+    a, b, c = (dali_masks(64, seed=s, batch_size=32) for s in (1, 1, 2))
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    assert len({m.tobytes() for m in a}) > 60  # samples within a batch and across batches differ
+
+
+@needs_dali
+def test_plugin_builds_from_clean_state_and_loads(tmp_path):
+    lib = build_dali_plugin(tmp_path / "plugin", force=True)
+    assert lib.exists() and lib.parent == tmp_path / "plugin"
+    # A fresh process: an operator can be registered only once per process.
+    code = (
+        "from nvidia.dali import plugin_manager, fn; "
+        f"plugin_manager.load_library({str(lib)!r}); "
+        "assert hasattr(fn, 'beit_mask_generator') and hasattr(fn, 'beit_color_normalize'); print('ok')"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
+
+
+@needs_dali
+@pytest.mark.parametrize(
+    "env, warned",
+    [({"BEIT_DALI_PLUGIN": "/nonexistent/libbeit_dali_ops.so"}, 1), ({"BEIT_NO_DALI_PLUGIN": "1"}, 0)],
+    ids=["unloadable", "opted_out"],
+)
+def test_fallback_when_plugin_unavailable(data_dir, env, warned):
+    """Where the plugin cannot be loaded, one one-line warning and the Python masks; an explicit opt-out is
+    silent."""
+    code = (
+        "import warnings, torch\n"
+        "from beit.data import build_loader\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        f"    loader = build_loader({str(data_dir)!r}, 4, device='cpu', num_threads=1, image_size=32,"
+        " tokenizer_size=16, masking=dict(input_size=4, num_masking_patches=6, min_num_patches=2))\n"
+        "b = next(iter(loader))\n"
+        "msgs = [str(x.message) for x in w if 'DALI plugin' in str(x.message)]\n"
+        f"assert len(msgs) == {warned} and all('\\n' not in m for m in msgs), msgs\n"
+        "assert b['bool_masked_pos'].shape == (4, 16) and (b['bool_masked_pos'].sum(1) <= 6).all()\n"
+        "print('ok', loader.native_masks, loader.fused_color)\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env}, timeout=120
+    )
+    assert res.returncode == 0 and "ok False False" in res.stdout, res.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def messy_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("messy")
+    make_synthetic(root, 6, classes=2, seed=2, size=(80, 60), gray_fraction=0, png_fraction=0)
+    rgb = Image.open(next((root / "class_000").glob("*.jpg"))).convert("RGB")
+    odd = root / "class_001"
+    rgb.convert("L").save(odd / "gray.jpg")
+    rgb.convert("CMYK").save(odd / "cmyk.jpg")
+    rgb.save(odd / "plain.png")
+    rgb.convert("RGBA").save(odd / "alpha.png")
+    rgb.convert("P").save(odd / "palette.png")
+    (odd / "truncated.jpg").write_bytes((root / "class_000" / "img_000000.jpg").read_bytes()[:600])
+    (odd / "notes.jpg").write_text("not an image")
+    (odd / "empty.jpg").write_bytes(b"")
+    rgb.save(odd / "anim.gif")
+    return root
+
+
+BAD = ("truncated.jpg", "notes.jpg", "empty.jpg", "anim.gif")
+ODD = ("gray.jpg", "cmyk.jpg", "plain.png", "alpha.png", "palette.png")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_files_skipped_with_warning_naming_them(messy_dir, backend):
+    with pytest.warns(UserWarning, match="skipping 4 of 15 files") as rec:
+        loader = build_loader(messy_dir, 4, backend=backend, on_bad_file="skip", **SMALL)
+    msg = str(rec[0].message)
+    assert all(name in msg for name in BAD)
+    assert sorted(os.path.basename(f) for f, _ in loader.bad_files) == sorted(BAD)
+    names = {os.path.basename(f) for f in loader.files}
+    assert set(ODD) <= names and not set(BAD) & names
+    batches = _batches(loader)
+    for b in batches:
+        _check_batch(b, 4, "float32")
+    assert sorted(torch.cat([b["index"][b["valid"]] for b in batches]).tolist()) == list(range(11))
+
+
+def test_gray_and_cmyk_become_rgb(messy_dir):
+    for backend in ["reference"] + (["dali"] if dali_available() else []):
+        with pytest.warns(UserWarning):
+            loader = build_loader(messy_dir, 1, backend=backend, shuffle=False, output_dtype="uint8", **SMALL)
+        by_name = {os.path.basename(f): i for i, f in enumerate(loader.files)}
+        for b in loader:
+            name = os.path.basename(loader.files[int(b["index"][0])])
+            img = b["images"][0].int()  # [64, 64, 3]
+            assert img.shape == (64, 64, 3)
+            if name == "gray.jpg":  # saturation jitter keeps grey grey
+                assert (img.max(-1).values - img.min(-1).values).max() <= 2, backend
+            if name == "cmyk.jpg":
+                assert img.float().std() > 10, backend
+        assert {"gray.jpg", "cmyk.jpg"} <= set(by_name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_file_error_names_it(messy_dir, backend):
+    with pytest.raises(BadImageError, match=r"bad image file .*(truncated|notes|empty|anim)"):
+        build_loader(messy_dir, 4, backend=backend, on_bad_file="error", **SMALL)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_runtime_decode_failure_is_named(tmp_path, backend):
+    """With validation off, a truncated file is found when it is decoded: "error" names it, "skip" warns and
+    keeps the step count."""
+    make_synthetic(tmp_path, 8, classes=1, seed=4, size=(80, 60), gray_fraction=0, png_fraction=0)
+    victim = tmp_path / "class_000" / "img_000003.jpg"
+    victim.write_bytes(victim.read_bytes()[:700])
+    loader = build_loader(tmp_path, 4, backend=backend, validate=False, on_bad_file="error", **SMALL)
+    with pytest.raises(BadImageError, match="img_000003.jpg"):
+        _batches(loader)
+    loader = build_loader(tmp_path, 4, backend=backend, validate=False, on_bad_file="skip", **SMALL)
+    with pytest.warns(UserWarning, match="img_000003.jpg"):
+        batches = _batches(loader)
+    assert len(batches) == 2
+    seen = torch.cat([b["index"][b["valid"]] for b in batches]).tolist()
+    assert 3 not in seen and sorted(seen) == [0, 1, 2, 4, 5, 6, 7]
+    assert [os.path.basename(f) for f, _ in loader.bad_files] == ["img_000003.jpg"]
+    # Later epochs leave the file out up front: no second failure, no second warning.
+    loader.set_epoch(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        batches = _batches(loader)
+    seen = torch.cat([b["index"][b["valid"]] for b in batches]).tolist()
+    assert len(batches) == 2 and sorted(seen) == [0, 1, 2, 4, 5, 6, 7]
+
+
+def test_empty_missing_and_all_bad_sources(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        build_loader(tmp_path / "nowhere", 4, backend="reference", device="cpu")
+    (tmp_path / "empty" / "class_a").mkdir(parents=True)
+    with pytest.raises(ValueError, match="holds no files"):
+        build_loader(tmp_path / "empty", 4, backend="reference", device="cpu")
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "a.jpg").write_text("text")
+    with pytest.warns(UserWarning, match="a.jpg"), pytest.raises(ValueError, match="no decodable images"):
+        build_loader(junk, 4, backend="reference", device="cpu")
+    (tmp_path / "list.txt").write_text("# nothing\n")
+    with pytest.raises(ValueError, match="names no files"):
+        build_loader(tmp_path / "list.txt", 4, backend="reference", device="cpu")
+
+
+def test_bad_arguments_fail_before_work(data_dir):
+    for kw, match in [
+        (dict(output_dtype="int8"), "output_dtype"),
+        (dict(normalization="caffe"), "normalization"),
+        (dict(on_bad_file="ignore"), "on_bad_file"),
+        (dict(shard_id=3, num_shards=2), "shard_id"),
+        (dict(masking=dict(num_masking_patches=99, input_size=4)), "num_masking_patches"),
+        (dict(masking=dict(ratio=2)), "unknown masking"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            build_loader(data_dir, 4, backend="reference", device="cpu", **kw)
+    with pytest.raises(ValueError, match="device"):
+        build_loader(data_dir, 4, device="tpu")
+
+
+def test_sources_flat_folder_and_file_list(tmp_path, data_dir):
+    files = list_images(data_dir)
+    assert len(files) == 22 and files == sorted(files)
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for f in files[:5]:
+        (flat / os.path.basename(f)).write_bytes(open(f, "rb").read())
+    assert len(list_images(flat)) == 5
+    lst = tmp_path / "list.txt"
+    lst.write_text("# comment\n" + "\n".join(os.path.relpath(f, tmp_path) for f in files[:3]) + "\n")
+    assert [os.path.realpath(p) for p in list_images(lst)] == [os.path.realpath(f) for f in files[:3]]
+    loader = build_loader(lst, 2, backend="reference", **SMALL)
+    assert len(loader) == 2 and len(_batches(loader)) == 2
+    assert list_images(files[:4]) == files[:4]
+
+
+def test_imports_and_falls_back_without_dali(data_dir):
+    code = (
+        "import sys, warnings\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'nvidia' or name.startswith('nvidia.'): raise ImportError('blocked: ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import beit, beit.data\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        f"    loader = beit.data.build_loader({str(data_dir)!r}, 4, device='cpu', num_threads=1, image_size=32,"
+        " tokenizer_size=16)\n"
+        "assert type(loader).__name__ == 'ReferenceLoader' and any('DALI' in str(x.message) for x in w)\n"
+        "try:\n"
+        f"    beit.data.build_loader({str(data_dir)!r}, 4, device='gpu')\n"
+        "except ImportError as e:\n"
+        "    assert 'pip install nvidia-dali' in str(e); print('ok')\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
+
+
+def test_make_synthetic_cli(tmp_path, capsys):
+    assert main([str(tmp_path / "syn"), "--num-images", "30", "--classes", "3", "--seed", "0"]) == 0
+    files = list_images(tmp_path / "syn")
+    assert len(files) == 30
+    assert sorted(os.listdir(tmp_path / "syn")) == ["class_000", "class_001", "class_002"]
+    exts = {os.path.splitext(f)[1] for f in files}
+    assert exts == {".jpg", ".png"}
+    modes = {Image.open(f).mode for f in files}
+    assert modes == {"RGB", "L"}
+    sizes = [Image.open(f).size for f in files]
+    assert all(400 <= w <= 600 and 300 <= h <= 450 for w, h in sizes)
+    # Varied content: the images differ in their mean colour.
+    means = np.array([np.asarray(Image.open(f).convert("RGB"), dtype=np.float32).mean((0, 1)) for f in files[:10]])
+    assert means.std(0).min() > 5
+    assert "wrote 30 images" in capsys.readouterr().out
+
+
+def test_shards_default_to_torch_distributed(data_dir, monkeypatch):
+    dist = torch.distributed
+    monkeypatch.setattr(dist, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda: 2)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 3)
+    loader = build_loader(data_dir, 4, backend="reference", **SMALL)
+    assert (loader.shard_id, loader.num_shards) == (2, 3) and len(loader) == 2
+    expected = epoch_order(22, 4, epoch=0, seed=0, shard_id=2, num_shards=3)[0]
+    assert torch.equal(torch.cat([b["index"] for b in _batches(loader)]), torch.from_numpy(expected))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_output_does_not_depend_on_thread_count(data_dir, backend):
+    one = _batches(build_loader(data_dir, 8, backend=backend, **{**SMALL, "num_threads": 1}))
+    two = _batches(build_loader(data_dir, 8, backend=backend, **SMALL))
+    for a, b in zip(one, two):
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+
+
+@needs_dali
+@pytest.mark.gpu
+@pytest.mark.parametrize("output_dtype", ["float32", "bfloat16", "uint8"])
+def test_gpu_pipeline_matches_cpu_pipeline(data_dir, output_dtype):
+    """device="gpu": nvJPEG decode and GPU operators. Same seeds, so the same files, crops, flips, factors and
+    masks as the CPU pipeline; pixels agree up to decoder and resampling differences."""
+    kw = {**SMALL, "output_dtype": output_dtype}
+    gpu = _batches(build_loader(data_dir, 8, **{**kw, "device": "gpu"}))
+    cpu = _batches(build_loader(data_dir, 8, **kw))
+    assert len(gpu) == len(cpu) == 3
+    for g, c in zip(gpu, cpu):
+        assert all(v.is_cuda for v in g.values())
+        g = {k: v.cpu() for k, v in g.items()}
+        _check_batch(g, 8, output_dtype)
+        for k in ("index", "valid", "bool_masked_pos", "mask_index"):
+            assert torch.equal(g[k], c[k]), k
+        unit = 1 if output_dtype == "uint8" else 1 / (255 * min(IMAGENET_STD))
+        assert (g["images"].float() - c["images"].float()).abs().mean() < 3 * unit
+        assert (g["tokenizer_images"] - c["tokenizer_images"]).abs().mean() < 3 * 0.8 / 255
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_iter_from_resumes_mid_epoch_without_repeating_or_skipping(data_dir, backend):
+    loader = build_loader(data_dir, 4, backend=backend, seed=3, **SMALL)
+    loader.set_epoch(1)
+    full = _batches(loader)
+    tail = [{k: v.clone() for k, v in b.items()} for b in loader.iter_from(2)]
+    assert len(tail) == len(full) - 2
+    for a, b in zip(full[2:], tail):
+        assert torch.equal(a["index"], b["index"]) and torch.equal(a["valid"], b["valid"])
+        if backend == "reference":  # per-sample seeds: the very same batches
+            for key in ("images", "tokenizer_images", "bool_masked_pos", "mask_index"):
+                assert torch.equal(a[key], b[key]), key
+    assert list(loader.iter_from(len(loader))) == []
+    with pytest.raises(ValueError, match="outside"):
+        loader.iter_from(len(loader) + 1)
