@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from beit.data import random_resized_crop_box
 from beit.tokenizer.common import VisualTokenizer, as_path, check_images, map_pixels, patchify, sniff_weights_file
 
 FORMAT = "beit-kmeans-tokenizer"
@@ -259,45 +260,21 @@ class KMeansTokenizer(VisualTokenizer):
 
 
 def list_images(root: str | os.PathLike) -> list[Path]:
+    """The images under a folder tree (or named by a file list), by extension: beit.data's listing, which also
+    keeps other files so its validation can report them, less the files that are not images."""
+    from beit.data import list_images as list_files
+
     root = as_path(root)
-    if not root.is_dir():
+    if not root.exists():
         raise FileNotFoundError(f"--data {root} is not a folder; expected a folder (tree) of images")
-    paths = [
-        Path(dirpath) / name
-        for dirpath, _, names in os.walk(root, followlinks=True)
-        for name in names
-        if name.lower().endswith(IMAGE_EXTENSIONS)
-    ]
+    try:
+        files = list_files(root)
+    except ValueError:  # an empty folder or list: reported below in this command's words
+        files = []
+    paths = [Path(p) for p in files if p.lower().endswith(IMAGE_EXTENSIONS)]
     if not paths:
         raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
-    return sorted(paths)
-
-
-def random_resized_box(
-    width: int, height: int, rng: np.random.Generator, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)
-) -> tuple[int, int, int, int]:
-    """(left, top, right, bottom) of a random crop: area fraction ~ U(scale), log aspect ~ U(log ratio), ten tries,
-    then the largest centred crop with the aspect clamped into ``ratio`` (BEiT's RandomResizedCrop)."""
-    area = width * height
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target = area * rng.uniform(*scale)
-        aspect = math.exp(rng.uniform(*log_ratio))
-        w = round(math.sqrt(target * aspect))
-        h = round(math.sqrt(target / aspect))
-        if 0 < w <= width and 0 < h <= height:
-            left = int(rng.integers(0, width - w + 1))
-            top = int(rng.integers(0, height - h + 1))
-            return left, top, left + w, top + h
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        w, h = width, round(width / ratio[0])
-    elif in_ratio > ratio[1]:
-        w, h = round(height * ratio[1]), height
-    else:
-        w, h = width, height
-    left, top = (width - w) // 2, (height - h) // 2
-    return left, top, left + w, top + h
+    return paths
 
 
 class ImageViews(torch.utils.data.Dataset):
@@ -320,7 +297,8 @@ class ImageViews(torch.utils.data.Dataset):
             raise ValueError(f"cannot read image {path}: {e}") from None
         # The epoch offset keeps the initialisation draws (epoch -1) apart from the training ones.
         rng = np.random.default_rng([self.seed, self.epoch + 1, i])
-        box = random_resized_box(im.width, im.height, rng)
+        top, left, h, w = random_resized_crop_box(im.width, im.height, rng)  # BEiT's RandomResizedCrop
+        box = (left, top, left + w, top + h)
         im = im.resize((self.size, self.size), Image.Resampling.LANCZOS, box=box)
         if rng.random() < 0.5:
             im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
