@@ -54,6 +54,7 @@ setup(
         "safetensors>=0.4",
         "tqdm>=4.60",
         "pillow>=9",
+        "pyyaml>=5",
     ],
     extras_require={
         "dali": DALI,
@@ -63,6 +64,9 @@ setup(
     entry_points={
         "console_scripts": [
             "beit-env=beit.env:main",
+            "beit-pretrain=beit.train:main",
+            "beit-export=beit.export:main",
+            "beit-linprobe=beit.linprobe:main",
             "beit-tokenizer=beit.tokenizer:main",
             "beit-make-synthetic=beit.data:main",
         ],

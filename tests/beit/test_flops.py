@@ -1,0 +1,22 @@
+"""FLOP counts against the published and independently derived figures (../shared/reference/perf_anchors.md)."""
+
+import pytest
+
+from beit.flops import dalle_encoder_macs, encoder_macs_per_image, peak_flops, train_flops_per_image
+from beit.model import BeitConfig
+
+
+def test_beit_base_macs_match_timm_and_the_derivation():
+    cfg = BeitConfig()
+    assert encoder_macs_per_image(cfg, 0) / 1e9 == pytest.approx(17.56, abs=0.01)  # timm's 17.58 GMAC, no head
+    assert encoder_macs_per_image(cfg, 75) / 1e9 == pytest.approx(18.03, abs=0.01)  # + the MIM head on 75 rows
+    assert train_flops_per_image(cfg, 75) / 1e9 == pytest.approx(108.2, abs=0.1)
+
+
+def test_dalle_encoder_macs():
+    assert dalle_encoder_macs(112) / 1e9 == pytest.approx(26.06, abs=0.01)
+    assert dalle_encoder_macs(224) == pytest.approx(4 * dalle_encoder_macs(112))
+
+
+def test_no_peak_on_cpu():
+    assert peak_flops("cpu") is None

@@ -1,0 +1,235 @@
+"""The trainer on CPU: loss falls, bitwise resume, 2-process torchrun on gloo, faults, bad input, export."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from beit.data import make_synthetic
+from beit.tokenizer.kmeans import KMeansTokenizer
+from beit.train import TrainingError, list_checkpoints, load_checkpoint, main, save_checkpoint
+
+NUM_IMAGES = 40
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_assets")
+    make_synthetic(root / "data", num_images=NUM_IMAGES, classes=2, seed=0, size=(96, 72))
+    g = torch.Generator().manual_seed(0)
+    codebook = torch.rand(16, 3 * 8 * 8, generator=g) * 0.8 + 0.1  # map_pixels range
+    tok = root / "tok.safetensors"
+    KMeansTokenizer(codebook, patch_size=8, input_size=32).save(tok)
+    return root / "data", f"kmeans:{tok}"
+
+
+def common(assets, out, *extra):
+    data, tok = assets
+    return [
+        "--data", str(data), "--tokenizer", tok, "--output-dir", str(out),
+        "--model", "beit_tiny_patch16_224", "--depth", "2", "--image-size", "64",
+        "--batch-size", "6", "--num-mask-patches", "6", "--min-mask-patches", "2",
+        "--loader", "reference", "--num-workers", "0", "--device", "cpu", "--precision", "fp32",
+        "--no-progress", "--log-interval", "5", "--lr", "1e-3", "--warmup-steps", "2", "--drop-path", "0.1",
+        *extra,
+    ]  # fmt: skip
+
+
+def log_lines(out):
+    return [json.loads(x) for x in (Path(out) / "log.jsonl").read_text().splitlines()]
+
+
+def test_twenty_steps_lower_the_loss(assets, tmp_path):
+    assert main(common(assets, tmp_path, "--steps", "20")) == 0
+    logs = log_lines(tmp_path)
+    assert [m["step"] for m in logs] == [5, 10, 15, 20]
+    assert logs[-1]["loss"] < logs[0]["loss"]
+    assert all(m["nonfinite_steps"] == 0 for m in logs)
+    assert (tmp_path / "args.yaml").is_file()
+    ckpt = load_checkpoint(list_checkpoints(tmp_path)[-1])
+    assert ckpt["step"] == 20 and ckpt["args"]["steps"] == 20
+
+
+def test_interrupted_and_resumed_run_is_bitwise_identical(assets, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(common(assets, a, "--steps", "20")) == 0
+    # 40 images in batches of 6: 7 batches an epoch, so step 10 is in the middle of the second epoch.
+    assert main(common(assets, b, "--steps", "20", "--inject-sigint", "10")) == 130
+    mid = load_checkpoint(list_checkpoints(b)[-1])
+    assert (mid["step"], mid["epoch"], mid["batch_in_epoch"]) == (10, 1, 3)
+    assert main(common(assets, b, "--steps", "20")) == 0
+    sa = load_checkpoint(list_checkpoints(a)[-1])["model"]
+    sb = load_checkpoint(list_checkpoints(b)[-1])["model"]
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def test_torchrun_two_processes_on_gloo(assets, tmp_path):
+    worker = tmp_path / "worker.py"
+    worker.write_text(
+        textwrap.dedent(
+            """
+            import os, sys, torch
+            from beit.train import parse_args, train
+            args = parse_args(sys.argv[1:])
+            res = train(args, record_samples=True)
+            torch.save({"state": res["model"].state_dict(), "samples": res["samples"]},
+                       os.path.join(args.output_dir, f"rank{os.environ['RANK']}.pt"))
+            """
+        )
+    )
+    out = tmp_path / "ddp"
+    # 40 images, batch 6, 2 ranks: 4 steps an epoch; 8 steps are two whole epochs.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker)]
+    cmd += common(assets, out, "--steps", "8", "--log-interval", "4")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (torch.load(out / f"rank{r}.pt") for r in (0, 1))
+    for k, v in r0["state"].items():
+        assert torch.equal(v, r1["state"][k]), k
+    for epoch in (0, 1):
+        s0, s1 = r0["samples"][epoch], r1["samples"][epoch]
+        assert not set(s0) & set(s1)
+        assert sorted(s0 + s1) == list(range(NUM_IMAGES))  # every sample once per epoch across the ranks
+
+
+def test_an_injected_nonfinite_loss_is_skipped_and_counted(assets, tmp_path):
+    assert main(common(assets, tmp_path, "--steps", "10", "--inject-nonfinite", "3")) == 0
+    logs = log_lines(tmp_path)
+    assert sum(m["nonfinite_steps"] for m in logs) == 1
+    state = load_checkpoint(list_checkpoints(tmp_path)[-1])["model"]
+    assert all(torch.isfinite(v).all() for v in state.values())
+
+
+def test_too_many_nonfinite_steps_stop_the_run(assets, tmp_path, capsys):
+    args = common(assets, tmp_path, "--steps", "20", "--ckpt-interval", "2", "--log-interval", "1")
+    args += ["--max-nonfinite", "3", "--inject-nonfinite", *map(str, range(4, 20))]
+    assert main(args) == 2
+    assert "non-finite steps in a row" in capsys.readouterr().err
+    kept = list_checkpoints(tmp_path)
+    assert kept and load_checkpoint(kept[-1])["step"] <= 6
+    for path in kept:
+        assert all(torch.isfinite(v).all() for v in load_checkpoint(path)["model"].values())
+
+
+def _digest(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def test_bad_input_gives_a_clear_error_and_loses_nothing(assets, tmp_path, capsys):
+    data, tok = assets
+    base = common(assets, tmp_path / "run", "--steps", "2")
+    assert main(base) == 0
+    saved = list_checkpoints(tmp_path / "run")[-1]
+    before = _digest(saved)
+
+    def fails(args, message):
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert message in err, err
+
+    missing = list(base)
+    missing[missing.index(str(data))] = str(tmp_path / "nope")
+    fails(missing + ["--output-dir", str(tmp_path / "x")], "--data")
+    (tmp_path / "empty").mkdir()
+    empty = list(base)
+    empty[empty.index(str(data))] = str(tmp_path / "empty")
+    fails(empty + ["--output-dir", str(tmp_path / "y")], "--data")
+    html = tmp_path / "tok.safetensors"
+    html.write_text("<!DOCTYPE html><html>not found</html>")
+    bad_tok = list(base)
+    bad_tok[bad_tok.index(tok)] = f"kmeans:{html}"
+    fails(bad_tok + ["--output-dir", str(tmp_path / "z")], "--tokenizer")
+    fails(base + ["--depth", "3", "--steps", "4"], "does not fit this model")  # incompatible checkpoint
+    fails(base + ["--global-batch-size", "7", "--accum-steps", "2"], "does not divide")
+    with pytest.raises(SystemExit) as e:
+        main(base + ["--precision", "fp8"])
+    assert e.value.code == 2
+    assert _digest(saved) == before and list_checkpoints(tmp_path / "run")[-1] == saved
+
+
+def test_checkpoints_are_atomic_and_only_the_newest_are_kept(tmp_path):
+    for step in (1, 2, 3, 4):
+        save_checkpoint({"step": step, "w": torch.ones(3) * step}, tmp_path, step, keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-00000003.pth", "checkpoint-00000004.pth"]
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    with pytest.raises(TrainingError, match="lacks"):
+        load_checkpoint(list_checkpoints(tmp_path)[-1])
+    (tmp_path / "junk.pth").write_text("not a checkpoint")
+    with pytest.raises(TrainingError, match="not a readable training checkpoint"):
+        load_checkpoint(tmp_path / "junk.pth")
+
+
+def test_export_writes_loadable_layouts(assets, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from beit.export import main as export_main
+    from beit.export import model_from_checkpoint
+
+    assert main(common(assets, tmp_path / "run", "--steps", "2")) == 0
+    ckpt = list_checkpoints(tmp_path / "run")[-1]
+    assert export_main([str(ckpt), str(tmp_path / "out")]) == 0
+    model = model_from_checkpoint(ckpt).eval()
+    x = torch.randn(2, 3, 64, 64)
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[:, ::3] = True
+    with torch.no_grad():
+        ours = model(x, mask)
+        hf = transformers.BeitForMaskedImageModeling.from_pretrained(str(tmp_path / "out" / "hf")).eval()
+        theirs = hf(pixel_values=x, bool_masked_pos=mask).logits[mask]
+    assert (ours - theirs).abs().max() < 1e-4
+    import beit
+
+    again = beit.create_model("beit_tiny_patch16_224", depth=2, img_size=64, vocab_size=16)
+    assert not beit.load_pretrained(again, tmp_path / "out" / "beit_unilm.pth").missing_keys
+    assert not beit.load_pretrained(again, tmp_path / "out" / "model.safetensors").missing_keys
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(tmp_path):
+    """The README's main job: synthetic data, a fitted k-means tokenizer, a small BEiT; MIM accuracy well above
+    the majority-token baseline; the outputs a user looks at; the linear probe runs on the result."""
+    from beit.data import build_loader
+    from beit.export import model_from_checkpoint
+    from beit.linprobe import main as linprobe_main
+    from beit.tokenizer import load_tokenizer
+
+    out = tmp_path / "demo"
+    assert main(["--demo", "--output-dir", str(out), "--no-progress"]) == 0
+    logs = log_lines(out)
+    assert logs[-1]["step"] == 300 and logs[-1]["loss"] < logs[0]["loss"]
+    # Chance: always predicting the most frequent token of the masked patches.
+    tok = load_tokenizer(f"kmeans:{out / 'demo_tokenizer.safetensors'}")
+    loader = build_loader(
+        out / "demo_data",
+        32,
+        device="cpu",
+        backend="reference",
+        num_threads=1,
+        image_size=96,
+        tokenizer_size=48,
+        masking=dict(input_size=6, num_masking_patches=14, min_num_patches=4),
+    )
+    counts = torch.zeros(tok.vocab_size)
+    for batch in loader:
+        tokens = tok.get_codebook_indices(batch["tokenizer_images"])
+        counts += torch.bincount(tokens[batch["bool_masked_pos"]], minlength=tok.vocab_size)
+    majority = (counts.max() / counts.sum()).item()
+    assert logs[-1]["mim_acc"] > 2 * majority, (logs[-1]["mim_acc"], majority)
+    ckpt = list_checkpoints(out)[-1]
+    assert load_checkpoint(ckpt)["step"] == 300
+    try:
+        import matplotlib  # noqa: F401
+
+        assert (out / "curves.png").is_file()
+    except ImportError:
+        pass
+    model = model_from_checkpoint(ckpt)
+    assert model.config.depth == 4 and model.config.img_size == 96
+    assert linprobe_main([str(ckpt), "--data", str(out / "demo_data")]) == 0
