@@ -6,8 +6,11 @@ decorated with ``triton.jit`` read it when they are defined), so this runs befor
 """
 
 import os
+import sys
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tests/_testutil.py
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -5,10 +5,9 @@ bf16 in the `gpu` tests. Low-precision results must be within twice plain PyTorc
 (plus a tiny epsilon) of the float64 reference.
 """
 
-import os
-
 import pytest
 import torch
+from _testutil import compile_for_gpu
 
 import beit_kernels
 from beit_kernels import reference
@@ -318,9 +317,4 @@ print("compiled")
 
 @pytest.mark.slow
 def test_kernels_compile_for_sm80_and_sm90():
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
+    compile_for_gpu(COMPILE_SCRIPT)
