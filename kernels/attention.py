@@ -51,6 +51,39 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    # a is cast to b's dtype (P and dS are fp32 tiles); fp32 inputs take IEEE products, not TF32, so fp32 results
+    # match PyTorch's fp32 math.
+    if IEEE:
+        c = tl.dot(a.to(b.dtype), b, input_precision="ieee")
+    else:
+        c = tl.dot(a.to(b.dtype), b)
+    return c
+
+
+@triton.jit
+def _load_rows(base, offs, stride, offs_d, mask_rows, D):
+    """A [rows, BLOCK_D] tile of a [N, D] matrix with row stride ``stride``; rows and columns past the end are 0."""
+    return tl.load(base + offs[:, None] * stride + offs_d[None, :], mask=mask_rows[:, None] & (offs_d < D)[None, :],
+                   other=0.0)  # fmt: skip
+
+
+@triton.jit
+def _scores(q, k, bias_base, offs_m, offs_n, mask_m, mask_n, stride_bm, stride_bn, qk_scale,
+            HAS_BIAS: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+    """Base-2 logits of a [BLOCK_M, BLOCK_N] tile: (scale * q @ k^T + bias) * log2(e)."""
+    s = _dot(q, tl.trans(k), IEEE) * qk_scale
+    if HAS_BIAS:
+        bias = tl.load(
+            bias_base + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn,
+            mask=mask_m[:, None] & mask_n[None, :],
+            other=0.0,
+        )
+        s += bias.to(tl.float32) * 1.4426950408889634
+    return s
+
+
+@triton.jit
 def _attn_fwd_kernel(
     Q, K, V, BIAS, O, LSE,  #
     stride_qb, stride_qh, stride_qn,  #
@@ -69,12 +102,7 @@ def _attn_fwd_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < N
-    mask_d = offs_d < D
-    q = tl.load(
-        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
-        mask=mask_m[:, None] & mask_d[None, :],
-        other=0.0,
-    )
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qn, offs_d, mask_m, D)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
     bias_base = BIAS + b * stride_bb + h * stride_bh
@@ -86,39 +114,21 @@ def _attn_fwd_kernel(
     for start_n in range(0, N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
-        k = tl.load(
-            k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0
-        )
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = s * qk_scale
-        if HAS_BIAS:
-            bias = tl.load(
-                bias_base + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn,
-                mask=mask_m[:, None] & mask_n[None, :],
-                other=0.0,
-            )
-            s += bias.to(tl.float32) * 1.4426950408889634
+        k = _load_rows(k_base, offs_n, stride_kn, offs_d, mask_n, D)
+        s = _scores(q, k, bias_base, offs_m, offs_n, mask_m, mask_n, stride_bm, stride_bn, qk_scale, HAS_BIAS, IEEE)
         s = tl.where(mask_n[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(
-            v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0
-        )
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        v = _load_rows(v_base, offs_n, stride_vn, offs_d, mask_n, D)
+        acc = acc * alpha[:, None] + _dot(p, v, IEEE)
         m_i = m_new
     acc = acc / l_i[:, None]
     tl.store(
         O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
         acc.to(O.dtype.element_ty),
-        mask=mask_m[:, None] & mask_d[None, :],
+        mask=mask_m[:, None] & (offs_d < D)[None, :],
     )
     tl.store(LSE + pid_bh * N + offs_m, m_i + tl.log2(l_i), mask=mask_m)
 
@@ -144,16 +154,9 @@ def _attn_bwd_dq_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < N
-    mask_md = mask_m[:, None] & (offs_d < D)[None, :]
-    q = tl.load(
-        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :], mask=mask_md, other=0.0
-    )
-    do = tl.load(
-        DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :], mask=mask_md, other=0.0
-    )
-    o = tl.load(
-        O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :], mask=mask_md, other=0.0
-    )
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qn, offs_d, mask_m, D)
+    do = _load_rows(DO + b * stride_dob + h * stride_doh, offs_m, stride_don, offs_d, mask_m, D)
+    o = _load_rows(O + b * stride_ob + h * stride_oh, offs_m, stride_on, offs_d, mask_m, D)
     # Delta = rowsum(dO * O): computed here, where dO and O are loaded anyway, and stored for the dk/dv kernel.
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     tl.store(DELTA + pid_bh * N + offs_m, delta, mask=mask_m)
@@ -166,37 +169,17 @@ def _attn_bwd_dq_kernel(
     for start_n in range(0, N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
-        mask_nd = mask_n[:, None] & (offs_d < D)[None, :]
-        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=mask_nd, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=mask_nd, other=0.0)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = s * qk_scale
-        if HAS_BIAS:
-            bias = tl.load(
-                bias_base + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn,
-                mask=mask_m[:, None] & mask_n[None, :],
-                other=0.0,
-            )
-            s += bias.to(tl.float32) * 1.4426950408889634
+        k = _load_rows(k_base, offs_n, stride_kn, offs_d, mask_n, D)
+        v = _load_rows(v_base, offs_n, stride_vn, offs_d, mask_n, D)
+        s = _scores(q, k, bias_base, offs_m, offs_n, mask_m, mask_n, stride_bm, stride_bn, qk_scale, HAS_BIAS, IEEE)
         p = tl.exp2(s - lse[:, None])
         p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
-        if IEEE:
-            dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-        else:
-            dp = tl.dot(do, tl.trans(v))
-        ds = p * (dp - delta[:, None])
-        if IEEE:
-            dq += tl.dot(ds, k, input_precision="ieee")
-        else:
-            dq += tl.dot(ds.to(k.dtype), k)
-    dq = dq * sm_scale
+        ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])
+        dq += _dot(ds, k, IEEE)
     tl.store(
         DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :],
-        dq.to(DQ.dtype.element_ty),
-        mask=mask_md,
+        (dq * sm_scale).to(DQ.dtype.element_ty),
+        mask=mask_m[:, None] & (offs_d < D)[None, :],
     )
 
 
@@ -226,57 +209,26 @@ def _attn_bwd_dkdv_kernel(
     b_end = tl.minimum(b_start + batches_per_group, B)
     dbias_base = DBIAS + g * stride_dbg + h * stride_dbh
     for b in range(b_start, b_end):
-        k = tl.load(
-            K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :], mask=mask_nd, other=0.0
-        )
-        v = tl.load(
-            V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :], mask=mask_nd, other=0.0
-        )
+        k = _load_rows(K + b * stride_kb + h * stride_kh, offs_n, stride_kn, offs_d, mask_n, D)
+        v = _load_rows(V + b * stride_vb + h * stride_vh, offs_n, stride_vn, offs_d, mask_n, D)
+        bias_base = BIAS + b * stride_bb + h * stride_bh
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         row = (b * H + h) * N
         for start_m in range(0, N, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             mask_m = offs_m < N
-            mask_md = mask_m[:, None] & (offs_d < D)[None, :]
-            q = tl.load(
-                Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
-                mask=mask_md,
-                other=0.0,
-            )
-            do = tl.load(
-                DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :],
-                mask=mask_md,
-                other=0.0,
-            )
+            q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qn, offs_d, mask_m, D)
+            do = _load_rows(DO + b * stride_dob + h * stride_doh, offs_m, stride_don, offs_d, mask_m, D)
             lse = tl.load(LSE + row + offs_m, mask=mask_m, other=0.0)
             delta = tl.load(DELTA + row + offs_m, mask=mask_m, other=0.0)
-            if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))
-            s = s * qk_scale
+            s = _scores(q, k, bias_base, offs_m, offs_n, mask_m, mask_n, stride_bm, stride_bn, qk_scale, HAS_BIAS,
+                        IEEE)  # fmt: skip
             mask_mn = mask_m[:, None] & mask_n[None, :]
-            if HAS_BIAS:
-                bias = tl.load(
-                    BIAS + b * stride_bb + h * stride_bh + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn,
-                    mask=mask_mn,
-                    other=0.0,
-                )
-                s += bias.to(tl.float32) * 1.4426950408889634
-            p = tl.exp2(s - lse[:, None])
-            p = tl.where(mask_mn, p, 0.0)  # [BLOCK_M, BLOCK_N]
-            if IEEE:
-                dv += tl.dot(tl.trans(p), do, input_precision="ieee")
-                dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-            else:
-                dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-                dp = tl.dot(do, tl.trans(v))
-            ds = p * (dp - delta[:, None])
-            if IEEE:
-                dk += tl.dot(tl.trans(ds), q, input_precision="ieee")
-            else:
-                dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+            p = tl.where(mask_mn, tl.exp2(s - lse[:, None]), 0.0)  # [BLOCK_M, BLOCK_N]
+            dv += _dot(tl.trans(p), do, IEEE)
+            ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])
+            dk += _dot(tl.trans(ds), q, IEEE)
             if BIAS_GRAD:
                 # This program alone owns these columns of group g's partial gradient, so a plain
                 # read-add-write is race-free; the barrier orders it against the next batch's read of the same
