@@ -41,3 +41,18 @@ def test_harness_row_and_table():
     ms = harness.time_fn(lambda: sum(range(1000)), device="cpu", rep_ms=5)
     assert 0 < ms[1] <= ms[0] <= ms[2]
     assert harness.peak_memory_mb(lambda: None, device="cpu") is None
+
+
+def test_train_throughput_quick_run(tmp_path):
+    import train_throughput
+
+    out = tmp_path / "train.json"
+    rows = train_throughput.main(["--quick", "--impls", "ref,sdpa,triton", "--tokenizer", "none", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(rows))
+    errors = [r for r in rows if r["metric"] == "error"]
+    assert not errors, errors
+    for impl in ("ref", "sdpa", "triton"):
+        ips = [r for r in rows if r["provider"] == impl and r["metric"] == "throughput"]
+        assert len(ips) == 1 and ips[0]["p50"] > 0
+        phases = {r["metric"] for r in rows if r["provider"] == impl}
+        assert {"forward_time", "backward_time", "optimizer_time"} <= phases

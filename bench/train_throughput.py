@@ -1,0 +1,241 @@
+"""The BEiT pretraining step, end to end, on synthetic device-resident data: images per second per implementation.
+
+One step is what ``beit-pretrain`` runs: the tokenizer on the 112 px view (no_grad), the model's MIM loss on the
+224 px view, backward, gradient clipping, a fused AdamW step. Data are generated once on the device (images,
+tokenizer views, official blockwise masks and their padded index), so the loader is not measured. Each
+implementation runs in this process on this device, so their ratios are like for like.
+
+Implementations:
+    ref             the official code path: explicit softmax attention, Conv2d patch embedding, boolean gather,
+                    Linear plus CrossEntropy; the DALL-E tokenizer in fp16 (the official module's own cast)
+    sdpa            F.scaled_dot_product_attention with the bias as attn_mask, padded static-shape head
+    compile         torch.compile of the sdpa path (what a user would pick instead)
+    triton          our kernels: patch embedding, attention with the bias gradient, gather + LayerNorm, linear CE
+    triton+compile  the triton path under torch.compile (our ops are opaque custom ops: no graph break)
+Every implementation other than ref runs the tokenizer in bf16 with channels_last.
+
+Reported per implementation, with and without the tokenizer: ms per step by phase (tokenizer, forward, backward,
+optimizer; CUDA events), images per second, peak memory, and MFU with the model's and the tokenizer's FLOPs counted
+separately (beit.flops; peak from the device name). ``--max-batch`` also searches the largest batch that fits.
+
+    python bench/train_throughput.py --out results/train.json                 # GPU: BEiT-B/16, batch 256, bf16
+    python bench/train_throughput.py --quick                                  # CPU smoke run of the harness
+
+The DALL-E tokenizer has random weights here (its real weights are a download): its cost does not depend on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU smoke runs: Triton's interpreter
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import harness  # noqa: E402
+
+import beit  # noqa: E402
+from beit.flops import dalle_encoder_macs, peak_flops, train_flops_per_image  # noqa: E402
+from beit.masking import MaskingGenerator, generate_masks  # noqa: E402
+from beit.optim import parameter_groups  # noqa: E402
+
+IMPLS = ("ref", "sdpa", "compile", "triton", "triton+compile")
+
+
+class Step(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images, bool_masked_pos, mask_index, tokens):
+        return self.model.forward_mim_loss(images, bool_masked_pos, mask_index, tokens)
+
+
+def make_tokenizer(kind: str, size: int, device, precision: str, quick: bool):
+    if kind == "none":
+        return None
+    from beit.tokenizer.dalle import DalleEncoder
+
+    enc = DalleEncoder(n_hid=64 if quick else 256, vocab_size=512 if quick else 8192).to(device)
+    enc.configure(precision=precision, channels_last=device.type == "cuda")
+    return enc
+
+
+def make_data(batch: int, image_size: int, grid: int, num_mask: int, min_mask: int, device):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    images = torch.randn(batch, 3, image_size, image_size, generator=g).to(device)
+    tok_images = (torch.rand(batch, 3, image_size // 2, image_size // 2, generator=g) * 0.8 + 0.1).to(device)
+    gen = MaskingGenerator(grid, num_mask, min_mask, rng=0)
+    bool_masked_pos, mask_index = generate_masks(gen, batch, device=device)
+    return images, tok_images, bool_masked_pos, mask_index
+
+
+def run_impl(impl: str, args, device, env) -> list[dict]:
+    quick = args.quick
+    model_impl = {"compile": "sdpa", "triton+compile": "triton"}.get(impl, impl)
+    overrides = dict(img_size=args.image_size, impl=model_impl, drop_path_rate=0.1)
+    if quick:
+        overrides.update(depth=2, vocab_size=512)
+    model = beit.create_model(args.model, **overrides).to(device)
+    step_mod = Step(model)
+    if impl.endswith("compile"):
+        step_mod = torch.compile(step_mod)
+    groups = parameter_groups(model, 0.05)
+    for g in groups:
+        g.pop("param_names")
+    opt = torch.optim.AdamW(groups, lr=1e-4, fused=device.type == "cuda")
+    grid = args.image_size // 16
+    num_mask = max(1, round(75 / 196 * grid * grid))
+    data = make_data(args.batch, args.image_size, grid, num_mask, min(16, num_mask), device)
+    images, tok_images, bool_masked_pos, mask_index = data
+    amp_dtype = torch.bfloat16 if device.type == "cuda" else None
+    tokenizer = make_tokenizer(args.tokenizer, args.image_size // 2, device,
+                               "fp16" if impl == "ref" and device.type == "cuda" else
+                               ("bf16" if device.type == "cuda" else "fp32"), quick)  # fmt: skip
+    vocab = model.config.vocab_size
+    fixed_tokens = torch.randint(0, vocab, (args.batch, grid * grid), device=device)
+
+    def timer():
+        if device.type == "cuda":
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def elapsed(a, b):
+        if device.type == "cuda":
+            return a.elapsed_time(b)
+        return (b - a) * 1e3
+
+    def one_step(with_tokenizer: bool):
+        t0 = timer()
+        if with_tokenizer and tokenizer is not None:
+            with torch.no_grad():
+                tokens = tokenizer.get_codebook_indices(tok_images).flatten(1) % vocab
+        else:
+            tokens = fixed_tokens
+        t1 = timer()
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss, correct, valid = step_mod(images, bool_masked_pos, mask_index, tokens)
+        t2 = timer()
+        loss.backward()
+        t3 = timer()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0, foreach=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        t4 = timer()
+        return t0, t1, t2, t3, t4
+
+    rows = []
+    shape = dict(model=args.model, B=args.batch, image=args.image_size, masked=num_mask)
+    for with_tok in [True, False] if tokenizer is not None else [False]:
+        mode = "with tokenizer" if with_tok else "model only"
+        for _ in range(args.warmup):
+            one_step(with_tok)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        phases = []
+        wall0 = time.perf_counter()
+        for _ in range(args.steps):
+            phases.append(one_step(with_tok))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        wall = (time.perf_counter() - wall0) * 1e3 / args.steps
+        per = {
+            name: sum(elapsed(p[i], p[i + 1]) for p in phases) / len(phases)
+            for i, name in enumerate(("tokenizer", "forward", "backward", "optimizer"))
+        }
+        ips = args.batch / (wall / 1e3)
+        common = dict(shape=shape, dtype="bfloat16" if amp_dtype else "float32", env=env)
+        rows.append(harness.row("train_step", impl, mode, "time", "ms", wall, **common))
+        rows.append(harness.row("train_step", impl, mode, "throughput", "images/s", ips, **common))
+        for name, ms in per.items():
+            rows.append(harness.row("train_step", impl, mode, f"{name}_time", "ms", ms, **common))
+        if device.type == "cuda":
+            mem = torch.cuda.max_memory_allocated() / 2**20
+            rows.append(harness.row("train_step", impl, mode, "peak_memory", "MiB", mem, **common))
+        peak = peak_flops(device)
+        if peak is not None:
+            model_flops = train_flops_per_image(model.config, num_mask)
+            rows.append(harness.row("train_step", impl, mode, "mfu_model", "", ips * model_flops / peak, **common))
+            if with_tok:
+                tok_flops = 2 * dalle_encoder_macs(args.image_size // 2)
+                rows.append(harness.row("train_step", impl, mode, "mfu_with_tokenizer", "",
+                                        ips * (model_flops + tok_flops) / peak, **common))  # fmt: skip
+    if args.max_batch and device.type == "cuda":
+        rows.append(harness.row("train_step", impl, "model only", "max_batch", "images",
+                                largest_batch(impl, args, device), shape=shape, dtype="bfloat16", env=env))  # fmt: skip
+    return rows
+
+
+def largest_batch(impl: str, args, device) -> int:
+    """The largest batch (a multiple of 32) whose training step fits in memory, by doubling then bisection."""
+
+    def fits(b: int) -> bool:
+        sub = argparse.Namespace(**dict(vars(args), batch=b, steps=1, warmup=1, max_batch=False, tokenizer="none"))
+        try:
+            run_impl(impl, sub, device, {})
+            return True
+        except torch.OutOfMemoryError:
+            return False
+        finally:
+            torch.cuda.empty_cache()
+
+    lo, hi = 0, 32
+    while fits(hi) and hi < 8192:
+        lo, hi = hi, hi * 2
+    while hi - lo > 32:
+        mid = (lo + hi) // 2 // 32 * 32
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="beit_base_patch16_224")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--impls", default=",".join(IMPLS))
+    p.add_argument("--tokenizer", default="dalle", choices=("dalle", "none"))
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--max-batch", action="store_true", help="also search the largest batch per implementation")
+    p.add_argument("--quick", action="store_true", help="tiny model and shapes: a CPU smoke run")
+    p.add_argument("--out", help="write the rows as JSON here")
+    args = p.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.quick or device.type == "cpu":
+        args.quick = True
+        args.model, args.batch, args.image_size = "beit_tiny_patch16_224", 2, 64
+        args.steps, args.warmup = min(args.steps, 2), 1
+    impls = args.impls.split(",")
+    unknown = [i for i in impls if i not in IMPLS]
+    if unknown:
+        p.error(f"unknown implementation(s) {unknown}: choose from {', '.join(IMPLS)}")
+    env = harness.env_info(device)
+    rows = []
+    for impl in impls:
+        try:
+            rows += run_impl(impl, args, device, env)  # its model and optimizer are freed on return
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        except Exception as e:  # one implementation failing must not hide the others' numbers
+            rows.append(harness.row("train_step", impl, "-", "error", "", None, shape={}, dtype=None, env=env,
+                                    note=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"))  # fmt: skip
+        if args.out:
+            harness.write_rows(rows, args.out)
+    print(f"# train step on {env['device']}, torch {env['torch']}, triton {env['triton']}, commit {env['git_sha']}")
+    shown = [r for r in rows if r["metric"] in ("throughput", "time", "peak_memory", "error", "max_batch")]
+    print(harness.format_table(shown, ("provider", "mode", "metric", "p50", "unit", "note")))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
