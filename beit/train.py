@@ -411,6 +411,41 @@ class Metrics:
         return out, int(consecutive.item())
 
 
+def forward_backward(step_module, tokenizer, batch: dict, device, amp, scaler, scale: float, inject_nan=False):
+    """One micro-batch: the tokenizer's labels under no_grad, the MIM loss under autocast, the scaled backward.
+    Returns (loss, num_correct, num_masked) as device tensors: nothing here waits for the host."""
+    images = batch["images"].to(device, non_blocking=True)
+    tok_images = batch["tokenizer_images"].to(device, non_blocking=True)
+    bool_masked_pos = batch["bool_masked_pos"].to(device, non_blocking=True)
+    mask_index = batch["mask_index"].to(device, non_blocking=True)
+    with torch.no_grad():
+        tokens = tokenizer.get_codebook_indices(tok_images).flatten(1)  # [B, N]
+    with amp:
+        loss, correct, valid = step_module(images, bool_masked_pos, mask_index, tokens)
+    if inject_nan:  # fault injection (tests)
+        loss = loss * float("nan")
+    scaler.scale(loss * scale).backward()
+    return loss.detach(), correct, valid
+
+
+def optimizer_step(optimizer, scaler, clip_grad: float, precision: str) -> torch.Tensor:
+    """Unscale, clip, step, update, zero: the fused AdamW takes the scaler's found-inf flag and skips itself on a
+    non-finite gradient, on the device. Returns the gradient norm before clipping (a device tensor)."""
+    scaler.unscale_(optimizer)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if clip_grad > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad, foreach=True)
+    else:
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    scaler.step(optimizer)
+    if precision == "fp16":
+        scaler.update()
+    else:
+        scaler.update(1.0)  # bf16/fp32: the scaler only carries the found-inf flag
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
 def train(args: argparse.Namespace, record_samples: bool = False) -> dict:
     """Run (or resume) a pretraining run; returns the final step, metrics, history and the model. With
     ``record_samples`` the result also lists, per epoch, the data-set indices of the samples this rank saw."""
@@ -575,6 +610,7 @@ def train(args: argparse.Namespace, record_samples: bool = False) -> dict:
     images_since_log = 0
     last_metrics: dict = {}
     seen: dict[int, list[int]] = {}
+    acc: tuple = ()
     try:
         while step < total_steps and not interrupted["flag"]:
             loader.set_epoch(epoch)
@@ -595,40 +631,26 @@ def train(args: argparse.Namespace, record_samples: bool = False) -> dict:
                     signal.raise_signal(signal.SIGINT)
                     if interrupted["flag"]:
                         break
-                images = batch["images"].to(d.device, non_blocking=True)
-                tok_images = batch["tokenizer_images"].to(d.device, non_blocking=True)
-                bool_masked_pos = batch["bool_masked_pos"].to(d.device, non_blocking=True)
-                mask_index = batch["mask_index"].to(d.device, non_blocking=True)
-                with torch.no_grad():
-                    tokens = tokenizer.get_codebook_indices(tok_images).flatten(1)  # [B, N]
                 last_micro = micro == args.accum_steps - 1
                 sync = contextlib.nullcontext() if (last_micro or not d.enabled) else step_module.no_sync()
                 with sync:
-                    with amp:
-                        loss, correct, valid = step_module(images, bool_masked_pos, mask_index, tokens)
-                    if step in args.inject_nonfinite:
-                        loss = loss * float("nan")
-                    scaler.scale(loss / args.accum_steps).backward()
+                    out = forward_backward(
+                        step_module, tokenizer, batch, d.device, amp, scaler, 1.0 / args.accum_steps,
+                        inject_nan=step in args.inject_nonfinite,
+                    )  # fmt: skip
+                # (loss, correct, masked) summed over the micro-batches of this optimizer step, on the device.
+                acc = out if micro == 0 else tuple(a + b for a, b in zip(acc, out))
                 micro += 1
                 batch_in_epoch += 1
-                images_since_log += images.shape[0]
+                images_since_log += batch["images"].shape[0]
                 if not last_micro:
                     continue
                 micro = 0
-                scaler.unscale_(optimizer)
-                params = [p for g in optimizer.param_groups for p in g["params"]]
-                if args.clip_grad > 0:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip_grad, foreach=True)
-                else:
-                    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-                nonfinite = ~(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))
-                scaler.step(optimizer)
-                if precision == "fp16":
-                    scaler.update()
-                else:
-                    scaler.update(1.0)  # bf16/fp32: the scaler only carries the found-inf flag
-                optimizer.zero_grad(set_to_none=True)
-                metrics.add(loss.detach().float(), correct, valid, grad_norm.float(), nonfinite)
+                grad_norm = optimizer_step(optimizer, scaler, args.clip_grad, precision)
+                loss_sum, correct, valid = acc
+                loss = loss_sum / args.accum_steps
+                nonfinite = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
+                metrics.add(loss.float(), correct, valid, grad_norm.float(), nonfinite)
                 step += 1
                 if bar is not None:
                     bar.update(1)

@@ -233,3 +233,53 @@ def test_demo_end_to_end(tmp_path):
     model = model_from_checkpoint(ckpt)
     assert model.config.depth == 4 and model.config.img_size == 96
     assert linprobe_main([str(ckpt), "--data", str(out / "demo_data")]) == 0
+
+
+def test_gradient_accumulation_runs_and_counts_every_micro_batch(assets, tmp_path):
+    assert main(common(assets, tmp_path, "--steps", "4", "--accum-steps", "2", "--batch-size", "3",
+                       "--log-interval", "2")) == 0  # fmt: skip
+    logs = log_lines(tmp_path)
+    assert [m["step"] for m in logs] == [2, 4]
+    ckpt = load_checkpoint(list_checkpoints(tmp_path)[-1])
+    # 4 steps of 2 micro-batches of 3 images: 8 batches consumed; 40 images in batches of 3 is 14 an epoch.
+    assert (ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]) == (4, 0, 8)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["triton", "sdpa"])
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_gpu_training_step_never_syncs(assets, impl, precision):
+    """forward_backward + optimizer_step, as the trainer runs them, under set_sync_debug_mode("error")."""
+    import beit
+    from beit.data import build_loader
+    from beit.optim import parameter_groups
+    from beit.tokenizer import load_tokenizer
+    from beit.train import MIMStep, forward_backward, optimizer_step
+
+    data, tok = assets
+    device = torch.device("cuda")
+    model = beit.create_model("beit_tiny_patch16_224", depth=2, img_size=64, vocab_size=16, impl=impl).to(device)
+    step_module = MIMStep(model)
+    groups = parameter_groups(model, 0.05)
+    for g in groups:
+        g.pop("param_names")
+    opt = torch.optim.AdamW(groups, lr=1e-3, fused=True)
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0**16 if precision == "fp16" else 1.0)
+    tokenizer = load_tokenizer(tok, device=device, check_range=False)
+    masking = dict(input_size=4, num_masking_patches=6, min_num_patches=2)
+    loader = build_loader(data, 6, device="cpu", backend="reference", num_threads=1, image_size=64,
+                          tokenizer_size=32, masking=masking)  # fmt: skip
+    batches = [{k: v.to(device) for k, v in b.items()} for b, _ in zip(loader, range(3))]
+    amp = torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+    forward_backward(step_module, tokenizer, batches[0], device, amp, scaler, 1.0)  # warm-up: compile, allocate
+    optimizer_step(opt, scaler, 3.0, precision)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for b in batches[1:]:
+            loss, correct, valid = forward_backward(step_module, tokenizer, b, device, amp, scaler, 1.0)
+            grad_norm = optimizer_step(opt, scaler, 3.0, precision)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert torch.isfinite(loss) and torch.isfinite(grad_norm) and valid > 0
