@@ -39,6 +39,9 @@ stage bench_fused_ops 60 python bench/bench_fused_ops.py --no-compile --out "$OU
 stage bench_tokenizer 30 python bench/bench_tokenizer.py --out "$OUT/bench_tokenizer.json"
 stage train_throughput 150 python bench/train_throughput.py --steps 6 --warmup 2 --out "$OUT/train_throughput.json"
 
+# The chart (matplotlib is on the device image); its failure must not hide the table.
+python bench/plot.py "$OUT"/bench_*.json "$OUT"/train_throughput.json --out "$OUT/results.png" || true
+
 echo
 echo "=== summary"
 python bench/summarize.py "$OUT"/bench_*.json "$OUT"/train_throughput.json | tee "$OUT/summary.md"
