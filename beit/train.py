@@ -193,8 +193,9 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     for name in ("batch_size", "accum_steps", "log_interval", "keep_ckpts", "max_nonfinite", "image_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.image_size % 32 != 0:
-        parser.error(f"--image-size must be a multiple of 32 (patch 16, tokenizer stride 8), got {args.image_size}")
+    if args.image_size % 16 != 0:
+        # Patch 16 on the model view; the tokenizer view (half) then has stride-8 tokens on the same grid.
+        parser.error(f"--image-size must be a multiple of 16, got {args.image_size}")
     if args.epochs < 1 and args.steps < 1:
         parser.error("give --epochs or --steps (>= 1)")
     if not args.demo and (not args.data or not args.tokenizer):
@@ -308,19 +309,16 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision != "auto":
-        if precision in ("bf16", "fp16") and device.type == "cpu":
-            return precision if precision == "bf16" else _raise("fp16 autocast needs CUDA; use bf16 or fp32 on CPU")
-        if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise TrainingError("this GPU has no bf16 (V100 and older): use --precision fp16")
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"
-
-
-def _raise(msg: str):
-    raise TrainingError(msg)
+    """auto: bf16 where the GPU has it, fp16 (with loss scaling) on older GPUs, fp32 on CPU."""
+    if precision == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise TrainingError("fp16 autocast needs CUDA; use --precision bf16 or fp32 on CPU")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise TrainingError("this GPU has no bf16 (V100 and older): use --precision fp16")
+    return precision
 
 
 def resolve_loader(loader: str, device: torch.device) -> str:

@@ -283,3 +283,18 @@ def test_gpu_training_step_never_syncs(assets, impl, precision):
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
     assert torch.isfinite(loss) and torch.isfinite(grad_norm) and valid > 0
+
+
+def test_precision_and_argument_checks():
+    from beit.train import parse_args, resolve_precision
+
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
+    with pytest.raises(TrainingError, match="fp16 autocast needs CUDA"):
+        resolve_precision("fp16", cpu)
+    for bad in (["--image-size", "200"], ["--batch-size", "0"], ["--model", "vit_huge"]):
+        with pytest.raises(SystemExit):
+            parse_args(["--data", "d", "--tokenizer", "kmeans:t", *bad])
+    with pytest.raises(SystemExit):
+        parse_args([])  # neither --data/--tokenizer nor --demo
+    assert parse_args(["--data", "d", "--tokenizer", "kmeans:t", "--image-size", "208"]).image_size == 208
