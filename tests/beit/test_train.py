@@ -298,3 +298,15 @@ def test_precision_and_argument_checks():
     with pytest.raises(SystemExit):
         parse_args([])  # neither --data/--tokenizer nor --demo
     assert parse_args(["--data", "d", "--tokenizer", "kmeans:t", "--image-size", "208"]).image_size == 208
+
+
+def test_yaml_config_sets_defaults_and_the_command_line_wins(tmp_path):
+    from beit.train import parse_args
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("steps: 7\nlr: 0.002\nbatch-size: 16\ndata: d\ntokenizer: kmeans:t\n")
+    args = parse_args(["--config", str(cfg), "--lr", "0.003"])
+    assert (args.steps, args.lr, args.batch_size, args.data) == (7, 0.003, 16, "d")
+    (tmp_path / "bad.yaml").write_text("stepz: 7\n")
+    with pytest.raises(SystemExit):
+        parse_args(["--config", str(tmp_path / "bad.yaml")])
