@@ -63,7 +63,7 @@ def trunc_normal_(tensor: torch.Tensor, std: float = 0.02) -> torch.Tensor:
 
     The official wrapper cuts at plus or minus one std (a=-std, b=std), not timm's default of plus or minus 2.
     Sampled by the inverse CDF, as timm 0.3.2 (the official dependency) did: torch 2.13's ``nn.init.trunc_normal_``
-    rejection-samples and took 7 s to initialise BEiT-B on 2 CPU cores, against 0.5 s here.
+    rejection-samples: create_model("beit_base_patch16_224") took 8.0 s with it on 2 CPU cores, 0.8 s with this.
     """
     if tensor.is_meta:
         return tensor
