@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
 import torch.nn as nn
 
 
@@ -57,3 +58,14 @@ def cosine_scheduler(
     schedule = np.concatenate((warmup, decay))
     assert len(schedule) == total_steps
     return schedule
+
+
+def fused_adamw(
+    model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.999), eps: float = 1e-8
+) -> torch.optim.AdamW:
+    """AdamW over the official parameter groups, fused: its step takes a GradScaler's found-inf flag on the device,
+    so skipping a non-finite step needs no host sync (CUDA and, since torch 2.4, CPU)."""
+    groups = parameter_groups(model, weight_decay)
+    for g in groups:
+        del g["param_names"]  # names are for inspection; the optimizer needs only the tensors
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=True)

@@ -49,7 +49,7 @@ import torch.nn as nn
 
 import beit
 from beit.flops import dalle_encoder_macs, peak_flops, train_flops_per_image
-from beit.optim import cosine_scheduler, parameter_groups
+from beit.optim import cosine_scheduler, fused_adamw
 
 CKPT_RE = re.compile(r"checkpoint-(\d+)\.pth$")
 LOADERS = ("auto", "dali-gpu", "dali-cpu", "reference")
@@ -528,11 +528,7 @@ def train(args: argparse.Namespace, record_samples: bool = False) -> dict:
     if args.compile:
         step_module = torch.compile(step_module)
 
-    groups = parameter_groups(model, args.weight_decay)
-    for g in groups:
-        g.pop("param_names")
-    # The fused AdamW takes the GradScaler's found-inf flag on the device: a skipped step needs no host sync.
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=tuple(args.betas), eps=args.eps, fused=True)
+    optimizer = fused_adamw(model, args.lr, args.weight_decay, args.betas, args.eps)
     scaler = torch.amp.GradScaler(d.device.type, enabled=True, init_scale=2.0**16 if precision == "fp16" else 1.0)
     lr_schedule = cosine_scheduler(args.lr, args.min_lr, total_steps, warmup)
     wd_end = args.weight_decay if args.weight_decay_end is None else args.weight_decay_end

@@ -43,18 +43,10 @@ import harness  # noqa: E402
 import beit  # noqa: E402
 from beit.flops import dalle_encoder_macs, peak_flops, train_flops_per_image  # noqa: E402
 from beit.masking import MaskingGenerator, generate_masks  # noqa: E402
-from beit.optim import parameter_groups  # noqa: E402
+from beit.optim import fused_adamw  # noqa: E402
+from beit.train import MIMStep, optimizer_step  # noqa: E402
 
 IMPLS = ("ref", "sdpa", "compile", "triton", "triton+compile")
-
-
-class Step(torch.nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, images, bool_masked_pos, mask_index, tokens):
-        return self.model.forward_mim_loss(images, bool_masked_pos, mask_index, tokens)
 
 
 def make_tokenizer(kind: str, size: int, device, precision: str, quick: bool):
@@ -83,13 +75,13 @@ def run_impl(impl: str, args, device, env) -> list[dict]:
     if quick:
         overrides.update(depth=2, vocab_size=512)
     model = beit.create_model(args.model, **overrides).to(device)
-    step_mod = Step(model)
+    step_mod = MIMStep(model)
     if impl.endswith("compile"):
         step_mod = torch.compile(step_mod)
-    groups = parameter_groups(model, 0.05)
-    for g in groups:
-        g.pop("param_names")
-    opt = torch.optim.AdamW(groups, lr=1e-4, fused=device.type == "cuda")
+    # The trainer's optimizer and step: fused AdamW behind a GradScaler that only carries the found-inf flag.
+    opt = fused_adamw(model, 1e-4, 0.05)
+    scaler = torch.amp.GradScaler(device.type, init_scale=1.0)
+    precision = "bf16" if device.type == "cuda" else "fp32"
     grid = args.image_size // 16
     num_mask = max(1, round(75 / 196 * grid * grid))
     data = make_data(args.batch, args.image_size, grid, num_mask, min(16, num_mask), device)
@@ -124,11 +116,9 @@ def run_impl(impl: str, args, device, env) -> list[dict]:
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             loss, correct, valid = step_mod(images, bool_masked_pos, mask_index, tokens)
         t2 = timer()
-        loss.backward()
+        scaler.scale(loss).backward()
         t3 = timer()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0, foreach=True)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        optimizer_step(opt, scaler, 3.0, precision)
         t4 = timer()
         return t0, t1, t2, t3, t4
 

@@ -252,7 +252,7 @@ def test_gpu_training_step_never_syncs(assets, impl, precision):
     """forward_backward + optimizer_step, as the trainer runs them, under set_sync_debug_mode("error")."""
     import beit
     from beit.data import build_loader
-    from beit.optim import parameter_groups
+    from beit.optim import fused_adamw
     from beit.tokenizer import load_tokenizer
     from beit.train import MIMStep, forward_backward, optimizer_step
 
@@ -260,10 +260,7 @@ def test_gpu_training_step_never_syncs(assets, impl, precision):
     device = torch.device("cuda")
     model = beit.create_model("beit_tiny_patch16_224", depth=2, img_size=64, vocab_size=16, impl=impl).to(device)
     step_module = MIMStep(model)
-    groups = parameter_groups(model, 0.05)
-    for g in groups:
-        g.pop("param_names")
-    opt = torch.optim.AdamW(groups, lr=1e-3, fused=True)
+    opt = fused_adamw(model, 1e-3, 0.05)
     scaler = torch.amp.GradScaler("cuda", init_scale=2.0**16 if precision == "fp16" else 1.0)
     tokenizer = load_tokenizer(tok, device=device, check_range=False)
     masking = dict(input_size=4, num_masking_patches=6, min_num_patches=2)
