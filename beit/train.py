@@ -46,6 +46,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import yaml
 
 import beit
 from beit.flops import dalle_encoder_macs, peak_flops, train_flops_per_image
@@ -144,13 +145,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _read_yaml(path: str) -> dict:
     try:
-        import yaml
-    except ImportError as e:
-        raise TrainingError("--config needs PyYAML: pip install pyyaml") from e
-    try:
         with open(path) as f:
             cfg = yaml.safe_load(f) or {}
-    except OSError as e:
+    except (OSError, yaml.YAMLError) as e:
         raise TrainingError(f"cannot read the config file {path}: {e}") from e
     if not isinstance(cfg, dict):
         raise TrainingError(f"{path} must hold a mapping of option names to values")
@@ -729,13 +726,7 @@ def _jsonable(d: dict) -> dict:
 
 
 def _write_args(args, out_dir: Path) -> None:
-    data = _jsonable(vars(args))
-    try:
-        import yaml
-
-        (out_dir / "args.yaml").write_text(yaml.safe_dump(data, sort_keys=True))
-    except ImportError:
-        (out_dir / "args.json").write_text(json.dumps(data, indent=1, sort_keys=True))
+    (out_dir / "args.yaml").write_text(yaml.safe_dump(_jsonable(vars(args)), sort_keys=True))
 
 
 def _tokenizer_flops(tokenizer, size: int) -> float:
