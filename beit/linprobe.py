@@ -19,11 +19,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from beit.data import IMAGENET_MEAN, IMAGENET_STD
 from beit.export import model_from_checkpoint
 from beit.model import VisionTransformerForMaskedImageModeling
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
