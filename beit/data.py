@@ -931,14 +931,21 @@ def build_loader(
 # --------------------------------------------------------------------------------------------------------------
 
 
-def synthetic_image(rng: np.random.Generator, width: int = 500, height: int = 375):
+def synthetic_image(rng: np.random.Generator, width: int = 500, height: int = 375, axis: np.ndarray | None = None):
     """A procedurally generated PIL image: a gradient or noise texture background with random ellipses,
-    rectangles, polygons and lines in random colours, sometimes stripes and blur."""
+    rectangles, polygons and lines, sometimes stripes and blur. Colours are uniform in RGB, or with ``axis`` (an
+    RGB direction, largest component 1) mid-grey plus or minus a random 35-100 % of the way along it."""
     from PIL import Image, ImageDraw, ImageFilter
 
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     kind = rng.integers(3)
-    c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+
+    def colour():
+        if axis is None:
+            return rng.uniform(0, 255, 3)
+        return 127.5 + rng.choice((-1.0, 1.0)) * rng.uniform(0.35, 1.0) * 127.5 * axis
+
+    c0, c1 = colour(), colour()
     if kind == 0:  # linear gradient in a random direction
         angle = rng.uniform(0, 2 * np.pi)
         t = (np.cos(angle) * xx + np.sin(angle) * yy) / (width + height) + 0.5
@@ -953,7 +960,7 @@ def synthetic_image(rng: np.random.Generator, width: int = 500, height: int = 37
     img = Image.fromarray(bg.astype(np.uint8))
     draw = ImageDraw.Draw(img)
     for _ in range(rng.integers(3, 15)):
-        color = tuple(int(v) for v in rng.integers(0, 256, 3))
+        color = tuple(int(v) for v in np.clip(colour(), 0, 255))
         x0, y0 = rng.integers(-50, width), rng.integers(-50, height)
         x1, y1 = x0 + rng.integers(10, width // 2), y0 + rng.integers(10, height // 2)
         shape = rng.integers(4)
@@ -971,6 +978,15 @@ def synthetic_image(rng: np.random.Generator, width: int = 500, height: int = 37
     return img
 
 
+def class_colour_axes(classes: int) -> np.ndarray:
+    """[classes, 3] colour axes through mid-grey: achromatic, red-cyan, green-magenta, blue-yellow, then seeded
+    random directions. Each scaled so its largest component is 1."""
+    fixed = np.array([[1, 1, 1], [1, -1, -1], [-1, 1, -1], [-1, -1, 1]], dtype=np.float64)
+    extra = np.random.default_rng(12345).normal(size=(max(classes - 4, 0), 3))
+    axes = np.concatenate([fixed, extra])[:classes]
+    return axes / np.abs(axes).max(1, keepdims=True)
+
+
 def make_synthetic(
     out: str | os.PathLike,
     num_images: int,
@@ -983,18 +999,25 @@ def make_synthetic(
 ) -> list[str]:
     """Write ``num_images`` synthetic images into ``out/class_XXX/`` (an ImageFolder): JPEG at quality 75-95, a
     ``gray_fraction`` of grayscale ones and a ``png_fraction`` of PNGs; sizes vary by up to 20% around ``size``.
-    Deterministic for a seed. Returns the paths written."""
+    Deterministic for a seed. Returns the paths written.
+
+    Image n goes to class n % classes, whose colours all lie on that class's axis through mid-grey
+    (``class_colour_axes``), symmetric about it: every class has the same expected mean colour, so a linear
+    function of the mean pixel separates them poorly, while an encoder that knows which colours its patches hold
+    separates them well. That is the linear probe's test of the demo: what MIM on k-means tokens teaches, a random
+    encoder lacks (numbers in beit.linprobe)."""
     if num_images <= 0 or classes <= 0:
         raise ValueError(f"num_images and classes must be positive, got {num_images} and {classes}")
     out = Path(out)
     rng = np.random.default_rng(seed)
     paths = []
+    axes = class_colour_axes(classes)
     for c in range(classes):
         (out / f"class_{c:03d}").mkdir(parents=True, exist_ok=True)
     for n in range(num_images):
         w = int(size[0] * rng.uniform(0.8, 1.2))
         h = int(size[1] * rng.uniform(0.8, 1.2))
-        img = synthetic_image(rng, w, h)
+        img = synthetic_image(rng, w, h, axes[n % classes])
         if rng.random() < gray_fraction:
             img = img.convert("L")
         folder = out / f"class_{n % classes:03d}"

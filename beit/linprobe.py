@@ -3,10 +3,18 @@
 Features are the encoder's normalised patch tokens, average-pooled (``forward_features`` without masks), of images
 resized to the model's input size and normalised as in pretraining. A softmax regression is fitted on a seeded
 train split of a labelled image folder (one subfolder per class) and its accuracy is reported on the rest. Run it
-for the pretrained checkpoint and with ``--random-init`` for the same architecture untrained: the difference is
-what pretraining bought.
+for the pretrained checkpoint and with ``--random-init`` for the same architecture untrained, or with
+``--compare-random`` for both in one call: the difference is what pretraining bought.
 
-    beit-linprobe runs/demo/checkpoint-00000300.pth --data runs/demo/demo_data
+    beit-linprobe runs/demo/checkpoint-00000300.pth --data runs/demo/demo_data --compare-random
+
+On the demo data (``beit.data.make_synthetic``) each class draws its colours along its own axis through mid-grey,
+so all classes share one expected mean colour. A random encoder's average-pooled features are close to a linear
+function of the mean patch (layer scale 0.1 keeps its blocks near the identity), which cannot separate the classes;
+an encoder pretrained to predict the k-means tokens of masked patches knows which colours its patches hold, and
+the average of that is a bag of visual words, which separates them. Measured on 2 CPU cores after the demo's
+300 steps, seeds 0 and 1 of pretraining, three probe splits each: pretrained 0.75-0.85, random init 0.31-0.38,
+chance 0.25.
 """
 
 from __future__ import annotations
@@ -101,11 +109,30 @@ def probe_accuracy(model, data: str | Path, *, val_fraction: float = 0.3, seed: 
         pred = probe((feats[val] - probe.mu) / probe.sd).argmax(1)
     return {
         "accuracy": (pred == y[val]).float().mean().item(),
-        "chance": np.bincount(labels).max() / len(labels),
+        "chance": float(np.bincount(labels).max() / len(labels)),
         "num_train": len(train),
         "num_val": len(val),
         "classes": len(classes),
     }
+
+
+def random_like(model, seed: int = 0) -> VisionTransformerForMaskedImageModeling:
+    """The same architecture, freshly initialised from ``seed``."""
+    torch.manual_seed(seed)
+    return VisionTransformerForMaskedImageModeling(model.config)
+
+
+def probe_against_random(model, data: str | Path, *, val_fraction: float = 0.3, seed: int = 0, device="cpu") -> dict:
+    """Probe ``model`` and the same architecture freshly initialised (seeded) on the same split:
+    {"pretrained": result, "random_init": result}."""
+    pretrained = probe_accuracy(model, data, val_fraction=val_fraction, seed=seed, device=device)
+    random_init = probe_accuracy(random_like(model, seed), data, val_fraction=val_fraction, seed=seed, device=device)
+    return {"pretrained": pretrained, "random_init": random_init}
+
+
+def _report(kind: str, result: dict) -> str:
+    return (f"linear probe ({kind}): accuracy {result['accuracy']:.4f} on {result['num_val']} images, "
+            f"chance {result['chance']:.4f}, {result['classes']} classes")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,22 +140,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("checkpoint", help="a beit-pretrain checkpoint (or any checkpoint with --model)")
     p.add_argument("--data", required=True, help="labelled image folder: one subfolder per class")
     p.add_argument("--model", help="architecture, for checkpoints without model_config")
-    p.add_argument("--random-init", action="store_true", help="probe the same architecture, randomly initialised")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--random-init", action="store_true", help="probe the same architecture, randomly initialised")
+    g.add_argument("--compare-random", action="store_true", help="probe both the checkpoint and a random init")
     p.add_argument("--val-fraction", type=float, default=0.3)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     try:
         model = model_from_checkpoint(args.checkpoint, args.model, impl="ref")
-        if args.random_init:  # the same architecture, freshly initialised
-            torch.manual_seed(args.seed)
-            model = VisionTransformerForMaskedImageModeling(model.config)
+        if args.compare_random:
+            both = probe_against_random(model, args.data, val_fraction=args.val_fraction, seed=args.seed)
+            print(_report("pretrained", both["pretrained"]))
+            print(_report("random init", both["random_init"]))
+            gain = both["pretrained"]["accuracy"] - both["random_init"]["accuracy"]
+            print(f"pretraining gain: {gain:+.4f}")
+            return 0
+        if args.random_init:
+            model = random_like(model, args.seed)
         result = probe_accuracy(model, args.data, val_fraction=args.val_fraction, seed=args.seed)
     except (OSError, ValueError) as e:
         print(f"beit-linprobe: error: {e}", file=sys.stderr)
         return 2
-    kind = "random init" if args.random_init else "pretrained"
-    print(f"linear probe ({kind}): accuracy {result['accuracy']:.4f} on {result['num_val']} images, "
-          f"chance {result['chance']:.4f}, {result['classes']} classes")  # fmt: skip
+    print(_report("random init" if args.random_init else "pretrained", result))
     return 0
 
 

@@ -789,7 +789,24 @@ def main(argv: list[str] | None = None) -> int:
     if m:
         print(f"done: step {result['step']}, loss {m['loss']:.4f}, MIM accuracy {m['mim_acc']:.4f}, "
               f"checkpoint {result['checkpoint']}")  # fmt: skip
+    if args.demo and result["checkpoint"]:  # rank 0 only: others have no checkpoint path
+        demo_linear_probe(result["checkpoint"], args)
     return 0
+
+
+def demo_linear_probe(checkpoint: str, args: argparse.Namespace) -> dict:
+    """The demo's last word: a linear probe of the pretrained encoder against a random one on the demo classes
+    (see beit.linprobe for why pretraining wins there), written to linprobe.json and printed."""
+    from beit.export import model_from_checkpoint
+    from beit.linprobe import probe_against_random
+
+    both = probe_against_random(model_from_checkpoint(checkpoint, impl="ref"), args.data, seed=args.seed)
+    with open(Path(args.output_dir) / "linprobe.json", "w") as f:
+        json.dump(both, f, indent=1)
+    pre, rnd = both["pretrained"], both["random_init"]
+    print(f"linear probe on the demo classes: pretrained {pre['accuracy']:.3f}, random init {rnd['accuracy']:.3f}, "
+          f"chance {pre['chance']:.3f} ({pre['num_val']} held-out images)")  # fmt: skip
+    return both
 
 
 if __name__ == "__main__":

@@ -512,3 +512,23 @@ def test_iter_from_resumes_mid_epoch_without_repeating_or_skipping(data_dir, bac
     assert list(loader.iter_from(len(loader))) == []
     with pytest.raises(ValueError, match="outside"):
         loader.iter_from(len(loader) + 1)
+
+
+def test_synthetic_classes_share_a_mean_colour_and_differ_in_colour_axis(tmp_path):
+    """The linear probe's demo task: each class spreads its colours along its own axis through mid-grey, so the
+    class mean colours coincide (within sampling noise) while the principal colour axis tells the classes apart."""
+    from beit.data import class_colour_axes
+
+    classes = 4
+    make_synthetic(tmp_path, 48, classes=classes, seed=3, size=(64, 48), gray_fraction=0, png_fraction=1)
+    axes = class_colour_axes(classes)
+    means = []
+    for c in range(classes):
+        pix = np.concatenate([np.asarray(Image.open(f), dtype=np.float64).reshape(-1, 3)
+                              for f in list_images(tmp_path / f"class_{c:03d}")])  # fmt: skip
+        means.append(pix.mean(0))
+        _, _, vt = np.linalg.svd(pix - pix.mean(0), full_matrices=False)
+        cos = abs(vt[0] @ axes[c]) / np.linalg.norm(axes[c])
+        assert cos > 0.9, (c, vt[0], axes[c])
+    assert np.ptp(np.array(means), axis=0).max() < 40, means  # vs a spread of +-127 along each axis
+    assert len({tuple(a) for a in axes}) == classes
