@@ -288,7 +288,7 @@ def test_fallback_when_plugin_unavailable(data_dir, env, warned):
 def messy_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("messy")
     make_synthetic(root, 6, classes=2, seed=2, size=(80, 60), gray_fraction=0, png_fraction=0)
-    rgb = Image.open(next((root / "class_000").glob("*.jpg"))).convert("RGB")
+    rgb = Image.open(next((root / "class_001").glob("*.jpg"))).convert("RGB")  # red-cyan: colourful
     odd = root / "class_001"
     rgb.convert("L").save(odd / "gray.jpg")
     rgb.convert("CMYK").save(odd / "cmyk.jpg")
