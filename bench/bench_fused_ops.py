@@ -1,5 +1,5 @@
-"""The fused BEiT ops (patch embedding, masked gather with LayerNorm, linear cross-entropy) against the PyTorch chains
-they replace and ``torch.compile`` of those chains.
+"""The fused BEiT ops (patch embedding, masked gather with LayerNorm, linear cross-entropy, residual add with
+LayerNorm, bias with GELU) against the PyTorch chains they replace and ``torch.compile`` of those chains.
 
 Modes: ``fwd`` and ``fwd+bwd``. Metrics: milliseconds (p50, p20, p80), the peak memory one fwd+bwd adds on top of
 its inputs (MiB), and on CUDA the device-to-host synchronisations one fwd+bwd makes (``syncs``, counted with
@@ -10,11 +10,18 @@ training. All providers run in one process on one device, so their ratios are li
     python bench/bench_fused_ops.py --quick                          # CPU smoke run (Triton interpreter, fp32)
 
 Providers:
-    ours       beit_kernels.patch_embed / masked_gather / linear_cross_entropy
+    ours       beit_kernels.patch_embed / masked_gather / linear_cross_entropy / add_layer_norm / bias_gelu
     reference  the official chains: Conv2d, blend, cat, + pos_embed (with the normalisation for uint8 images);
                LayerNorm of all tokens then boolean indexing ``x[:, 1:][bool_masked_pos]``; Linear then
-               CrossEntropy on the full logits
+               CrossEntropy on the full logits; ``x + drop_path(gamma * branch)`` then LayerNorm (the glue of a
+               pre-norm block, B=256, N=197, D=768); GELU of fc1's output plus its bias (D=3072)
     compiled   torch.compile of the reference chain (default mode)
+
+The block glue runs as the model runs it under autocast: the residual stream x and the parameters in fp32, the
+branch (a Linear's output) in bf16, drop path with keep probability 0.9 (a fixed draw, so every provider does the
+same work). The reference's LayerNorm returns fp32 under autocast; ours writes y in bf16 (``y_dtype``), as the next
+Linear would cast it anyway (that cast is not timed for the reference). For bias_gelu, fc1's output is bf16 and
+its bias an fp32 parameter that the reference casts to bf16 first, as a Linear under autocast adds it.
 """
 
 from __future__ import annotations
@@ -63,6 +70,16 @@ def gather_chain(x, mask, ln_w, ln_b):
 
 def lce_chain(x, w, b, target):
     return F.cross_entropy(F.linear(x, w, b), target)
+
+
+def add_ln_chain(x, branch, gamma, w, b, keep, keep_prob):
+    """The official block glue: ``x + drop_path(gamma * branch)`` (keep [B, 1, 1] of 0/1 draws), then LayerNorm."""
+    h = x + (gamma * branch).div(keep_prob) * keep
+    return h, F.layer_norm(h, (h.shape[-1],), w, b, 1e-6)
+
+
+def bias_gelu_chain(x, bias):
+    return F.gelu(x + bias.to(x.dtype))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -211,13 +228,57 @@ def setup_linear_cross_entropy(M, D, V, device, autocast_dtype, compile_):
     return "linear_cross_entropy", providers, (x, w, b), lambda out: out.backward(), shape, dtype
 
 
+def setup_add_layer_norm(B, N, D, device, autocast_dtype, compile_, keep_prob=0.9):
+    g = torch.Generator().manual_seed(3)
+    act = autocast_dtype or torch.float32
+    x = torch.randn(B, N, D, generator=g).to(device).requires_grad_()  # the fp32 residual stream
+    branch = torch.randn(B, N, D, generator=g).to(device=device, dtype=act).requires_grad_()
+    gamma = torch.full((D,), 0.1, device=device, requires_grad=True)
+    w = torch.ones(D, device=device, requires_grad=True)
+    b = torch.zeros(D, device=device, requires_grad=True)
+    keep = (torch.rand(B, generator=g) < keep_prob).float().to(device)
+    scale = keep / keep_prob
+    keep = keep.view(B, 1, 1)
+    gh, gy = (torch.randn(B, N, D, generator=g).to(device) for _ in range(2))
+    providers = {
+        "ours": lambda: beit_kernels.add_layer_norm(x, branch, gamma, w, b, sample_scale=scale, y_dtype=autocast_dtype),
+        "reference": lambda: add_ln_chain(x, branch, gamma, w, b, keep, keep_prob),
+    }
+    compiled = maybe_compile(add_ln_chain, compile_)
+    if compiled is not None:
+        providers["compiled"] = lambda: compiled(x, branch, gamma, w, b, keep, keep_prob)
+    grad_fn = lambda out: torch.autograd.backward(out, (gh.to(out[0].dtype), gy.to(out[1].dtype)))
+    dtype = autocast_dtype or torch.float32
+    return "add_layer_norm", providers, (x, branch, gamma, w, b), grad_fn, dict(B=B, N=N, D=D), dtype
+
+
+def setup_bias_gelu(B, N, D, device, autocast_dtype, compile_):
+    g = torch.Generator().manual_seed(4)
+    act = autocast_dtype or torch.float32
+    x = torch.randn(B, N, D, generator=g).to(device=device, dtype=act).requires_grad_()  # fc1's output, no bias
+    bias = (torch.randn(D, generator=g) * 0.02).to(device).requires_grad_()
+    grad = torch.randn(B, N, D, generator=g).to(device)
+    providers = {
+        "ours": lambda: beit_kernels.bias_gelu(x, bias),
+        "reference": lambda: bias_gelu_chain(x, bias),
+    }
+    compiled = maybe_compile(bias_gelu_chain, compile_)
+    if compiled is not None:
+        providers["compiled"] = lambda: compiled(x, bias)
+    dtype = autocast_dtype or torch.float32
+    grad_fn = lambda out: out.backward(grad.to(out.dtype))
+    return "bias_gelu", providers, (x, bias), grad_fn, dict(B=B, N=N, D=D), dtype
+
+
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="write the rows as JSON here")
     parser.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke run, or a fast GPU check)")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
-    parser.add_argument("--ops", default="patch_embed,patch_embed_uint8,masked_gather,linear_cross_entropy")
+    parser.add_argument(
+        "--ops", default="patch_embed,patch_embed_uint8,masked_gather,linear_cross_entropy,add_layer_norm,bias_gelu"
+    )
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -239,6 +300,8 @@ def main(argv=None) -> list[dict]:
         "masked_gather": lambda: setup_masked_gather(B, N, K, D, device, autocast_dtype, compile_),
         "linear_cross_entropy": lambda: setup_linear_cross_entropy(B * K, D, V, device, autocast_dtype, compile_),
         "patch_embed_uint8": lambda: setup_patch_embed(B, img, p, D, device, autocast_dtype, compile_, True),
+        "add_layer_norm": lambda: setup_add_layer_norm(B, N + 1, D, device, autocast_dtype, compile_),
+        "bias_gelu": lambda: setup_bias_gelu(B, N + 1, 4 * D, device, autocast_dtype, compile_),
     }
     unknown = ops - set(cases)
     if unknown:

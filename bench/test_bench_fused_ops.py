@@ -1,9 +1,10 @@
 """pytest-benchmark suite for the fused ops: ``pytest bench/test_bench_fused_ops.py --benchmark-json=OUT.json``.
 
-On a GPU it runs BEiT-B shapes (B=256, 224 px, K=75, D=768, V=8192) under bf16 autocast, forward+backward, for
-our kernels and the reference chains of bench_fused_ops.py (torch.compile is left to that script); on CPU (Triton
-interpreter, fp32) tiny shapes, so the suite itself cannot rot. Each benchmark's ``extra_info`` records the device,
-versions, commit and shape, as the harness rows do.
+On a GPU it runs BEiT-B shapes (B=256, 224 px, K=75, D=768, V=8192; 197 tokens of width 768 for add_layer_norm
+and 3072 for bias_gelu) under bf16 autocast, forward+backward, for our kernels and the reference chains of
+bench_fused_ops.py (torch.compile is left to that script); on CPU (Triton interpreter, fp32) tiny shapes, so the
+suite itself cannot rot. Each benchmark's ``extra_info`` records the device, versions, commit and shape, as the
+harness rows do.
 """
 
 import os
@@ -29,6 +30,8 @@ SETUPS = {
     "patch_embed_uint8": lambda: bench_fused_ops.setup_patch_embed(B, IMG, P, D, DEVICE, AUTOCAST, False, True),
     "masked_gather": lambda: bench_fused_ops.setup_masked_gather(B, N, K, D, DEVICE, AUTOCAST, False),
     "linear_cross_entropy": lambda: bench_fused_ops.setup_linear_cross_entropy(B * K, D, V, DEVICE, AUTOCAST, False),
+    "add_layer_norm": lambda: bench_fused_ops.setup_add_layer_norm(B, N + 1, D, DEVICE, AUTOCAST, False),
+    "bias_gelu": lambda: bench_fused_ops.setup_bias_gelu(B, N + 1, 4 * D, DEVICE, AUTOCAST, False),
 }
 
 

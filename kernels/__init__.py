@@ -15,6 +15,8 @@ from beit_kernels.backend import (
 # Triton ships for Linux only; elsewhere the package still imports, with the reference path alone.
 if triton_available():
     from beit_kernels.attention import attention
+    from beit_kernels.bias_gelu import bias_gelu
+    from beit_kernels.layer_norm import add_layer_norm
     from beit_kernels.linear_cross_entropy import linear_cross_entropy
     from beit_kernels.masked_gather import masked_gather
     from beit_kernels.patch_embed import patch_embed
@@ -24,7 +26,9 @@ __version__ = "0.1.0"
 __all__ = [
     "__version__",
     "IMPLS",
+    "add_layer_norm",
     "attention",
+    "bias_gelu",
     "linear_cross_entropy",
     "masked_gather",
     "patch_embed",

@@ -126,3 +126,40 @@ def linear_cross_entropy(
         return loss
     num_correct = ((logits.argmax(dim=-1) == target) & valid).sum()
     return loss, num_correct, num_valid
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# add_layer_norm, bias_gelu (kernels/layer_norm.py, kernels/bias_gelu.py)
+
+
+def add_layer_norm(
+    x: torch.Tensor,
+    branch: torch.Tensor | None,
+    gamma: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    *,
+    eps: float = 1e-6,
+    sample_scale: torch.Tensor | None = None,
+    y_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``h = x + sample_scale[b] * gamma * branch`` in PyTorch's promoted dtype, cast to x's dtype; then
+    ``y = F.layer_norm(h)`` in fp32 (float64 stays float64), cast to ``y_dtype`` (default x's dtype). Returns
+    (h, y), h being x itself when branch is None."""
+    h = x
+    if branch is not None:
+        r = branch if gamma is None else gamma * branch
+        if sample_scale is not None:
+            r = r * sample_scale.view(-1, *([1] * (r.dim() - 1)))  # [B, 1, 1]: one scale per sample
+        h = (x + r).to(x.dtype)
+    compute = torch.float64 if h.dtype == torch.float64 else torch.float32
+    w = weight.to(compute) if weight is not None else None
+    b = bias.to(compute) if bias is not None else None
+    y = torch.nn.functional.layer_norm(h.to(compute), (h.shape[-1],), w, b, eps)
+    return h, y.to(y_dtype if y_dtype is not None else x.dtype)
+
+
+def bias_gelu(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Exact (erf) GELU of ``x + bias`` with PyTorch's type promotion, in x's dtype."""
+    z = x + bias if bias is not None else x
+    return torch.nn.functional.gelu(z).to(x.dtype)

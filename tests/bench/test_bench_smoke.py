@@ -33,6 +33,22 @@ def test_attention_bench_quick_run_writes_complete_rows(tmp_path):
     assert "| attention |" in table and "ours" in table
 
 
+def test_fused_ops_bench_quick_run_block_glue_rows(tmp_path):
+    """The add_layer_norm and bias_gelu rows (the other fused ops run in bench/test_bench_fused_ops.py)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("CPU smoke run needs the Triton interpreter")
+    import bench_fused_ops
+
+    out = tmp_path / "fused_ops.json"
+    rows = bench_fused_ops.main(["--quick", "--no-compile", "--ops", "add_layer_norm,bias_gelu", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(rows))
+    assert not [r for r in rows if r["metric"] == "error"]
+    timed = {(r["kernel"], r["provider"], r["mode"]) for r in rows if r["metric"] == "time"}
+    assert timed == {(k, p, m) for k in ("add_layer_norm", "bias_gelu") for p in ("ours", "reference")
+                     for m in ("fwd", "fwd+bwd")}  # fmt: skip
+    assert all(r["p50"] > 0 and r["shape"] and r["git_sha"] for r in rows)
+
+
 def test_harness_row_and_table():
     env = harness.env_info("cpu")
     r = harness.row("k", "p", "fwd", "time", "ms", (2.0, 1.0, 3.0), shape=dict(B=3), dtype="float32", env=env)
