@@ -17,7 +17,8 @@ Parameter names are those of the official checkpoints (``patch_embed.proj``, ``a
 The implementation is one switch per model, ``impl``:
     "ref"    the official code path: explicit softmax attention, Conv2d patch embedding, boolean gather, Linear head.
     "sdpa"   ``F.scaled_dot_product_attention`` with the relative position bias as ``attn_mask``.
-    "triton" our Triton kernels (``beit_kernels``); available once the kernels are installed.
+    "triton" our Triton kernels (``beit_kernels``); available once the kernels are installed. In
+             ``forward_mim_loss`` the blocks' glue is fused too (``BeitConfig.fused_glue``, on by default).
     "auto"   the fastest one available for the input's device.
 ``create_model(impl=None)`` reads the default from the environment variable ``BEIT_IMPL`` (else "auto"); an
 explicit keyword wins over the environment.
@@ -218,6 +219,9 @@ class BeitConfig:
     layer_norm_eps: float = 1e-6
     init_std: float = 0.02
     impl: str = "auto"
+    # With impl "triton": the blocks' glue (residual add, layer scale, drop path and the next LayerNorm; fc1's bias
+    # and GELU) in our fused kernels; False leaves it to PyTorch (or to torch.compile around our ops).
+    fused_glue: bool = True
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -408,6 +412,48 @@ class VisionTransformerForMaskedImageModeling(nn.Module):
             x = blk(x, rel_pos_bias=rel_pos_bias)
         return x
 
+    def _run_blocks_fused(self, x: torch.Tensor) -> torch.Tensor:
+        """``_run_blocks`` with the glue in fused kernels: each residual add (layer scale, drop path) is fused with
+        the LayerNorm that follows it, and fc1's bias with the GELU. The same math and the same random draws (drop
+        path: one uniform per sample and branch, in the official order) as ``Block.forward``."""
+        rel_pos_bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None
+        act = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
+        # The official residual stream is fp32 under autocast (the fp32 gamma promotes the first add); keep it so.
+        x = x.float() if act is not None else x
+        blocks = self.blocks
+        n1 = blocks[0].norm1
+        _, y = beit_kernels.add_layer_norm(x, None, None, n1.weight, n1.bias, eps=n1.eps, y_dtype=act)
+        h = x
+        for i, blk in enumerate(blocks):
+            a = blk.attn(y, rel_pos_bias=rel_pos_bias)
+            n2 = blk.norm2
+            scale = self._drop_scale(blk, a, blk.gamma_1)
+            h, y = beit_kernels.add_layer_norm(
+                h, a, blk.gamma_1, n2.weight, n2.bias, eps=n2.eps, sample_scale=scale, y_dtype=act
+            )
+            fc1, fc2 = blk.mlp.fc1, blk.mlp.fc2
+            m = blk.mlp.drop(fc2(beit_kernels.bias_gelu(torch.nn.functional.linear(y, fc1.weight), fc1.bias)))
+            scale = self._drop_scale(blk, m, blk.gamma_2)
+            if i + 1 < len(blocks):
+                n1 = blocks[i + 1].norm1
+                h, y = beit_kernels.add_layer_norm(
+                    h, m, blk.gamma_2, n1.weight, n1.bias, eps=n1.eps, sample_scale=scale, y_dtype=act
+                )
+            else:  # the final norm is applied to the masked rows only, by masked_gather
+                r = m if blk.gamma_2 is None else blk.gamma_2 * m
+                h = h + (r if scale is None else r * scale.view(-1, 1, 1))  # [B] -> [B, 1, 1]
+        return h
+
+    def _drop_scale(self, blk: Block, branch: torch.Tensor, gamma: torch.Tensor | None) -> torch.Tensor | None:
+        """Drop path as a per-sample scale [B] (0 or 1/keep_prob), drawn as ``drop_path`` draws it: one uniform per
+        sample in the dtype of ``gamma * branch``."""
+        p = getattr(blk.drop_path, "drop_prob", 0.0)
+        if p == 0.0 or not self.training:
+            return None
+        keep = 1 - p
+        dtype = branch.dtype if gamma is None else torch.promote_types(branch.dtype, gamma.dtype)
+        return (keep + torch.rand(branch.shape[0], dtype=dtype, device=branch.device)).floor_().div_(keep)
+
     def _check_mim_inputs(self, images, bool_masked_pos, mask_index, tokens):
         if bool_masked_pos is None:
             raise ValueError("forward_mim_loss needs bool_masked_pos")
@@ -470,7 +516,8 @@ class VisionTransformerForMaskedImageModeling(nn.Module):
                 cls_token=self.cls_token,
                 pos_embed=self.pos_embed,
             )  # [B, N+1, D]
-            x = self._run_blocks(self.pos_drop(x))
+            run = self._run_blocks_fused if self.config.fused_glue else self._run_blocks
+            x = run(self.pos_drop(x))
             feats = beit_kernels.masked_gather(x, rows, **norm)  # [B K, D]
             ops = beit_kernels
         else:
