@@ -38,11 +38,12 @@ broadcasts over heads but not over the batch gets a [B, H, N, N] fp32 partial gr
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from beit_kernels.backend import check_kernel_device, interpreting
 
 LOG2E = 1.4426950408889634
 
@@ -255,15 +256,11 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _block_config(kind: str, head_dim: int) -> dict:
     """Tile sizes. Not autotuned: the dk/dv kernel accumulates into its bias buffer, which autotuning's repeated
     launches would corrupt, and one fixed table keeps results reproducible. In the interpreter, large tiles mean
     fewer Python-level steps."""
-    if _interpreting():
+    if interpreting():
         return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1)
     big = head_dim > 64
     if kind == "fwd":
@@ -288,11 +285,7 @@ def _check_inputs(q, k, v, bias):
         raise TypeError(f"attention: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if q.device.type != "cuda" and not _interpreting():
-        raise ValueError(
-            f"attention: the Triton kernel needs a CUDA tensor (got {q.device}); on CPU use "
-            "beit_kernels.reference.attention, or set TRITON_INTERPRET=1 before importing triton (tests only)"
-        )
+    check_kernel_device("attention", q)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.stride(-1) != 1:
             raise ValueError(f"attention: {name}'s last dimension must be contiguous (stride 1), got {t.stride()}")

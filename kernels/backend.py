@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 
 import torch
 
@@ -30,6 +31,20 @@ def triton_matmul_ok(device: torch.device | str | None = None) -> bool:
         return False
     major, _ = torch.cuda.get_device_capability(device)
     return major >= 8
+
+
+def interpreting() -> bool:
+    """True when Triton runs in its CPU interpreter (``TRITON_INTERPRET=1``, read when triton is imported)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def check_kernel_device(op: str, t: torch.Tensor) -> None:
+    """Refuse a non-CUDA tensor for Triton kernel ``op`` unless the interpreter is on, pointing at the reference."""
+    if t.device.type != "cuda" and not interpreting():
+        raise ValueError(
+            f"{op}: the Triton kernel needs a CUDA tensor (got {t.device}); on CPU use beit_kernels.reference.{op}, "
+            "or set TRITON_INTERPRET=1 before importing triton (tests only)"
+        )
 
 
 IMPLS = ("auto", "ref", "sdpa", "triton")

@@ -28,11 +28,11 @@ Tiles are untimed (no GPU was available when this was written, 2026-11-26; see `
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from beit_kernels.backend import check_kernel_device
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -120,10 +120,6 @@ def _bias_gelu_bwd_kernel(
 
 # ----------------------------------------------------------------------------------------------------------------
 # Host launchers
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _tile(tile: tuple[int, int, int], D: int) -> tuple[int, int, int]:
@@ -219,11 +215,7 @@ def _check_inputs(x, bias):
         raise ValueError("bias_gelu: x must have at least one dimension ([..., D])")
     if x.dtype not in _DTYPES:
         raise TypeError(f"bias_gelu: x must be fp32, fp16 or bf16, got {x.dtype}")
-    if x.device.type != "cuda" and not _interpreting():
-        raise ValueError(
-            f"bias_gelu: the Triton kernel needs a CUDA tensor (got {x.device}); on CPU use "
-            "beit_kernels.reference.bias_gelu, or set TRITON_INTERPRET=1 before importing triton (tests only)"
-        )
+    check_kernel_device("bias_gelu", x)
     D = x.shape[-1]
     if D > 1 and x.stride(-1) != 1:
         raise ValueError(f"bias_gelu: x must have a unit stride on its last dimension, got {x.stride()}")

@@ -42,11 +42,11 @@ was available when this was written, 2026-11-26; see ``_tile``).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from beit_kernels.backend import check_kernel_device
 
 _MAX_D = 4096
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -211,10 +211,6 @@ def _add_ln_bwd_kernel(
 
 # ----------------------------------------------------------------------------------------------------------------
 # Host launchers
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _tile(D: int, backward: bool) -> tuple[int, int, int]:
@@ -404,11 +400,7 @@ def _check_inputs(x, branch, gamma, weight, bias, eps, sample_scale, y_dtype):
         raise ValueError(f"add_layer_norm: x must be [B, N, D], got shape {tuple(x.shape)}")
     if x.dtype not in _DTYPES:
         raise TypeError(f"add_layer_norm: x must be fp32, fp16 or bf16, got {x.dtype}")
-    if x.device.type != "cuda" and not _interpreting():
-        raise ValueError(
-            f"add_layer_norm: the Triton kernel needs a CUDA tensor (got {x.device}); on CPU use "
-            "beit_kernels.reference.add_layer_norm, or set TRITON_INTERPRET=1 before importing triton (tests only)"
-        )
+    check_kernel_device("add_layer_norm", x)
     B, N, D = x.shape
     if D > _MAX_D:
         raise ValueError(f"add_layer_norm: D={D} is wider than the {_MAX_D} features a row block holds")
