@@ -6,7 +6,8 @@ gradient clipping, an AdamW step, and per-step learning-rate and weight-decay sc
 the minimum). Unlike the official engine, a step never synchronises with the host: loss, MIM accuracy, gradient
 norm and the count of non-finite steps are accumulated on the device and read at log intervals only; a step whose
 loss or gradients are not finite is skipped on the device (the fused AdamW step takes the GradScaler's found-inf
-flag) and counted.
+flag) and counted. So the step can also be captured once in a CUDA graph and replayed, tokenizer included
+(``--cuda-graph``, one GPU: ``beit.graphs``).
 
 Defaults reproduce the paper's BEiT-B/16 recipe on ImageNet-1k: 800 epochs, 2048 images per step (128 per GPU on
 16 GPUs), lr 1.5e-3 (no batch-size scaling, as the official code), min lr 1e-5, 10 warm-up epochs, weight decay
@@ -76,6 +77,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--layer-scale", type=float, default=None, help="layer scale init (model default: 0.1, 1e-5 large)")
     g.add_argument("--impl", default="auto", choices=beit.IMPLS, help="attention/kernels implementation")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the model")
+    g.add_argument(
+        "--cuda-graph",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="capture the whole step (tokenizer, forward, backward, clipping, AdamW, metrics) in a CUDA graph after "
+        "3 eager steps and replay it: one GPU, --impl auto/sdpa/triton, not with --compile or torchrun",
+    )
     g = p.add_argument_group("data")
     g.add_argument("--data", help="image folder (ImageFolder or flat) or a text file list")
     g.add_argument("--tokenizer", help="visual tokenizer: dalle:PATH (encoder.pkl) or kmeans:PATH (.safetensors)")
@@ -199,6 +207,27 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error("--data and --tokenizer are required (or --demo)")
     if args.device not in ("auto", "cuda", "cpu") and not args.device.startswith("cuda:"):
         parser.error(f"--device must be auto, cuda, cuda:N or cpu, got {args.device!r}")
+    problem = _cuda_graph_problem(args, int(os.environ.get("WORLD_SIZE", "1")))
+    if problem:
+        parser.error(problem)
+
+
+def _cuda_graph_problem(args: argparse.Namespace, world_size: int) -> str | None:
+    """Why --cuda-graph cannot run with these options, or None. Checked when parsing, before any GPU work."""
+    if not args.cuda_graph:
+        return None
+    if args.impl == "ref":
+        return ("--cuda-graph cannot capture --impl ref: its boolean-mask gather has a data-dependent shape and "
+                "waits for the host; use --impl auto, sdpa or triton")  # fmt: skip
+    if args.compile:
+        return ("--cuda-graph and --compile do not combine: the graph captures the whole step itself (the CUDA "
+                "graphs of torch.compile mode='reduce-overhead' are not offered); drop one of them")  # fmt: skip
+    if world_size > 1:
+        return ("--cuda-graph runs on one GPU only: capturing DistributedDataParallel's all-reduce needs NCCL "
+                "set up for graph capture and a long DDP warm-up that this trainer does not do")  # fmt: skip
+    if args.device == "cpu" or not torch.cuda.is_available():
+        return "--cuda-graph needs a CUDA device: CUDA graphs capture GPU work, and this run would be on the CPU"
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -386,7 +415,8 @@ class Metrics:
             [finite_loss.double(), correct.double(), valid.double(), finite_norm.double(),
              torch.ones((), dtype=torch.float64, device=self.device), nonfinite.double()]
         )  # fmt: skip
-        self.consecutive_nonfinite = torch.where(nonfinite, self.consecutive_nonfinite + 1, 0)
+        # In place: a captured step (beit.graphs) updates this tensor by address on every replay.
+        self.consecutive_nonfinite.copy_(torch.where(nonfinite, self.consecutive_nonfinite + 1, 0))
 
     def read(self, d: Dist) -> tuple[dict, int]:
         sums = self.sums.clone()
@@ -406,26 +436,37 @@ class Metrics:
         return out, int(consecutive.item())
 
 
-def forward_backward(step_module, tokenizer, batch: dict, device, amp, scaler, scale: float, inject_nan=False):
+def forward_backward(
+    step_module, tokenizer, batch: dict, device, amp, scaler, scale: float, inject_nan=False, loss_factor=None
+):
     """One micro-batch: the tokenizer's labels under no_grad, the MIM loss under autocast, the scaled backward.
-    Returns (loss, num_correct, num_masked) as device tensors: nothing here waits for the host."""
+    Returns (loss, num_correct, num_masked) as device tensors: nothing here waits for the host.
+
+    ``tokenizer`` None: the batch carries its ``tokens`` (benchmarks without the tokenizer). ``loss_factor``: a
+    device scalar the loss is multiplied by, 1 or NaN, the fault injection of a captured step (set per replay)."""
     images = batch["images"].to(device, non_blocking=True)
-    tok_images = batch["tokenizer_images"].to(device, non_blocking=True)
     bool_masked_pos = batch["bool_masked_pos"].to(device, non_blocking=True)
     mask_index = batch["mask_index"].to(device, non_blocking=True)
-    with torch.no_grad():
-        tokens = tokenizer.get_codebook_indices(tok_images).flatten(1)  # [B, N]
+    if tokenizer is None:
+        tokens = batch["tokens"].to(device, non_blocking=True)
+    else:
+        tok_images = batch["tokenizer_images"].to(device, non_blocking=True)
+        with torch.no_grad():
+            tokens = tokenizer.get_codebook_indices(tok_images).flatten(1)  # [B, N]
     with amp:
         loss, correct, valid = step_module(images, bool_masked_pos, mask_index, tokens)
     if inject_nan:  # fault injection (tests)
         loss = loss * float("nan")
+    if loss_factor is not None:
+        loss = loss * loss_factor
     scaler.scale(loss * scale).backward()
     return loss.detach(), correct, valid
 
 
-def optimizer_step(optimizer, scaler, clip_grad: float, precision: str) -> torch.Tensor:
+def optimizer_step(optimizer, scaler, clip_grad: float, precision: str, zero_grad: bool = True) -> torch.Tensor:
     """Unscale, clip, step, update, zero: the fused AdamW takes the scaler's found-inf flag and skips itself on a
-    non-finite gradient, on the device. Returns the gradient norm before clipping (a device tensor)."""
+    non-finite gradient, on the device. Returns the gradient norm before clipping (a device tensor).
+    ``zero_grad=False`` leaves the gradients in place (a captured step keeps them in the graph's memory)."""
     scaler.unscale_(optimizer)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     if clip_grad > 0:
@@ -437,13 +478,24 @@ def optimizer_step(optimizer, scaler, clip_grad: float, precision: str) -> torch
         scaler.update()
     else:
         scaler.update(1.0)  # bf16/fp32: the scaler only carries the found-inf flag
-    optimizer.zero_grad(set_to_none=True)
+    if zero_grad:
+        optimizer.zero_grad(set_to_none=True)
     return grad_norm
 
 
+def record_step(metrics: Metrics, acc: tuple, grad_norm: torch.Tensor, accum_steps: int) -> None:
+    """Add an optimizer step to the device-side metrics: ``acc`` is (loss, correct, masked) summed over the
+    micro-batches; a step whose loss or gradient norm is not finite is counted, not averaged."""
+    loss_sum, correct, valid = acc
+    loss = loss_sum / accum_steps
+    nonfinite = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
+    metrics.add(loss.float(), correct, valid, grad_norm.float(), nonfinite)
+
+
 def train(args: argparse.Namespace, record_samples: bool = False) -> dict:
-    """Run (or resume) a pretraining run; returns the final step, metrics, history and the model. With
-    ``record_samples`` the result also lists, per epoch, the data-set indices of the samples this rank saw."""
+    """Run (or resume) a pretraining run; returns the final step, metrics, history and the model (and whether
+    --cuda-graph captured the step). With ``record_samples`` the result also lists, per epoch, the data-set indices
+    of the samples this rank saw."""
     d = init_distributed(args.device)
     if args.global_batch_size is not None:
         per = d.world_size * args.accum_steps
@@ -526,6 +578,8 @@ def train(args: argparse.Namespace, record_samples: bool = False) -> dict:
         step_module = torch.compile(step_module)
 
     optimizer = fused_adamw(model, args.lr, args.weight_decay, args.betas, args.eps)
+    # Fixed here, before a checkpoint replaces the group dicts: the groups the schedule decays.
+    decay_groups = [i for i, g in enumerate(optimizer.param_groups) if g["weight_decay"] > 0]
     scaler = torch.amp.GradScaler(d.device.type, enabled=True, init_scale=2.0**16 if precision == "fp16" else 1.0)
     lr_schedule = cosine_scheduler(args.lr, args.min_lr, total_steps, warmup)
     wd_end = args.weight_decay if args.weight_decay_end is None else args.weight_decay_end
@@ -556,6 +610,17 @@ def train(args: argparse.Namespace, record_samples: bool = False) -> dict:
         torch.autocast(d.device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
     )
     metrics = Metrics(d.device)
+    graph_step = None
+    if args.cuda_graph:
+        from beit.graphs import CudaGraphStep
+
+        # After the resume: the graph captures the optimizer's and the scaler's tensors by address.
+        graph_step = CudaGraphStep(
+            step_module, tokenizer, optimizer, scaler, metrics, amp=amp, precision=precision,
+            clip_grad=args.clip_grad, accum_steps=args.accum_steps, decay_groups=decay_groups,
+            scheduled_weight_decay=bool((wd_schedule != wd_schedule[0]).any()),
+            fault_injection=bool(args.inject_nonfinite),
+        )  # fmt: skip
     log_path = out_dir / "log.jsonl"
     history = []
     flops_img = train_flops_per_image(model.config, args.num_mask_patches)
@@ -573,7 +638,7 @@ def train(args: argparse.Namespace, record_samples: bool = False) -> dict:
             rngs = {str(r): s for r, s in enumerate(gathered)}
         return {
             "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer.state_dict() if graph_step is None else graph_step.optimizer_state_dict(),
             "scaler": scaler.state_dict(),
             "step": step,
             "epoch": epoch,
@@ -612,10 +677,11 @@ def train(args: argparse.Namespace, record_samples: bool = False) -> dict:
                 if micro == 0 and (step >= total_steps or interrupted["flag"]):
                     break
                 lr = float(lr_schedule[step])
-                for g in optimizer.param_groups:
-                    g["lr"] = lr
-                    if g["weight_decay"] > 0:
-                        g["weight_decay"] = float(wd_schedule[step])
+                if graph_step is None:
+                    for g in optimizer.param_groups:
+                        g["lr"] = lr
+                        if g["weight_decay"] > 0:
+                            g["weight_decay"] = float(wd_schedule[step])
                 if record_samples:
                     seen.setdefault(epoch, []).extend(batch["index"][batch["valid"]].tolist())
                 if args.inject_sigint is not None and step == args.inject_sigint and micro == 0:
@@ -623,25 +689,31 @@ def train(args: argparse.Namespace, record_samples: bool = False) -> dict:
                     if interrupted["flag"]:
                         break
                 last_micro = micro == args.accum_steps - 1
-                sync = contextlib.nullcontext() if (last_micro or not d.enabled) else step_module.no_sync()
-                with sync:
-                    out = forward_backward(
-                        step_module, tokenizer, batch, d.device, amp, scaler, 1.0 / args.accum_steps,
-                        inject_nan=step in args.inject_nonfinite,
-                    )  # fmt: skip
-                # (loss, correct, masked) summed over the micro-batches of this optimizer step, on the device.
-                acc = out if micro == 0 else tuple(a + b for a, b in zip(acc, out))
+                if graph_step is not None:
+                    graph_step.load(micro, batch)  # the graph runs the whole step once every micro-batch is in
+                else:
+                    sync = contextlib.nullcontext() if (last_micro or not d.enabled) else step_module.no_sync()
+                    with sync:
+                        out = forward_backward(
+                            step_module, tokenizer, batch, d.device, amp, scaler, 1.0 / args.accum_steps,
+                            inject_nan=step in args.inject_nonfinite,
+                        )  # fmt: skip
+                    # (loss, correct, masked) summed over the micro-batches of this optimizer step, on the device.
+                    acc = out if micro == 0 else tuple(a + b for a, b in zip(acc, out))
                 micro += 1
                 batch_in_epoch += 1
                 images_since_log += batch["images"].shape[0]
                 if not last_micro:
                     continue
                 micro = 0
-                grad_norm = optimizer_step(optimizer, scaler, args.clip_grad, precision)
-                loss_sum, correct, valid = acc
-                loss = loss_sum / args.accum_steps
-                nonfinite = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
-                metrics.add(loss.float(), correct, valid, grad_norm.float(), nonfinite)
+                if graph_step is not None:
+                    was_captured = graph_step.captured
+                    graph_step.step(lr, float(wd_schedule[step]), inject_nan=step in args.inject_nonfinite)
+                    if graph_step.captured and not was_captured and d.main:
+                        print(f"captured the training step in a CUDA graph at step {step}", flush=True)
+                else:
+                    grad_norm = optimizer_step(optimizer, scaler, args.clip_grad, precision)
+                    record_step(metrics, acc, grad_norm, args.accum_steps)
                 step += 1
                 if bar is not None:
                     bar.update(1)
@@ -676,8 +748,10 @@ def train(args: argparse.Namespace, record_samples: bool = False) -> dict:
                 if args.ckpt_interval and step % args.ckpt_interval == 0 and step < total_steps:
                     checkpoint()
             else:
-                # The loader is exhausted: the epoch is over (a partial accumulation is dropped, as drop_last).
-                optimizer.zero_grad(set_to_none=True)
+                # The loader is exhausted: the epoch is over (a partial accumulation is dropped, as drop_last;
+                # under --cuda-graph it was only copied into the input buffers, and the graph owns the gradients).
+                if graph_step is None:
+                    optimizer.zero_grad(set_to_none=True)
                 epoch += 1
                 batch_in_epoch = 0
                 if step < total_steps:
@@ -696,7 +770,8 @@ def train(args: argparse.Namespace, record_samples: bool = False) -> dict:
     if d.main:
         _plot(history, out_dir)
     return {"step": step, "epoch": epoch, "checkpoint": str(final) if final else None, "metrics": last_metrics,
-            "history": history, "model": model, "samples": seen}  # fmt: skip
+            "history": history, "model": model, "samples": seen,
+            "graph_captured": graph_step is not None and graph_step.captured}  # fmt: skip
 
 
 def _find_resume(args, out_dir: Path) -> Path | None:

@@ -10,13 +10,22 @@ Implementations:
                     Linear plus CrossEntropy; the DALL-E tokenizer in fp16 (the official module's own cast)
     sdpa            F.scaled_dot_product_attention with the bias as attn_mask, padded static-shape head
     compile         torch.compile of the sdpa path (what a user would pick instead)
-    triton          our kernels: patch embedding, attention with the bias gradient, gather + LayerNorm, linear CE
-    triton+compile  the triton path under torch.compile (our ops are opaque custom ops: no graph break)
+    triton          our kernels: patch embedding, attention with the bias gradient, gather + LayerNorm, linear CE,
+                    and the blocks' glue (residual add + layer scale + drop path + LayerNorm; fc1 bias + GELU)
+    triton+compile  the triton path under torch.compile with the glue left to inductor (our other ops are opaque
+                    custom ops: no graph break); against "triton" it tells which way of fusing the glue is faster
+    triton+graph    the triton path with the whole step captured in one CUDA graph and replayed (beit.graphs, the
+                    trainer's --cuda-graph); sdpa+graph on request (--impls)
 Every implementation other than ref runs the tokenizer in bf16 with channels_last.
 
 Reported per implementation, with and without the tokenizer: ms per step by phase (tokenizer, forward, backward,
 optimizer; CUDA events), images per second, peak memory, and MFU with the model's and the tokenizer's FLOPs counted
 separately (beit.flops; peak from the device name). ``--max-batch`` also searches the largest batch that fits.
+A graph variant reports the whole step only: one replay has no phase boundaries to put events between. Its peak
+memory spans the eager warm-up and the capture, whose private pool keeps the activations' memory between replays;
+``--max-batch`` skips it (an out-of-memory error inside a capture leaves no usable graph to bisect with). Without
+CUDA (``--quick`` on the CPU) a graph variant runs the captured code eagerly, as a smoke run of that code path.
+Every step, eager or replayed, ends with the trainer's device-side metric sums (``record_step``).
 
     python bench/train_throughput.py --out results/train.json                 # GPU: BEiT-B/16, batch 256, bf16
     python bench/train_throughput.py --quick                                  # CPU smoke run of the harness
@@ -27,6 +36,7 @@ The DALL-E tokenizer has random weights here (its real weights are a download): 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -44,9 +54,11 @@ import beit  # noqa: E402
 from beit.flops import dalle_encoder_macs, peak_flops, train_flops_per_image  # noqa: E402
 from beit.masking import MaskingGenerator, generate_masks  # noqa: E402
 from beit.optim import fused_adamw  # noqa: E402
-from beit.train import MIMStep, optimizer_step  # noqa: E402
+from beit.train import Metrics, MIMStep, optimizer_step, record_step  # noqa: E402
 
-IMPLS = ("ref", "sdpa", "compile", "triton", "triton+compile")
+IMPLS = ("ref", "sdpa", "compile", "triton", "triton+compile", "triton+graph")  # the default list
+EXTRA_IMPLS = ("sdpa+graph",)
+GRAPH_SUFFIX = "+graph"
 
 
 def make_tokenizer(kind: str, size: int, device, precision: str, quick: bool):
@@ -70,13 +82,17 @@ def make_data(batch: int, image_size: int, grid: int, num_mask: int, min_mask: i
 
 def run_impl(impl: str, args, device, env) -> list[dict]:
     quick = args.quick
-    model_impl = {"compile": "sdpa", "triton+compile": "triton"}.get(impl, impl)
-    overrides = dict(img_size=args.image_size, impl=model_impl, drop_path_rate=0.1)
+    graph = impl.endswith(GRAPH_SUFFIX)
+    base = impl[: -len(GRAPH_SUFFIX)] if graph else impl
+    model_impl = {"compile": "sdpa", "triton+compile": "triton"}.get(base, base)
+    # The blocks' glue: our fused kernels in eager mode, inductor's fusions under torch.compile (the two ways the
+    # issue allows; this benchmark is what picks one).
+    overrides = dict(img_size=args.image_size, impl=model_impl, drop_path_rate=0.1, fused_glue=base != "triton+compile")
     if quick:
         overrides.update(depth=2, vocab_size=512)
     model = beit.create_model(args.model, **overrides).to(device)
     step_mod = MIMStep(model)
-    if impl.endswith("compile"):
+    if base.endswith("compile"):
         step_mod = torch.compile(step_mod)
     # The trainer's optimizer and step: fused AdamW behind a GradScaler that only carries the found-inf flag.
     opt = fused_adamw(model, 1e-4, 0.05)
@@ -92,6 +108,9 @@ def run_impl(impl: str, args, device, env) -> list[dict]:
                                ("bf16" if device.type == "cuda" else "fp32"), quick)  # fmt: skip
     vocab = model.config.vocab_size
     fixed_tokens = torch.randint(0, vocab, (args.batch, grid * grid), device=device)
+    metrics = Metrics(device)
+    batch = dict(images=images, tokenizer_images=tok_images, bool_masked_pos=bool_masked_pos,
+                 mask_index=mask_index, tokens=fixed_tokens)  # fmt: skip
 
     def timer():
         if device.type == "cuda":
@@ -118,39 +137,76 @@ def run_impl(impl: str, args, device, env) -> list[dict]:
         t2 = timer()
         scaler.scale(loss).backward()
         t3 = timer()
-        optimizer_step(opt, scaler, 3.0, precision)
+        grad_norm = optimizer_step(opt, scaler, 3.0, precision)
+        record_step(metrics, (loss.detach(), correct, valid), grad_norm, 1)
         t4 = timer()
         return t0, t1, t2, t3, t4
+
+    def graph_steps(with_tokenizer: bool):
+        """The captured step: warm-up and capture here, then a callable that replays it."""
+        from beit.graphs import CudaGraphStep
+
+        amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
+        gstep = CudaGraphStep(step_mod, tokenizer if with_tokenizer else None, opt, scaler, metrics, amp=amp,
+                              precision=precision, clip_grad=3.0, warmup_steps=args.warmup)  # fmt: skip
+        gstep.load(0, batch)  # the data are static here: loaded once, as the eager steps read them in place
+        for _ in range(gstep.warmup_steps + (1 if device.type == "cuda" else 0)):  # eager warm-up, then the capture
+            gstep.step(1e-4, 0.05)
+        if device.type == "cuda" and not gstep.captured:
+            raise RuntimeError("the step was not captured after its warm-up")
+
+        def replay():
+            t0 = timer()
+            gstep.step(1e-4, 0.05)
+            return t0, timer()
+
+        return gstep, replay
 
     rows = []
     shape = dict(model=args.model, B=args.batch, image=args.image_size, masked=num_mask)
     for with_tok in [True, False] if tokenizer is not None else [False]:
         mode = "with tokenizer" if with_tok else "model only"
-        for _ in range(args.warmup):
-            one_step(with_tok)
         if device.type == "cuda":
             torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
+            torch.cuda.reset_peak_memory_stats()  # a graph variant: the warm-up and capture count as well
+        if graph:
+            gstep, run_step = graph_steps(with_tok)
+            note = ("one CUDA graph replay per step: no per-phase split" if gstep.captured else
+                    "not captured (no CUDA device): the captured code run eagerly")  # fmt: skip
+        else:
+            gstep, run_step, note = None, lambda w=with_tok: one_step(w), None
+            for _ in range(args.warmup):
+                one_step(with_tok)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
         phases = []
         wall0 = time.perf_counter()
         for _ in range(args.steps):
-            phases.append(one_step(with_tok))
+            phases.append(run_step())
         if device.type == "cuda":
             torch.cuda.synchronize()
         wall = (time.perf_counter() - wall0) * 1e3 / args.steps
-        per = {
-            name: sum(elapsed(p[i], p[i + 1]) for p in phases) / len(phases)
-            for i, name in enumerate(("tokenizer", "forward", "backward", "optimizer"))
-        }
         ips = args.batch / (wall / 1e3)
         common = dict(shape=shape, dtype="bfloat16" if amp_dtype else "float32", env=env)
-        rows.append(harness.row("train_step", impl, mode, "time", "ms", wall, **common))
-        rows.append(harness.row("train_step", impl, mode, "throughput", "images/s", ips, **common))
-        for name, ms in per.items():
-            rows.append(harness.row("train_step", impl, mode, f"{name}_time", "ms", ms, **common))
+        extra = dict(note=note) if note else {}
+        rows.append(harness.row("train_step", impl, mode, "time", "ms", wall, **common, **extra))
+        rows.append(harness.row("train_step", impl, mode, "throughput", "images/s", ips, **common, **extra))
+        if not graph:
+            per = {
+                name: sum(elapsed(p[i], p[i + 1]) for p in phases) / len(phases)
+                for i, name in enumerate(("tokenizer", "forward", "backward", "optimizer"))
+            }
+            for name, ms in per.items():
+                rows.append(harness.row("train_step", impl, mode, f"{name}_time", "ms", ms, **common))
+        else:
+            # Events around each replay: the GPU time of the whole step, next to the wall time above.
+            gpu_ms = sum(elapsed(a, b) for a, b in phases) / len(phases)
+            rows.append(harness.row("train_step", impl, mode, "step_time", "ms", gpu_ms, **common, **extra))
         if device.type == "cuda":
             mem = torch.cuda.max_memory_allocated() / 2**20
             rows.append(harness.row("train_step", impl, mode, "peak_memory", "MiB", mem, **common))
+        del gstep, run_step  # a graph keeps its memory pool until it is freed: before the next capture
         peak = peak_flops(device)
         if peak is not None:
             model_flops = train_flops_per_image(model.config, num_mask)
@@ -159,7 +215,7 @@ def run_impl(impl: str, args, device, env) -> list[dict]:
                 tok_flops = 2 * dalle_encoder_macs(args.image_size // 2)
                 rows.append(harness.row("train_step", impl, mode, "mfu_with_tokenizer", "",
                                         ips * (model_flops + tok_flops) / peak, **common))  # fmt: skip
-    if args.max_batch and device.type == "cuda":
+    if args.max_batch and device.type == "cuda" and not graph:
         rows.append(harness.row("train_step", impl, "model only", "max_batch", "images",
                                 largest_batch(impl, args, device), shape=shape, dtype="bfloat16", env=env))  # fmt: skip
     return rows
@@ -206,9 +262,9 @@ def main(argv=None) -> list[dict]:
         args.model, args.batch, args.image_size = "beit_tiny_patch16_224", 2, 64
         args.steps, args.warmup = min(args.steps, 2), 1
     impls = args.impls.split(",")
-    unknown = [i for i in impls if i not in IMPLS]
+    unknown = [i for i in impls if i not in IMPLS + EXTRA_IMPLS]
     if unknown:
-        p.error(f"unknown implementation(s) {unknown}: choose from {', '.join(IMPLS)}")
+        p.error(f"unknown implementation(s) {unknown}: choose from {', '.join(IMPLS + EXTRA_IMPLS)}")
     env = harness.env_info(device)
     rows = []
     for impl in impls:

@@ -1,0 +1,339 @@
+"""--cuda-graph (beit.graphs): the option's checks and the captured step's code, run eagerly, against the trainer's
+eager step (CPU); on a GPU, captured training against eager training, non-finite steps, fp16 loss scaling, resume,
+and the learning rate and drop path changing between replays."""
+
+import contextlib
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import beit
+from beit.data import make_synthetic
+from beit.graphs import CudaGraphStep
+from beit.masking import MaskingGenerator, generate_masks
+from beit.optim import cosine_scheduler, fused_adamw
+from beit.tokenizer.kmeans import KMeansTokenizer
+from beit.train import (
+    Dist,
+    Metrics,
+    MIMStep,
+    forward_backward,
+    list_checkpoints,
+    load_checkpoint,
+    main,
+    optimizer_step,
+    parse_args,
+    record_step,
+    train,
+)
+
+CPU = torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The option
+
+
+def test_cuda_graph_is_refused_with_a_clear_error_before_any_work(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    base = ["--data", "d", "--tokenizer", "kmeans:t", "--output-dir", str(out), "--cuda-graph"]
+
+    def refused(extra, message):
+        with pytest.raises(SystemExit) as e:
+            main(base + extra)
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert message in err, err
+
+    refused(["--impl", "ref"], "cannot capture --impl ref")
+    refused(["--compile"], "--cuda-graph and --compile do not combine")
+    refused(["--device", "cpu"], "--cuda-graph needs a CUDA device")
+    if not torch.cuda.is_available():
+        refused([], "--cuda-graph needs a CUDA device")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it
+    refused(["--impl", "sdpa"], "--cuda-graph runs on one GPU only")
+    monkeypatch.delenv("WORLD_SIZE")
+    assert not out.exists()  # refused while parsing: nothing written, no device touched
+    args = parse_args(base[:-1] + ["--impl", "ref", "--compile"])  # the same options without the flag are fine
+    assert args.cuda_graph is False
+
+
+def test_cuda_graph_on_the_cpu_exits_non_zero_from_the_command_line(tmp_path):
+    cmd = [sys.executable, "-m", "beit.train", "--demo", "--cuda-graph", "--device", "cpu",
+           "--output-dir", str(tmp_path / "demo")]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "--cuda-graph needs a CUDA device" in proc.stderr
+    assert not (tmp_path / "demo").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The captured step's code, run eagerly on the CPU, against the trainer's eager step
+
+
+def _setup(seed=0, batches=12, batch_size=4):
+    g = torch.Generator().manual_seed(seed)
+    tok = KMeansTokenizer(torch.rand(16, 3 * 8 * 8, generator=g) * 0.8 + 0.1, patch_size=8, input_size=32)
+    gen = MaskingGenerator(4, 6, 2, rng=seed)
+    data = []
+    for _ in range(batches):
+        bool_masked_pos, mask_index = generate_masks(gen, batch_size)
+        data.append(
+            dict(
+                images=torch.randn(batch_size, 3, 64, 64, generator=g),
+                tokenizer_images=torch.rand(batch_size, 3, 32, 32, generator=g) * 0.8 + 0.1,
+                bool_masked_pos=bool_masked_pos,
+                mask_index=mask_index,
+            )
+        )
+    torch.manual_seed(seed)
+    model = beit.create_model("beit_tiny_patch16_224", depth=2, img_size=64, vocab_size=16, impl="sdpa",
+                              drop_path_rate=0.0)  # fmt: skip
+    return tok, data, model
+
+
+def _train(model, tok, data, lrs, wds, *, captured_code, accum=1, nan_at=(), scheduled=None, weight_decay=None):
+    """``len(lrs)`` optimizer steps, either as the trainer's loop runs them or through CudaGraphStep (eagerly on
+    the CPU). Returns the model, the metrics, the optimizer and the CudaGraphStep."""
+    model = copy.deepcopy(model)
+    opt = fused_adamw(model, float(lrs[0]), float(wds[0]) if weight_decay is None else weight_decay)
+    decay_groups = [i for i, g in enumerate(opt.param_groups) if g["weight_decay"] > 0]
+    scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+    metrics = Metrics(CPU)
+    amp = contextlib.nullcontext()
+    step_module = MIMStep(model)
+    gstep = None
+    if captured_code:
+        gstep = CudaGraphStep(
+            step_module, tok, opt, scaler, metrics, amp=amp, precision="fp32", clip_grad=3.0, accum_steps=accum,
+            decay_groups=decay_groups, fault_injection=bool(nan_at),
+            scheduled_weight_decay=bool(len(set(wds)) > 1) if scheduled is None else scheduled,
+        )  # fmt: skip
+    batches = iter(data)
+    for step, (lr, wd) in enumerate(zip(lrs, wds)):
+        if gstep is not None:
+            for micro in range(accum):
+                gstep.load(micro, next(batches))
+            gstep.step(float(lr), float(wd), inject_nan=step in nan_at)
+            continue
+        for g in opt.param_groups:
+            g["lr"] = float(lr)
+            if g["weight_decay"] > 0:
+                g["weight_decay"] = float(wd)
+        acc = ()
+        for micro in range(accum):
+            out = forward_backward(step_module, tok, next(batches), CPU, amp, scaler, 1.0 / accum,
+                                   inject_nan=step in nan_at)  # fmt: skip
+            acc = out if micro == 0 else tuple(a + b for a, b in zip(acc, out))
+        record_step(metrics, acc, optimizer_step(opt, scaler, 3.0, "fp32"), accum)
+    return model, metrics, opt, gstep
+
+
+def _max_diff(a, b) -> float:
+    return max((x - y).abs().max().item() for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+@pytest.mark.parametrize("scheduled", [False, True], ids=["constant-decay", "scheduled-decay"])
+@pytest.mark.parametrize("accum", [1, 2])
+def test_the_captured_code_computes_the_trainer_step(scheduled, accum):
+    tok, data, model = _setup()
+    steps = 5
+    # Large lr and decay, so that a decay applied wrongly (or not at all) shows far above rounding.
+    lrs = cosine_scheduler(1e-2, 1e-3, steps, 2)
+    wds = cosine_scheduler(0.5, 0.1 if scheduled else 0.5, steps)
+    eager, m_eager, opt_eager, _ = _train(model, tok, data, lrs, wds, captured_code=False, accum=accum)
+    graph, m_graph, _, gstep = _train(model, tok, data, lrs, wds, captured_code=True, accum=accum)
+    assert not gstep.captured  # no CUDA here: the same code, run eagerly
+    assert (gstep.weight_decay is not None) == scheduled
+    # The learning rate is a float32 tensor (rounded) and a scheduled decay a separate multiply: rounding apart.
+    assert _max_diff(eager, graph) < 1e-6
+    no_decay, _, _, _ = _train(model, tok, data, lrs, [0.0] * steps, captured_code=False, accum=accum,
+                               weight_decay=0.5)  # fmt: skip
+    assert _max_diff(eager, no_decay) > 1e-5  # the decay matters at this size, so the comparison above sees it
+    torch.testing.assert_close(m_graph.sums, m_eager.sums, rtol=1e-6, atol=1e-6)
+    assert torch.equal(m_graph.consecutive_nonfinite, m_eager.consecutive_nonfinite)
+    # A checkpoint of the captured step holds what the eager trainer's holds, and an eager optimizer takes it.
+    saved, expected = gstep.optimizer_state_dict(), opt_eager.state_dict()
+    for g, e in zip(saved["param_groups"], expected["param_groups"]):
+        assert isinstance(g["lr"], float) and g["lr"] == e["lr"]
+        assert g["weight_decay"] == e["weight_decay"] and g["capturable"] is False
+    fresh = fused_adamw(copy.deepcopy(model), 1e-3, 0.05)
+    fresh.load_state_dict(copy.deepcopy(saved))
+    assert all(isinstance(g["lr"], float) for g in fresh.param_groups)
+
+
+@pytest.mark.parametrize("scheduled", [False, True], ids=["constant-decay", "scheduled-decay"])
+def test_an_injected_nonfinite_step_changes_nothing_and_is_counted(scheduled):
+    tok, data, model = _setup()
+    lrs, wds = [1e-2] * 4, ([0.5, 0.4, 0.3, 0.2] if scheduled else [0.5] * 4)
+    before, _, _, _ = _train(model, tok, data, lrs[:2], wds[:2], captured_code=True, scheduled=scheduled)
+    after, metrics, opt, gstep = _train(model, tok, data, lrs[:3], wds[:3], captured_code=True, nan_at=(2,),
+                                        scheduled=scheduled)  # fmt: skip
+    assert _max_diff(before, after) == 0  # neither the Adam update nor the decay ran
+    assert all(s["step"].item() == 2 for s in opt.state.values())  # the step counts were not advanced either
+    sums = dict(zip(Metrics.NAMES, metrics.sums.tolist()))
+    assert (sums["steps"], sums["nonfinite"], metrics.consecutive_nonfinite.item()) == (3, 1, 1)
+    assert all(torch.isfinite(v).all() for v in after.state_dict().values())
+    with pytest.raises(ValueError, match="fault_injection"):
+        _train(model, tok, data, lrs[:1], wds[:1], captured_code=True)[3].step(1e-3, 0.5, inject_nan=True)
+
+
+def test_the_captured_step_needs_static_shapes_and_a_fused_optimizer():
+    tok, data, model = _setup(batches=2)
+    opt = fused_adamw(model, 1e-3, 0.05)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+    gstep = CudaGraphStep(MIMStep(model), tok, opt, scaler, Metrics(CPU), amp=contextlib.nullcontext(),
+                          precision="fp32", clip_grad=3.0)  # fmt: skip
+    gstep.load(0, data[0])
+    smaller = {k: v[:2] for k, v in data[1].items()}
+    with pytest.raises(ValueError, match="static shapes"):
+        gstep.load(0, smaller)
+    plain = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with pytest.raises(ValueError, match="fused optimizer"):
+        CudaGraphStep(MIMStep(model), tok, plain, scaler, Metrics(CPU), amp=contextlib.nullcontext(),
+                      precision="fp32", clip_grad=3.0)  # fmt: skip
+
+
+def test_the_throughput_bench_runs_its_graph_variant(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    import train_throughput
+
+    rows = train_throughput.main(["--quick", "--impls", "sdpa+graph", "--tokenizer", "none",
+                                  "--out", str(tmp_path / "train.json")])  # fmt: skip
+    assert not [r for r in rows if r["metric"] == "error"], rows
+    metrics = {r["metric"] for r in rows}
+    assert {"time", "throughput", "step_time"} <= metrics
+    assert not {"forward_time", "backward_time", "optimizer_time"} & metrics  # one replay has no phases
+    ips = [r for r in rows if r["metric"] == "throughput"]
+    assert len(ips) == 1 and ips[0]["p50"] > 0 and ips[0]["note"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# On a GPU: captured training against eager training
+
+NUM_IMAGES = 40
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("graph_assets")
+    make_synthetic(root / "data", num_images=NUM_IMAGES, classes=2, seed=0, size=(96, 72))
+    g = torch.Generator().manual_seed(0)
+    codebook = torch.rand(16, 3 * 8 * 8, generator=g) * 0.8 + 0.1
+    tok = root / "tok.safetensors"
+    KMeansTokenizer(codebook, patch_size=8, input_size=32).save(tok)
+    return root / "data", f"kmeans:{tok}"
+
+
+def gpu_args(assets, out, *extra):
+    data, tok = assets
+    return [
+        "--data", str(data), "--tokenizer", tok, "--output-dir", str(out),
+        "--model", "beit_tiny_patch16_224", "--depth", "2", "--image-size", "64",
+        "--batch-size", "6", "--num-mask-patches", "6", "--min-mask-patches", "2",
+        "--loader", "reference", "--num-workers", "0", "--device", "cuda",
+        "--no-progress", "--log-interval", "5", "--lr", "1e-3", "--warmup-steps", "2",
+        *extra,
+    ]  # fmt: skip
+
+
+def _run(argv) -> dict:
+    return train(parse_args(argv))
+
+
+def _flat(state: dict) -> torch.Tensor:
+    return torch.cat([v.double().flatten() for v in state.values() if v.is_floating_point()])
+
+
+def _rel_diff(a: dict, b: dict) -> float:
+    fa, fb = _flat(a), _flat(b)
+    return ((fa - fb).norm() / fa.norm()).item()
+
+
+@pytest.mark.gpu
+def test_gpu_captured_training_matches_eager_training(assets, tmp_path):
+    """fp32, no drop path, the same data and seed: ten steps of two micro-batches, three eager warm-up steps then
+    seven replays; the triton path (auto on sm80+) and a scheduled weight decay (the pre-hook inside the graph)."""
+    common = ["--precision", "fp32", "--drop-path", "0", "--steps", "10", "--impl", "auto",
+              "--weight-decay-end", "0.01", "--accum-steps", "2", "--batch-size", "3"]  # fmt: skip
+    eager = _run(gpu_args(assets, tmp_path / "eager", *common))
+    graph = _run(gpu_args(assets, tmp_path / "graph", *common, "--cuda-graph"))
+    assert graph["graph_captured"] and not eager["graph_captured"]
+    # The lr is a float32 tensor in the graph (a python float when eager): rounding apart, the same training.
+    # Ten steps at lr 1e-3 move the weights by several per cent, so a stale lr or a lost decay shows far above 1e-3.
+    diff = _rel_diff(eager["model"].state_dict(), graph["model"].state_dict())
+    print(f"relative L2 difference of the parameters, captured vs eager: {diff:.3g}")
+    assert diff < 1e-3, diff
+    for e, g in zip(eager["history"], graph["history"]):
+        assert e["step"] == g["step"] and e["nonfinite_steps"] == g["nonfinite_steps"] == 0
+        assert g["loss"] == pytest.approx(e["loss"], rel=1e-3) and g["mim_acc"] == pytest.approx(e["mim_acc"], abs=0.05)
+
+
+@pytest.mark.gpu
+def test_gpu_captured_step_skips_nonfinite_steps_and_backs_off_the_fp16_scale(assets, tmp_path):
+    # Step 1 is an eager warm-up step, step 6 a replay: both are skipped on the device and counted.
+    res = _run(gpu_args(assets, tmp_path, "--precision", "fp16", "--impl", "sdpa", "--steps", "10",
+                        "--cuda-graph", "--inject-nonfinite", "1", "6"))  # fmt: skip
+    assert res["graph_captured"]
+    assert sum(m["nonfinite_steps"] for m in res["history"]) == 2
+    ckpt = load_checkpoint(list_checkpoints(tmp_path)[-1])
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    # 2^16 halved by each skipped step (_amp_update_scale_ inside the graph); growth waits 2000 good steps.
+    assert ckpt["scaler"]["scale"] <= 2.0**14, ckpt["scaler"]
+    assert all(isinstance(g["lr"], float) and not g["capturable"] for g in ckpt["optimizer"]["param_groups"])
+
+
+@pytest.mark.gpu
+def test_gpu_captured_training_resumes_from_its_checkpoint(assets, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    common = ["--precision", "bf16", "--drop-path", "0", "--steps", "9", "--cuda-graph"]
+    whole = _run(gpu_args(assets, a, *common))
+    assert main(gpu_args(assets, b, *common, "--inject-sigint", "4")) == 130  # after the capture (step 3)
+    assert load_checkpoint(list_checkpoints(b)[-1])["step"] == 4
+    resumed = _run(gpu_args(assets, b, *common))  # steps 4-6 eager warm-up, then the capture at step 7
+    assert resumed["graph_captured"] and resumed["step"] == 9
+    diff = _rel_diff(whole["model"].state_dict(), resumed["model"].state_dict())
+    print(f"relative L2 difference, resumed vs uninterrupted: {diff:.3g}")
+    assert diff < 1e-2, diff  # bf16: the same training, up to the rounding of a different kernel order
+    logs = [json.loads(x) for x in (b / "log.jsonl").read_text().splitlines()]
+    assert logs[-1]["step"] == 9 and logs[-1]["nonfinite_steps"] == 0
+
+
+@pytest.mark.gpu
+def test_gpu_replays_read_the_new_lr_and_draw_new_drop_paths(assets):
+    """After the capture: lr 0 leaves every parameter bitwise unchanged, lr > 0 moves them (the schedule needs no
+    recapture); with drop path, two replays on the same batch and weights give different losses (fresh Philox
+    offsets per replay)."""
+    device = torch.device("cuda")
+    tok, data, _ = _setup(batches=1)
+    tok = tok.to(device)
+    batch = {k: v.to(device) for k, v in data[0].items()}
+    torch.manual_seed(0)
+    model = beit.create_model("beit_tiny_patch16_224", depth=2, img_size=64, vocab_size=16, impl="auto",
+                              drop_path_rate=0.5).to(device)  # fmt: skip
+    opt = fused_adamw(model, 1e-3, 0.05)
+    scaler = torch.amp.GradScaler("cuda", init_scale=1.0)
+    metrics = Metrics(device)
+    gstep = CudaGraphStep(MIMStep(model), tok, opt, scaler, metrics, amp=torch.autocast("cuda", dtype=torch.bfloat16),
+                          precision="bf16", clip_grad=3.0, decay_groups=[0], warmup_steps=2)  # fmt: skip
+    gstep.load(0, batch)
+    for _ in range(3):  # two eager warm-up steps, then the capture (and its first replay)
+        gstep.step(1e-3, 0.05)
+    assert gstep.captured
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    losses = []
+    for _ in range(2):
+        metrics.read(Dist())
+        gstep.step(0.0, 0.05)
+        losses.append(metrics.read(Dist())[0]["loss"])
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert losses[0] != losses[1], losses
+    gstep.step(1e-3, 0.05)
+    torch.cuda.synchronize()
+    assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
