@@ -1,4 +1,4 @@
-"""Helpers shared by the kernel tests (tests/conftest.py puts this folder on sys.path)."""
+"""Helpers shared by the tests (tests/conftest.py puts this folder on sys.path)."""
 
 import os
 import subprocess
@@ -30,3 +30,35 @@ def compile_for_gpu(script: str, timeout: int = 600) -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
+
+
+# Trainer tests (tests/beit/test_train.py, tests/beit/test_graphs.py): a tiny image folder, a fixed k-means
+# codebook and the command line of a tiny run over them.
+TRAIN_IMAGES = 40
+
+
+def make_train_assets(root) -> tuple:
+    """(data folder, tokenizer spec): TRAIN_IMAGES synthetic images in 2 classes and a 16-entry k-means tokenizer
+    for a 32 px view."""
+    from beit.data import make_synthetic
+    from beit.tokenizer.kmeans import KMeansTokenizer
+
+    make_synthetic(root / "data", num_images=TRAIN_IMAGES, classes=2, seed=0, size=(96, 72))
+    g = torch.Generator().manual_seed(0)
+    codebook = torch.rand(16, 3 * 8 * 8, generator=g) * 0.8 + 0.1  # map_pixels range
+    tok = root / "tok.safetensors"
+    KMeansTokenizer(codebook, patch_size=8, input_size=32).save(tok)
+    return root / "data", f"kmeans:{tok}"
+
+
+def tiny_run_args(assets, out, *extra, device: str = "cpu") -> list[str]:
+    """beit-pretrain arguments for a 2-block BEiT-tiny at 64 px, batch 6, on ``device``; ``extra`` comes last."""
+    data, tok = assets
+    return [
+        "--data", str(data), "--tokenizer", tok, "--output-dir", str(out),
+        "--model", "beit_tiny_patch16_224", "--depth", "2", "--image-size", "64",
+        "--batch-size", "6", "--num-mask-patches", "6", "--min-mask-patches", "2",
+        "--loader", "reference", "--num-workers", "0", "--device", device,
+        "--no-progress", "--log-interval", "5", "--lr", "1e-3", "--warmup-steps", "2",
+        *extra,
+    ]  # fmt: skip

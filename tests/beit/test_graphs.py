@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from _testutil import make_train_assets, tiny_run_args
 
 import beit
-from beit.data import make_synthetic
 from beit.graphs import CudaGraphStep
 from beit.masking import MaskingGenerator, generate_masks
 from beit.optim import cosine_scheduler, fused_adamw
@@ -216,30 +216,14 @@ def test_the_throughput_bench_runs_its_graph_variant(tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 # On a GPU: captured training against eager training
 
-NUM_IMAGES = 40
-
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("graph_assets")
-    make_synthetic(root / "data", num_images=NUM_IMAGES, classes=2, seed=0, size=(96, 72))
-    g = torch.Generator().manual_seed(0)
-    codebook = torch.rand(16, 3 * 8 * 8, generator=g) * 0.8 + 0.1
-    tok = root / "tok.safetensors"
-    KMeansTokenizer(codebook, patch_size=8, input_size=32).save(tok)
-    return root / "data", f"kmeans:{tok}"
+    return make_train_assets(tmp_path_factory.mktemp("graph_assets"))
 
 
 def gpu_args(assets, out, *extra):
-    data, tok = assets
-    return [
-        "--data", str(data), "--tokenizer", tok, "--output-dir", str(out),
-        "--model", "beit_tiny_patch16_224", "--depth", "2", "--image-size", "64",
-        "--batch-size", "6", "--num-mask-patches", "6", "--min-mask-patches", "2",
-        "--loader", "reference", "--num-workers", "0", "--device", "cuda",
-        "--no-progress", "--log-interval", "5", "--lr", "1e-3", "--warmup-steps", "2",
-        *extra,
-    ]  # fmt: skip
+    return tiny_run_args(assets, out, *extra, device="cuda")
 
 
 def _run(argv) -> dict:

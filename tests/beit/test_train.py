@@ -10,35 +10,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from _testutil import TRAIN_IMAGES, make_train_assets, tiny_run_args
 
-from beit.data import make_synthetic
-from beit.tokenizer.kmeans import KMeansTokenizer
 from beit.train import TrainingError, list_checkpoints, load_checkpoint, main, save_checkpoint
 
-NUM_IMAGES = 40
+NUM_IMAGES = TRAIN_IMAGES
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train_assets")
-    make_synthetic(root / "data", num_images=NUM_IMAGES, classes=2, seed=0, size=(96, 72))
-    g = torch.Generator().manual_seed(0)
-    codebook = torch.rand(16, 3 * 8 * 8, generator=g) * 0.8 + 0.1  # map_pixels range
-    tok = root / "tok.safetensors"
-    KMeansTokenizer(codebook, patch_size=8, input_size=32).save(tok)
-    return root / "data", f"kmeans:{tok}"
+    return make_train_assets(tmp_path_factory.mktemp("train_assets"))
 
 
 def common(assets, out, *extra):
-    data, tok = assets
-    return [
-        "--data", str(data), "--tokenizer", tok, "--output-dir", str(out),
-        "--model", "beit_tiny_patch16_224", "--depth", "2", "--image-size", "64",
-        "--batch-size", "6", "--num-mask-patches", "6", "--min-mask-patches", "2",
-        "--loader", "reference", "--num-workers", "0", "--device", "cpu", "--precision", "fp32",
-        "--no-progress", "--log-interval", "5", "--lr", "1e-3", "--warmup-steps", "2", "--drop-path", "0.1",
-        *extra,
-    ]  # fmt: skip
+    return tiny_run_args(assets, out, "--precision", "fp32", "--drop-path", "0.1", *extra)
 
 
 def log_lines(out):
