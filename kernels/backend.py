@@ -47,6 +47,19 @@ def check_kernel_device(op: str, t: torch.Tensor) -> None:
         )
 
 
+def check_vector(op: str, name: str, t: torch.Tensor | None, n: int, device: torch.device) -> None:
+    """An optional per-feature (or per-sample) parameter of kernel ``op``: None, or a float tensor [n] on
+    ``device``; anything else is a clear error before any launch."""
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+        raise TypeError(f"{op}: {name} must be a float tensor [{n}] or None")
+    if tuple(t.shape) != (n,):
+        raise ValueError(f"{op}: {name} must be [{n}], got shape {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{op}: {name} is on {t.device} but x is on {device}")
+
+
 IMPLS = ("auto", "ref", "sdpa", "triton")
 
 

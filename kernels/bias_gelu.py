@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from beit_kernels.backend import check_kernel_device
+from beit_kernels.backend import check_kernel_device, check_vector
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -219,13 +219,7 @@ def _check_inputs(x, bias):
     D = x.shape[-1]
     if D > 1 and x.stride(-1) != 1:
         raise ValueError(f"bias_gelu: x must have a unit stride on its last dimension, got {x.stride()}")
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():
-            raise TypeError(f"bias_gelu: bias must be a float tensor [{D}] or None")
-        if tuple(bias.shape) != (D,):
-            raise ValueError(f"bias_gelu: bias must be [{D}], got shape {tuple(bias.shape)}")
-        if bias.device != x.device:
-            raise ValueError(f"bias_gelu: bias is on {bias.device} but x is on {x.device}")
+    check_vector("bias_gelu", "bias", bias, D, x.device)
 
 
 # ----------------------------------------------------------------------------------------------------------------

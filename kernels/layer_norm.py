@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from beit_kernels.backend import check_kernel_device
+from beit_kernels.backend import check_kernel_device, check_vector
 
 _MAX_D = 4096
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -420,16 +420,9 @@ def _check_inputs(x, branch, gamma, weight, bias, eps, sample_scale, y_dtype):
                              f"{branch.stride()}")  # fmt: skip
     elif gamma is not None or sample_scale is not None:
         raise ValueError("add_layer_norm: gamma and sample_scale scale the branch, so they need one (branch is None)")
-    params = (("gamma", gamma, D), ("weight", weight, D), ("bias", bias, D), ("sample_scale", sample_scale, B))
-    for name, t, n in params:
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-            raise TypeError(f"add_layer_norm: {name} must be a float tensor [{n}] or None")
-        if tuple(t.shape) != (n,):
-            raise ValueError(f"add_layer_norm: {name} must be [{n}], got shape {tuple(t.shape)}")
-        if t.device != x.device:
-            raise ValueError(f"add_layer_norm: {name} is on {t.device} but x is on {x.device}")
+    for name, t in (("gamma", gamma), ("weight", weight), ("bias", bias)):
+        check_vector("add_layer_norm", name, t, D, x.device)
+    check_vector("add_layer_norm", "sample_scale", sample_scale, B, x.device)
     if not eps > 0:
         raise ValueError(f"add_layer_norm: eps must be positive, got {eps}")
     if y_dtype is not None and y_dtype not in _DTYPES:

@@ -32,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
+from beit_kernels.backend import check_vector
+
 _MAX_D = 65536
 
 
@@ -305,14 +307,7 @@ def _validate(x, index, ln_weight, ln_bias, eps):
     if D > 1 and x.stride(2) != 1:
         raise ValueError("x must have a unit stride on its last dimension")
     for name, t in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-            raise TypeError(f"{name} must be a float tensor [D] or None")
-        if tuple(t.shape) != (D,):
-            raise ValueError(f"{name} must be [{D}], got shape {tuple(t.shape)}")
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+        check_vector("masked_gather", name, t, D, x.device)
     if not eps > 0:
         raise ValueError(f"eps must be positive, got {eps}")
     return (
