@@ -33,3 +33,12 @@ def test_labelled_folder_errors(tmp_path):
     (tmp_path / "only").mkdir()
     with pytest.raises(ValueError, match="at least two class"):
         labelled_images(tmp_path)
+
+
+def test_cli_refuses_random_init_with_compare_random(capsys):
+    from beit.linprobe import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["ckpt.pth", "--data", "d", "--random-init", "--compare-random"])
+    assert e.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
