@@ -72,3 +72,25 @@ def test_train_throughput_quick_run(tmp_path):
         assert len(ips) == 1 and ips[0]["p50"] > 0
         phases = {r["metric"] for r in rows if r["provider"] == impl}
         assert {"forward_time", "backward_time", "optimizer_time"} <= phases
+
+
+def test_device_check_calls_scripts_and_implementations_that_exist():
+    """bench/device_check.sh runs only on a GPU: check here that every bench script it calls exists, that the
+    stage limits stay within its 7-minute budget, and that every --impls name is one train_throughput knows."""
+    import re
+    import shlex
+
+    import train_throughput
+
+    text = open(os.path.join(BENCH, "device_check.sh")).read().replace("\\\n", " ")
+    stages = [shlex.split(line) for line in text.splitlines() if line.startswith("stage ")]
+    assert len(stages) >= 5
+    assert sum(int(s[2]) for s in stages) <= 420 - 20  # 7 minutes, less the install
+    known = set(train_throughput.IMPLS + train_throughput.EXTRA_IMPLS)
+    for s in stages:
+        cmd = s[3:]
+        scripts = [c for c in cmd if re.fullmatch(r"bench/\w+\.py", c)]
+        for script in scripts:
+            assert os.path.isfile(os.path.join(BENCH, "..", script)), script
+        if "--impls" in cmd:
+            assert set(cmd[cmd.index("--impls") + 1].split(",")) <= known, cmd
