@@ -32,21 +32,18 @@ def cast(params, dtype=torch.float32, grad=False):
     return {k: v.detach().to(dtype).requires_grad_(grad) if v is not None else None for k, v in params.items()}
 
 
+def embed(fn, images, mask, p, **kw):
+    """``fn`` (the kernel or its reference) with every parameter of the dict ``p``."""
+    return fn(images, p["weight"], p["bias"], mask=mask, mask_token=p["mask_token"], cls_token=p["cls_token"],
+              pos_embed=p["pos_embed"], **kw)  # fmt: skip
+
+
 def run(fn, images, mask, params, dtype, grad_out, norm):
     """Output and gradients of ``fn`` with the parameters (and float images) cast to ``dtype``."""
     leaves = {k: v.detach().to(dtype).requires_grad_() if v is not None else None for k, v in params.items()}
     imgs = images if images.dtype == torch.uint8 else images.to(dtype)
     kw = dict(mean=MEAN, std=STD) if norm else {}
-    out = fn(
-        imgs,
-        leaves["weight"],
-        leaves["bias"],
-        mask=mask,
-        mask_token=leaves["mask_token"],
-        cls_token=leaves["cls_token"],
-        pos_embed=leaves["pos_embed"],
-        **kw,
-    )
+    out = embed(fn, imgs, mask, leaves, **kw)
     out.backward(grad_out.to(out.dtype))
     grads = {k: v.grad for k, v in leaves.items() if v is not None and v.grad is not None}
     return out, grads
@@ -147,31 +144,11 @@ def test_autocast_output_dtype():
     images, mask, params = make_inputs(2, 32, 32, 16, 24, uint8=True)
     p = cast(params, grad=True)
     with torch.autocast("cpu", dtype=torch.float16):
-        out = beit_kernels.patch_embed(
-            images,
-            p["weight"],
-            p["bias"],
-            mask=mask,
-            mask_token=p["mask_token"],
-            cls_token=p["cls_token"],
-            pos_embed=p["pos_embed"],
-            mean=MEAN,
-            std=STD,
-        )
+        out = embed(beit_kernels.patch_embed, images, mask, p, mean=MEAN, std=STD)
     assert out.dtype == torch.float16
     out.float().sum().backward()
     assert p["weight"].grad.dtype == torch.float32 and torch.isfinite(p["weight"].grad).all()
-    ref = reference.patch_embed(
-        images,
-        params["weight"],
-        params["bias"],
-        mask=mask,
-        mask_token=params["mask_token"],
-        cls_token=params["cls_token"],
-        pos_embed=params["pos_embed"],
-        mean=MEAN,
-        std=STD,
-    )
+    ref = embed(reference.patch_embed, images, mask, params, mean=MEAN, std=STD)
     assert max_err(out, ref) < 2e-2 * ref.abs().max().item()
 
 
@@ -185,15 +162,7 @@ def test_no_patch_buffer_is_saved():
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        beit_kernels.patch_embed(
-            images,
-            p["weight"],
-            p["bias"],
-            mask=mask,
-            mask_token=p["mask_token"],
-            cls_token=p["cls_token"],
-            pos_embed=p["pos_embed"],
-        )
+        embed(beit_kernels.patch_embed, images, mask, p)
     K = 3 * 16 * 16
     assert all(K not in s for s in saved), saved  # only the images, weight and mask, never [B N, K] patches
 
@@ -203,15 +172,7 @@ def test_compiles_without_graph_break():
     p = cast(params, grad=True)
 
     def step(images, mask):
-        out = beit_kernels.patch_embed(
-            images,
-            p["weight"],
-            p["bias"],
-            mask=mask,
-            mask_token=p["mask_token"],
-            cls_token=p["cls_token"],
-            pos_embed=p["pos_embed"],
-        )
+        out = embed(beit_kernels.patch_embed, images, mask, p)
         return (out * out).sum()
 
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
@@ -317,17 +278,7 @@ def test_gpu_no_sync():
     torch.cuda.set_sync_debug_mode("error")
     try:
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = beit_kernels.patch_embed(
-                images,
-                p["weight"],
-                p["bias"],
-                mask=mask,
-                mask_token=p["mask_token"],
-                cls_token=p["cls_token"],
-                pos_embed=p["pos_embed"],
-                mean=mean,
-                std=std,
-            )
+            out = embed(beit_kernels.patch_embed, images, mask, p, mean=mean, std=std)
         out.float().square().mean().backward()
     finally:
         torch.cuda.set_sync_debug_mode(0)
