@@ -60,6 +60,14 @@ def check_vector(op: str, name: str, t: torch.Tensor | None, n: int, device: tor
         raise ValueError(f"{op}: {name} is on {t.device} but x is on {device}")
 
 
+def persistent_programs(n_tiles: int, device: torch.device) -> int:
+    """Programs for a grid-stride kernel over ``n_tiles`` tiles that keeps per-program partial sums: enough to fill
+    a GPU (4 per SM), never more than the tiles; two in the interpreter, which runs programs one by one (two still
+    exercise the reduction of the partials)."""
+    cap = 4 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+    return max(1, min(n_tiles, cap))
+
+
 IMPLS = ("auto", "ref", "sdpa", "triton")
 
 

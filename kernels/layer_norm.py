@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from beit_kernels.backend import check_kernel_device, check_vector
+from beit_kernels.backend import check_kernel_device, check_vector, persistent_programs
 
 _MAX_D = 4096
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -223,12 +223,6 @@ def _tile(D: int, backward: bool) -> tuple[int, int, int]:
     return block_m, block_d, min(32, max(4, block_m * block_d // (32 * per_thread)))
 
 
-def _num_programs(n_tiles: int, device: torch.device) -> int:
-    if device.type == "cuda":
-        return max(1, min(n_tiles, 4 * torch.cuda.get_device_properties(device).multi_processor_count))
-    return max(1, min(n_tiles, 2))  # the interpreter runs programs one by one; two exercise the partial sums
-
-
 @torch.library.custom_op("beit_kernels::add_layer_norm_fwd", mutates_args=())
 def add_layer_norm_fwd(
     x: torch.Tensor,
@@ -321,7 +315,7 @@ def add_layer_norm_bwd(
     grad_branch = h.new_empty(h.shape if need_branch else (0,), dtype=branch_dtype)
     block_m, block_d, warps = _tile(max(D, 1), backward=True)
     n_tiles = triton.cdiv(R, block_m)
-    programs = _num_programs(n_tiles, h.device)
+    programs = persistent_programs(n_tiles, h.device)
     f32 = dict(device=h.device, dtype=torch.float32)
     dg = torch.zeros(programs if gamma_grad else 0, D, **f32)
     dw = torch.zeros(programs if has_dy else 0, D, **f32)

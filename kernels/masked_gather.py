@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from beit_kernels.backend import check_vector
+from beit_kernels.backend import check_vector, persistent_programs
 
 _MAX_D = 65536
 
@@ -243,11 +243,7 @@ def masked_gather_bwd(
     K = index.shape[1]
     R = B * K
     grad_x = torch.zeros(B, T, D, device=x.device, dtype=x.dtype)
-    if x.device.type == "cuda":
-        programs = min(R, 4 * torch.cuda.get_device_properties(x.device).multi_processor_count)
-    else:
-        programs = min(R, 2)  # the interpreter runs programs one by one; two exercise the partial sums
-    programs = max(programs, 1)
+    programs = persistent_programs(R, x.device)
     f32 = dict(device=x.device, dtype=torch.float32)
     dw = torch.zeros(programs if has_ln else 0, D, **f32)
     db = torch.zeros(programs if has_ln else 0, D, **f32)
