@@ -53,23 +53,28 @@ def labelled_images(root: str | Path) -> tuple[list[Path], list[int], list[str]]
 
 
 @torch.no_grad()
-def extract_features(model, files: list[Path], image_size: int, batch_size: int = 64, device="cpu") -> torch.Tensor:
+def extract_features(
+    models: list, files: list[Path], image_size: int, batch_size: int = 64, device="cpu"
+) -> list[torch.Tensor]:
+    """Average-pooled patch features [len(files), D] of each of ``models``, decoding every image once."""
     from PIL import Image
 
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    model.eval().to(device)
-    feats = []
+    for model in models:
+        model.eval().to(device)
+    feats: list[list[torch.Tensor]] = [[] for _ in models]
     for i in range(0, len(files), batch_size):
         batch = []
         for f in files[i : i + batch_size]:
             with Image.open(f) as im:
                 im = im.convert("RGB").resize((image_size, image_size), Image.Resampling.BICUBIC)
                 batch.append(torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1))  # HWC -> CHW
-        x = (torch.stack(batch).float() / 255 - mean) / std
-        tokens = model.forward_features(x.to(device))  # [B, N+1, D]
-        feats.append(tokens[:, 1:].mean(1).float().cpu())  # average of the patch tokens
-    return torch.cat(feats)
+        x = ((torch.stack(batch).float() / 255 - mean) / std).to(device)
+        for out, model in zip(feats, models):
+            tokens = model.forward_features(x)  # [B, N+1, D]
+            out.append(tokens[:, 1:].mean(1).float().cpu())  # average of the patch tokens
+    return [torch.cat(f) for f in feats]
 
 
 def fit_probe(
@@ -95,25 +100,33 @@ def fit_probe(
     return probe
 
 
-def probe_accuracy(model, data: str | Path, *, val_fraction: float = 0.3, seed: int = 0, device="cpu") -> dict:
+def probe_models(models: dict, data: str | Path, *, val_fraction: float = 0.3, seed: int = 0, device="cpu") -> dict:
+    """Probe each of ``models`` (name -> model, one input size) on one seeded split of ``data``: name -> result."""
     files, labels, classes = labelled_images(data)
-    image_size = model.patch_embed.img_size[0]
-    feats = extract_features(model, files, image_size, device=device)
+    image_size = next(iter(models.values())).patch_embed.img_size[0]
+    feats = extract_features(list(models.values()), files, image_size, device=device)
     y = torch.tensor(labels)
     rng = np.random.default_rng(seed)
     perm = torch.from_numpy(rng.permutation(len(files)))
     n_val = max(1, int(round(val_fraction * len(files))))
     val, train = perm[:n_val], perm[n_val:]
-    probe = fit_probe(feats[train], y[train], len(classes))
-    with torch.no_grad():
-        pred = probe((feats[val] - probe.mu) / probe.sd).argmax(1)
-    return {
-        "accuracy": (pred == y[val]).float().mean().item(),
-        "chance": float(np.bincount(labels).max() / len(labels)),
-        "num_train": len(train),
-        "num_val": len(val),
-        "classes": len(classes),
-    }
+    results = {}
+    for name, f in zip(models, feats):
+        probe = fit_probe(f[train], y[train], len(classes))
+        with torch.no_grad():
+            pred = probe((f[val] - probe.mu) / probe.sd).argmax(1)
+        results[name] = {
+            "accuracy": (pred == y[val]).float().mean().item(),
+            "chance": float(np.bincount(labels).max() / len(labels)),
+            "num_train": len(train),
+            "num_val": len(val),
+            "classes": len(classes),
+        }
+    return results
+
+
+def probe_accuracy(model, data: str | Path, *, val_fraction: float = 0.3, seed: int = 0, device="cpu") -> dict:
+    return probe_models({"model": model}, data, val_fraction=val_fraction, seed=seed, device=device)["model"]
 
 
 def random_like(model, seed: int = 0) -> VisionTransformerForMaskedImageModeling:
@@ -123,11 +136,10 @@ def random_like(model, seed: int = 0) -> VisionTransformerForMaskedImageModeling
 
 
 def probe_against_random(model, data: str | Path, *, val_fraction: float = 0.3, seed: int = 0, device="cpu") -> dict:
-    """Probe ``model`` and the same architecture freshly initialised (seeded) on the same split:
-    {"pretrained": result, "random_init": result}."""
-    pretrained = probe_accuracy(model, data, val_fraction=val_fraction, seed=seed, device=device)
-    random_init = probe_accuracy(random_like(model, seed), data, val_fraction=val_fraction, seed=seed, device=device)
-    return {"pretrained": pretrained, "random_init": random_init}
+    """Probe ``model`` and the same architecture freshly initialised (seeded) on the same split, decoding the
+    images once: {"pretrained": result, "random_init": result}."""
+    models = {"pretrained": model, "random_init": random_like(model, seed)}
+    return probe_models(models, data, val_fraction=val_fraction, seed=seed, device=device)
 
 
 def _report(kind: str, result: dict) -> str:
