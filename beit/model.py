@@ -75,14 +75,19 @@ def trunc_normal_(tensor: torch.Tensor, std: float = 0.02) -> torch.Tensor:
     return tensor.clamp_(min=-std, max=std)
 
 
+def keep_draw(batch: int, keep_prob: float, dtype: torch.dtype, device) -> torch.Tensor:
+    """The official drop-path draw: one uniform per sample, floored to 1 (keep, probability ``keep_prob``) or 0.
+    Shared by ``drop_path`` and the fused path, so both consume the generator alike."""
+    return (keep_prob + torch.rand(batch, dtype=dtype, device=device)).floor_()
+
+
 def drop_path(x: torch.Tensor, drop_prob: float = 0.0, training: bool = False) -> torch.Tensor:
     """Stochastic depth per sample: zero the residual branch of a whole sample with probability ``drop_prob``."""
     if drop_prob == 0.0 or not training:
         return x
     keep_prob = 1 - drop_prob
     shape = (x.shape[0],) + (1,) * (x.ndim - 1)  # [B, 1, 1]: one draw per sample
-    random_tensor = keep_prob + torch.rand(shape, dtype=x.dtype, device=x.device)
-    random_tensor.floor_()
+    random_tensor = keep_draw(x.shape[0], keep_prob, x.dtype, x.device).view(shape)
     return x.div(keep_prob) * random_tensor
 
 
@@ -452,7 +457,7 @@ class VisionTransformerForMaskedImageModeling(nn.Module):
             return None
         keep = 1 - p
         dtype = branch.dtype if gamma is None else torch.promote_types(branch.dtype, gamma.dtype)
-        return (keep + torch.rand(branch.shape[0], dtype=dtype, device=branch.device)).floor_().div_(keep)
+        return keep_draw(branch.shape[0], keep, dtype, branch.device).div_(keep)
 
     def _check_mim_inputs(self, images, bool_masked_pos, mask_index, tokens):
         if bool_masked_pos is None:
