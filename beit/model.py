@@ -385,10 +385,7 @@ class VisionTransformerForMaskedImageModeling(nn.Module):
         return self.pos_drop(x)
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
-        rel_pos_bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None
-        for blk in self.blocks:
-            x = blk(x, rel_pos_bias=rel_pos_bias)
-        return self.norm(x)
+        return self.norm(self._run_blocks(x))
 
     def forward_features(self, x: torch.Tensor, bool_masked_pos: torch.Tensor | None = None) -> torch.Tensor:
         """The normalised tokens [B, N+1, D], cls first; masked patches are replaced by the mask token."""
