@@ -14,8 +14,6 @@ from _testutil import TRAIN_IMAGES, make_train_assets, tiny_run_args
 
 from beit.train import TrainingError, list_checkpoints, load_checkpoint, main, save_checkpoint
 
-NUM_IMAGES = TRAIN_IMAGES
-
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
@@ -86,7 +84,7 @@ def test_torchrun_two_processes_on_gloo(assets, tmp_path):
     for epoch in (0, 1):
         s0, s1 = r0["samples"][epoch], r1["samples"][epoch]
         assert not set(s0) & set(s1)
-        assert sorted(s0 + s1) == list(range(NUM_IMAGES))  # every sample once per epoch across the ranks
+        assert sorted(s0 + s1) == list(range(TRAIN_IMAGES))  # every sample once per epoch across the ranks
 
 
 def test_an_injected_nonfinite_loss_is_skipped_and_counted(assets, tmp_path):
