@@ -256,7 +256,7 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 
 
-def _block_config(kind: str, head_dim: int) -> dict:
+def _block_config(kind: str, head_dim: int, dtype: torch.dtype) -> dict:
     """Tile sizes. Not autotuned: the dk/dv kernel accumulates into its bias buffer, which autotuning's repeated
     launches would corrupt, and one fixed table keeps results reproducible. In the interpreter, large tiles mean
     fewer Python-level steps."""
@@ -327,7 +327,7 @@ def attention_fwd(q, k, v, bias, scale: float) -> tuple[torch.Tensor, torch.Tens
     o = torch.empty((B, N, H, D), device=q.device, dtype=q.dtype).permute(0, 2, 1, 3)  # [B, H, N, D] view
     lse = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
     bias_v, sb = _bias_view(bias, B, H, N, q)
-    cfg = _block_config("fwd", D)
+    cfg = _block_config("fwd", D, q.dtype)
     grid = (triton.cdiv(N, cfg["BLOCK_M"]), B * H)
     _attn_fwd_kernel[grid](
         q, k, v, bias_v, o, lse,
@@ -371,7 +371,7 @@ def attention_bwd(do, q, k, v, bias, o, lse, scale: float, bias_grad: bool):
     block_d = max(16, triton.next_power_of_2(D))
     ieee = q.dtype == torch.float32
 
-    cfg = _block_config("bwd", D)
+    cfg = _block_config("bwd", D, q.dtype)
     _attn_bwd_dq_kernel[(triton.cdiv(N, cfg["BLOCK_M"]), B * H)](
         q, k, v, bias_v, o, do, lse, delta, dq,
         q.stride(0), q.stride(1), q.stride(2),

@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 
 _BLOCK_V = 2048
+_CE_WARPS = 8
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -190,7 +191,7 @@ def linear_cross_entropy_fwd(
                 MEAN=mean,
                 COMPUTE_GRAD=compute_grad,
                 BLOCK_V=min(_BLOCK_V, triton.next_power_of_2(V)),
-                num_warps=8,
+                num_warps=_CE_WARPS,
             )
             if not compute_grad:
                 continue

@@ -1,0 +1,56 @@
+"""Every Triton kernel compiles for sm86 and sm90 with Triton's own compiler (no GPU needed) at the tiles its
+launcher picks, and fits the architecture's shared memory: a kernel that does not fails at its first launch on
+the GPU, which the interpreter-mode tests cannot see."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+SCRIPT = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "kernel_resources.py")
+KERNELS = {
+    "attention._attn_fwd_kernel", "attention._attn_bwd_dq_kernel", "attention._attn_bwd_dkdv_kernel",
+    "bias_gelu._bias_gelu_fwd_kernel", "bias_gelu._bias_gelu_bwd_kernel",
+    "layer_norm._add_ln_fwd_kernel", "layer_norm._add_ln_bwd_kernel",
+    "masked_gather._masked_gather_fwd_kernel", "masked_gather._masked_gather_bwd_kernel",
+    "patch_embed._patch_embed_fwd_kernel", "patch_embed._patch_embed_bwd_kernel",
+    "linear_cross_entropy._ce_rows_kernel",
+}  # fmt: skip
+
+
+def run(*args, timeout=900):
+    # The script switches the interpreter off itself; a subprocess keeps that out of this test session.
+    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_every_kernel_compiles_and_fits_shared_memory(tmp_path):
+    out = tmp_path / "resources.json"
+    proc = run("--arch", "86,90", "--dtype", "bf16,fp32", "--head-dim", "64,128,256", "--check", "--json", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    names = {r["kernel"].split("[")[0] for r in rows}
+    assert names == KERNELS
+    # 3 attention kernels at 3 head dimensions, 2 patch-embedding kernels for 2 image layouts, 7 others.
+    assert len(rows) == 2 * 2 * (9 + 4 + 7)
+    for r in rows:
+        assert r["fits"] and r["shared"] <= r["shared_limit"], r
+        assert 0 < r["registers"] <= 255, r
+    # sm86 is the tightest of the architectures the triton path runs on (99 KiB a block).
+    assert {r["shared_limit"] for r in rows if r["arch"] == "sm86"} == {99 * 1024}
+    assert "all 80 kernels fit" in proc.stdout
+
+
+@pytest.mark.slow
+def test_check_fails_when_a_kernel_does_not_fit():
+    proc = run("--arch", "90", "--dtype", "fp32", "--head-dim", "64", "--limit-kib", "120", "--check")
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    # The fp32-image patch embedding asks for 144 KiB on sm90; nothing else there needs more than 113.
+    assert "over the shared-memory limit: patch_embed._patch_embed_fwd_kernel[fp32] sm90 fp32\n" in proc.stderr
+
+
+def test_unknown_architecture_is_refused():
+    proc = run("--arch", "75", timeout=120)
+    assert proc.returncode == 2 and "known architectures" in proc.stderr
