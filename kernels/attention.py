@@ -259,13 +259,30 @@ MAX_HEAD_DIM = 256
 def _block_config(kind: str, head_dim: int, dtype: torch.dtype) -> dict:
     """Tile sizes. Not autotuned: the dk/dv kernel accumulates into its bias buffer, which autotuning's repeated
     launches would corrupt, and one fixed table keeps results reproducible. In the interpreter, large tiles mean
-    fewer Python-level steps."""
+    fewer Python-level steps.
+
+    Every entry fits the smallest shared memory of the GPUs the triton path runs on (99 KiB a block on sm86 and
+    sm89; 163 on sm80, 227 on sm90): ``bench/kernel_resources.py --check`` compiles them all without a GPU, and a
+    test runs it. Chosen without a GPU (2026-11-26) from ptxas's register and spill counts; retune on one."""
     if interpreting():
         return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1)
-    big = head_dim > 64
+    if dtype == torch.float32:
+        # IEEE fp32 products run on the FMA units with their operands replicated across threads: the half-precision
+        # tiles would need 192 KiB of shared memory (more than sm80 and sm86 have) and spill kilobytes a thread.
+        tile = 32 if head_dim <= 128 else 16
+        return dict(BLOCK_M=tile, BLOCK_N=tile, num_warps=4, num_stages=2)
+    if head_dim <= 64:
+        if kind == "fwd":
+            return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+    if head_dim <= 128:
+        if kind == "fwd":
+            return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=3)
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)
+    # Head dimensions up to 256: the 64-wide tiles need 104 to 144 KiB of shared memory there.
     if kind == "fwd":
-        return dict(BLOCK_M=128 if not big else 64, BLOCK_N=64, num_warps=4 if not big else 8, num_stages=3)
-    return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4 if not big else 8, num_stages=2)
+        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
+    return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)
 
 
 def _check_inputs(q, k, v, bias):

@@ -5,6 +5,8 @@ bf16 in the `gpu` tests. Low-precision results must be within twice plain PyTorc
 (plus a tiny epsilon) of the float64 reference.
 """
 
+import importlib
+
 import pytest
 import torch
 
@@ -84,6 +86,23 @@ def bias_shapes(B, H, N):
 def test_forward_and_gradients(dtype, shape, bias_kind):
     B, H, N, D = shape
     check(*make_inputs(B, H, N, D, dtype, bias_shapes(B, H, N)[bias_kind]))
+
+
+@pytest.mark.parametrize(
+    "dtype, D", [(torch.float32, 64), (torch.float32, 256), (torch.float16, 64), (torch.float16, 256)]
+)
+def test_gpu_tile_table(monkeypatch, dtype, D):
+    """The tiles a GPU launch takes (fp32: 32 or 16; half precision: 128 x 64 forward at D <= 64, 64 x 32 forward
+    and 32 x 32 backward at D > 128), run in the interpreter, which otherwise takes 64 x 64 tiles for everything;
+    N = 37 leaves a partial block at the end."""
+    if DEVICE == "cuda":
+        pytest.skip("the GPU runs these tiles in every test")
+    at = importlib.import_module("beit_kernels.attention")
+    monkeypatch.setattr(at, "interpreting", lambda: False)
+    tiles = {(c["BLOCK_M"], c["BLOCK_N"]) for c in (at._block_config(k, D, dtype) for k in ("fwd", "bwd"))}
+    assert tiles != {(64, 64)}
+    B, H, N = 3, 1, 37
+    check(*make_inputs(B, H, N, D, dtype, (1, H, N, N)))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
