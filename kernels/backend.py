@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import re
 
 import torch
 
@@ -38,13 +39,48 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _major_minor(version: str) -> tuple[int, int]:
+    m = re.match(r"(\d+)\.(\d+)", version)  # "3.6.0", "2.4.0rc1", "3.9.0+git1234"
+    if m is None:
+        raise ValueError(f"unparsable version {version!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def interpreter_problem(triton_version: str, numpy_version: str) -> str | None:
+    """Why Triton's interpreter cannot run our kernels with these versions, or None.
+
+    Triton 3.6 and older convert a 1-element array to an int with ``int(array)`` when a kernel uses a runtime
+    scalar as a loop bound (``range(0, N, BLOCK)``); NumPy 2.4 turned that deprecation into a TypeError, raised
+    from inside the kernel. Triton 3.7 squeezes the array first (checked in the 3.6, 3.7 and 3.8 wheels,
+    2026-11-26)."""
+    if _major_minor(triton_version) < (3, 7) and _major_minor(numpy_version) >= (2, 4):
+        return (
+            f"Triton {triton_version}'s interpreter cannot run with NumPy {numpy_version} (it calls int() on a "
+            "1-element array, an error since NumPy 2.4): install numpy<2.4 or triton>=3.7"
+        )
+    return None
+
+
+@functools.cache
+def _interpreter_problem() -> str | None:
+    from importlib.metadata import version
+
+    return interpreter_problem(version("triton"), version("numpy"))
+
+
 def check_kernel_device(op: str, t: torch.Tensor) -> None:
-    """Refuse a non-CUDA tensor for Triton kernel ``op`` unless the interpreter is on, pointing at the reference."""
-    if t.device.type != "cuda" and not interpreting():
+    """Refuse a non-CUDA tensor for Triton kernel ``op`` unless the interpreter is on, pointing at the reference;
+    under the interpreter, refuse a Triton and NumPy pair it cannot run with, before a kernel fails inside."""
+    if t.device.type == "cuda":
+        return
+    if not interpreting():
         raise ValueError(
             f"{op}: the Triton kernel needs a CUDA tensor (got {t.device}); on CPU use beit_kernels.reference.{op}, "
             "or set TRITON_INTERPRET=1 before importing triton (tests only)"
         )
+    problem = _interpreter_problem()
+    if problem is not None:
+        raise RuntimeError(f"{op}: {problem}")
 
 
 def check_vector(op: str, name: str, t: torch.Tensor | None, n: int, device: torch.device) -> None:

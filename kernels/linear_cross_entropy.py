@@ -37,6 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
+from beit_kernels.backend import check_kernel_device
+
 _BLOCK_V = 2048
 _CE_WARPS = 8
 
@@ -250,6 +252,7 @@ def _validate(x, weight, bias, target, reduction, chunk_size):
     for name, t in (("weight", weight), ("bias", bias), ("target", target)):
         if t is not None and t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    check_kernel_device("linear_cross_entropy", x)
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):

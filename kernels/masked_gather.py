@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from beit_kernels.backend import check_vector, persistent_programs
+from beit_kernels.backend import check_kernel_device, check_vector, persistent_programs
 
 _MAX_D = 65536
 
@@ -297,6 +297,7 @@ def _validate(x, index, ln_weight, ln_bias, eps):
         raise TypeError(f"index must be int32 or int64, got {index.dtype}")
     if index.device != x.device:
         raise ValueError(f"index is on {index.device} but x is on {x.device}")
+    check_kernel_device("masked_gather", x)
     B, T, D = x.shape
     if D > _MAX_D:
         raise ValueError(f"D={D} is wider than the {_MAX_D} features a row block holds")

@@ -44,6 +44,8 @@ import torch
 import triton
 import triton.language as tl
 
+from beit_kernels.backend import check_kernel_device
+
 # Tiles chosen without a GPU (2026-11-26): the largest that ptxas (Triton 3.9's, sm80 and sm90a, bf16 out, fp32
 # and uint8 images) compiles without register spills; the gathered patch tile makes these kernels register-heavy
 # (about 200-255 registers a thread). Untimed: retune on a GPU.
@@ -484,6 +486,7 @@ def _validate(images, weight, bias, mask, mask_token, cls_token, pos_embed, mean
     else:
         raise TypeError(f"images must be uint8 or float (fp32, fp16, bf16), got {images.dtype}")
     device = images.device
+    check_kernel_device("patch_embed", images)
     if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
         raise TypeError("weight must be a float tensor [D, 3, p, p]")
     if weight.dim() != 4 or weight.shape[1] != 3 or weight.shape[2] != weight.shape[3] or weight.shape[2] < 1:

@@ -1,0 +1,68 @@
+"""beit_kernels.backend: which tensors and which Triton installs the kernels accept, refused before any launch."""
+
+import pytest
+import torch
+
+import beit_kernels
+from beit_kernels import backend
+
+X3 = torch.zeros(2, 5, 8)
+V8 = torch.ones(8)
+Q = torch.zeros(1, 2, 5, 16)
+
+# Each public Triton op with the smallest valid CPU inputs.
+OPS = {
+    "attention": lambda: beit_kernels.attention(Q, Q, Q),
+    "bias_gelu": lambda: beit_kernels.bias_gelu(X3, None),
+    "add_layer_norm": lambda: beit_kernels.add_layer_norm(X3, X3, None, V8, V8),
+    "masked_gather": lambda: beit_kernels.masked_gather(X3, torch.tensor([[0, 1], [2, -1]])),
+    "patch_embed": lambda: beit_kernels.patch_embed(
+        torch.zeros(2, 16, 16, 3, dtype=torch.uint8), torch.zeros(8, 3, 16, 16), None
+    ),  # fmt: skip
+    "linear_cross_entropy": lambda: beit_kernels.linear_cross_entropy(
+        torch.zeros(4, 8), torch.zeros(10, 8), None, torch.tensor([0, 1, 2, 3])
+    ),
+}
+
+
+@pytest.mark.parametrize("op", sorted(OPS))
+def test_cpu_tensors_without_the_interpreter_are_refused(monkeypatch, op):
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU path")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match=f"{op}: the Triton kernel needs a CUDA tensor"):
+        OPS[op]()
+
+
+@pytest.mark.parametrize("op", sorted(OPS))
+def test_an_interpreter_that_cannot_run_is_refused_before_launch(monkeypatch, op):
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU path")
+    monkeypatch.setattr(backend, "_interpreter_problem", lambda: "Triton 3.6.0's interpreter cannot run")
+    with pytest.raises(RuntimeError, match=f"{op}: Triton 3.6.0's interpreter cannot run"):
+        OPS[op]()
+
+
+@pytest.mark.parametrize(
+    "triton_version, numpy_version, broken",
+    [
+        ("3.6.0", "2.4.1", True),
+        ("3.2.0", "2.4.0rc1", True),
+        ("3.6.0", "2.3.5", False),
+        ("3.7.0", "2.4.1", False),
+        ("3.9.0+git1a2b3c", "2.4.6", False),
+        ("3.6.0", "1.26.4", False),
+    ],
+)
+def test_interpreter_problem(triton_version, numpy_version, broken):
+    problem = backend.interpreter_problem(triton_version, numpy_version)
+    assert (problem is not None) == broken
+    if broken:
+        assert "numpy<2.4 or triton>=3.7" in problem and triton_version in problem
+
+
+def test_the_installed_pair_runs():
+    if torch.cuda.is_available():
+        pytest.skip("the interpreter is not used")
+    assert backend._interpreter_problem() is None
+    assert beit_kernels.bias_gelu(X3 + 1.0, None).shape == X3.shape
