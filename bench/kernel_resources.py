@@ -1,16 +1,22 @@
-"""Registers, spills and shared memory of every Triton kernel of ours, compiled without a GPU.
+"""Registers, spills and shared memory of every Triton kernel launch of a BEiT training step, compiled without a GPU.
 
-Each kernel is compiled by Triton's own compiler (ptxas ships in the triton wheel) for a GPU architecture, at the
-tile sizes, warps and stages its host launcher picks for BEiT's training shapes (width 768, MLP 3072, head
-dimension 64, vocabulary 8192), in each dtype the training step feeds it. Per kernel it reports what ptxas says
-(registers per thread, spill stores and loads) and the shared memory Triton asks for at launch, against the
-architecture's per-block limit. A kernel over that limit fails at its first launch with OutOfResources, so
-``--check`` makes that a failure here, where it costs no device time. Spills are reported, not refused: they are
-slow, not wrong, and only a GPU can say how slow.
+What gets compiled is what the launchers launch. A BEiT-B pretraining step (two blocks: every launch of the
+12-block step is one of theirs) runs forward and backward on the CPU with each Triton launch intercepted instead
+of run. Each distinct launch (kernel, argument types, constexprs, warps, stages, and the specialisation the JIT
+derives from the argument values: 16-byte alignment, integers equal to 1 as constants) is then compiled for each
+architecture by Triton's own compiler (ptxas ships in the triton wheel), specialised by Triton's own
+``native_specialize_impl``, as a launch on that GPU would be. The step's launches are joined by two the step does
+not make: patch embedding from uint8 HWC images with normalisation in the kernel (what DALI hands over), and
+attention at head dimensions 128 and 256.
 
-    python bench/kernel_resources.py                      # sm80, sm86, sm89, sm90; bf16, fp16, fp32; d 64-256
+Per launch it reports what ptxas says (registers per thread, spill stores and loads) and the shared memory Triton
+asks for, against the architecture's per-block limit. A kernel over that limit fails at its first launch with
+OutOfResources, so ``--check`` makes that a failure here, where it costs no device time. Spills are reported, not
+refused: they are slow, not wrong, and only a GPU can say how slow.
+
+    python bench/kernel_resources.py                      # sm80, sm86, sm89, sm90; bf16, fp16, fp32
     python bench/kernel_resources.py --arch 90 --dtype bf16 --json resources.json
-    python bench/kernel_resources.py --check              # exit 1 if a kernel needs more shared memory than fits
+    python bench/kernel_resources.py --check              # exit 1 if a launch needs more shared memory than fits
 
 The numbers depend on the Triton version (each row records it): the device image has Triton 3.6.
 """
@@ -19,13 +25,15 @@ from __future__ import annotations
 
 import os
 
-# The interpreter never runs the compiler, and the launchers' tile tables differ under it: switch it off before
+# The interpreter never runs the compiler, and the launchers pick other tiles under it: switch it off before
 # triton is imported (tests/conftest.py switches it on for the CPU test session).
 os.environ.pop("TRITON_INTERPRET", None)
 
 import argparse  # noqa: E402
 import concurrent.futures  # noqa: E402
+import contextlib  # noqa: E402
 import importlib  # noqa: E402
+import inspect  # noqa: E402
 import json  # noqa: E402
 import multiprocessing  # noqa: E402
 import re  # noqa: E402
@@ -36,150 +44,157 @@ from dataclasses import dataclass  # noqa: E402
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+from triton._C.libtriton import native_specialize_impl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.backends.nvidia.compiler import CUDABackend, get_ptxas  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+import beit  # noqa: E402
+import beit_kernels  # noqa: E402
+from beit.masking import MaskingGenerator, generate_masks  # noqa: E402
 
 # Largest shared memory one block may opt into, bytes (CUDA programming guide, compute capabilities table).
 SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-WIDTH, MLP, HEAD_DIM, VOCAB = 768, 3072, 64, 8192
+KERNEL_MODULES = ("attention", "bias_gelu", "layer_norm", "masked_gather", "patch_embed", "linear_cross_entropy")
+# Keyword arguments of a launch that are compiler options, not kernel arguments.
+LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 
 
-@dataclass
-class Spec:
-    kernel: str
-    fn: object  # a triton.JITFunction
-    ptrs: dict  # pointer argument -> element type ("bf16", "fp32", "i64", "u8", ...)
-    consts: dict  # constexpr arguments
-    warps: int
-    stages: int | None = None
-    floats: tuple = ()  # fp32 scalar arguments; every other argument is an i32
+@dataclass(frozen=True)
+class Launch:
+    """One distinct launch: everything the compiled code depends on."""
 
-    def signature(self) -> dict:
-        return {
-            n: "constexpr" if n in self.consts else "*" + self.ptrs[n] if n in self.ptrs else
-            "fp32" if n in self.floats else "i32"
-            for n in self.fn.arg_names
-        }  # fmt: skip
+    kernel: str  # module.function
+    signature: tuple  # ((argument, type), ...), "constexpr" for constants
+    constexprs: tuple  # ((argument, value), ...)
+    aligned: tuple  # arguments the JIT marks divisible by 16
+    options: tuple  # ((option, value), ...)
 
+    def label(self, others: list[Launch]) -> str:
+        """The kernel, plus the constexprs and pointer types that tell it from the other launches of the same
+        kernel (at most four)."""
+        same = [o for o in others if o.kernel == self.kernel]
+        if len(same) < 2:
+            return self.kernel
+        mine, theirs = self._traits(), [o._traits() for o in same]
+        diff = [k for k in mine if any(t.get(k) != mine[k] for t in theirs)]
+        return f"{self.kernel}[{','.join(f'{k}={mine[k]}' for k in diff[:4])}]"
 
-def _mod(name: str):
-    # The package exports functions named like their modules (attention, bias_gelu, ...): import the modules.
-    return importlib.import_module(f"beit_kernels.{name}")
-
-
-def attention_specs(dt: str, head_dim: int = HEAD_DIM) -> list[Spec]:
-    at = _mod("attention")
-    dtype = DTYPES[dt]
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    out = []
-    for kind, fn in (("fwd", at._attn_fwd_kernel), ("bwd", at._attn_bwd_dq_kernel), ("bwd", at._attn_bwd_dkdv_kernel)):
-        ptrs = {n: dt for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
-        ptrs.update(BIAS="fp32", LSE="fp32", DELTA="fp32", DBIAS="fp32")
-        cfg = dict(at._block_config(kind, head_dim, dtype))
-        warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-        consts = dict(HAS_BIAS=True, IEEE=dtype == torch.float32, BLOCK_D=block_d, **cfg)
-        if "BIAS_GRAD" in fn.arg_names:
-            consts["BIAS_GRAD"] = True
-        name = f"attention.{fn.__name__}[d{head_dim}]"
-        out.append(Spec(name, fn, ptrs, consts, warps, stages, ("qk_scale", "sm_scale")))
-    return out
+    def _traits(self) -> dict:
+        return {k: v for k, v in self.signature if v.startswith("*")} | dict(self.constexprs)
 
 
-def bias_gelu_specs(dt: str) -> list[Spec]:
-    bg = _mod("bias_gelu")
-    ptrs = dict(x_ptr=dt, b_ptr="fp32", out_ptr=dt, dy_ptr=dt, dx_ptr=dt, db_ptr="fp32")
-    out = []
-    for fn, tile in ((bg._bias_gelu_fwd_kernel, bg._FWD_TILE), (bg._bias_gelu_bwd_kernel, bg._BWD_TILE)):
-        bm, bd, warps = bg._tile(tile, MLP)
-        out.append(Spec(f"bias_gelu.{fn.__name__}", fn, ptrs, dict(HAS_BIAS=True, BLOCK_M=bm, BLOCK_D=bd), warps))
-    return out
+def _jit(kernel: str) -> JITFunction:
+    mod, name = kernel.split(".")
+    return getattr(importlib.import_module(f"beit_kernels.{mod}"), name)
 
 
-def layer_norm_specs(dt: str) -> list[Spec]:
-    ln = _mod("layer_norm")
-    # Under autocast the residual stream stays fp32 and the branch and the normalised output are in the low dtype.
-    res = "fp32"
-    bm, bd, warps = ln._tile(WIDTH, backward=False)
-    fwd = dict(x_ptr=res, br_ptr=dt, g_ptr="fp32", s_ptr="fp32", w_ptr="fp32", b_ptr="fp32", h_ptr=res, y_ptr=dt,
-               mean_ptr="fp32", rstd_ptr="fp32")  # fmt: skip
-    fwd_c = dict(HAS_BRANCH=True, HAS_GAMMA=True, HAS_SCALE=True, HAS_W=True, HAS_B=True, BLOCK_M=bm, BLOCK_D=bd)
-    specs = [Spec("layer_norm._add_ln_fwd_kernel", ln._add_ln_fwd_kernel, fwd, fwd_c, warps, floats=("eps",))]
-    bm, bd, warps = ln._tile(WIDTH, backward=True)
-    bwd = dict(dh_ptr=res, dy_ptr=dt, h_ptr=res, br_ptr=dt, g_ptr="fp32", s_ptr="fp32", w_ptr="fp32",
-               mean_ptr="fp32", rstd_ptr="fp32", dx_ptr=res, dbr_ptr=dt, dg_ptr="fp32", dw_ptr="fp32",
-               db_ptr="fp32")  # fmt: skip
-    bwd_c = dict(HAS_DH=True, HAS_DY=True, HAS_BRANCH=True, HAS_GAMMA=True, HAS_SCALE=True, HAS_W=True,
-                 WRITE_DX=True, WRITE_DBR=True, GAMMA_GRAD=True, BLOCK_M=bm, BLOCK_D=bd)  # fmt: skip
-    specs.append(Spec("layer_norm._add_ln_bwd_kernel", ln._add_ln_bwd_kernel, bwd, bwd_c, warps))
-    return specs
+def specialise(fn: JITFunction, args: tuple, kwargs: dict) -> Launch:
+    """What the JIT compiles for a launch ``fn[grid](*args, **kwargs)``, using its own specialisation rules."""
+    kwargs = dict(kwargs)
+    options = tuple(sorted((k, kwargs.pop(k)) for k in list(kwargs) if k in LAUNCH_OPTIONS))
+    bound = inspect.signature(fn.fn).bind(*args, **kwargs)
+    bound.apply_defaults()
+    signature, constexprs, aligned = [], [], []
+    for p in fn.params:
+        value = bound.arguments[p.name]
+        if p.is_constexpr:
+            signature.append((p.name, "constexpr"))
+            constexprs.append((p.name, value))
+            continue
+        # As the JIT does: non-constexpr floats and bools are not specialised on their values.
+        specialise_value = not p.do_not_specialize and not isinstance(value, (bool, float))
+        ty, key = native_specialize_impl(CUDABackend, value, p.is_const, specialise_value,
+                                         not p.do_not_specialize_on_alignment)  # fmt: skip
+        if ty == "constexpr":  # an integer equal to 1
+            signature.append((p.name, "constexpr"))
+            constexprs.append((p.name, key))
+            continue
+        signature.append((p.name, ty))
+        if isinstance(key, str) and "D" in key:
+            aligned.append(p.name)
+    name = f"{fn.fn.__module__.split('.')[-1]}.{fn.fn.__name__}"
+    return Launch(name, tuple(signature), tuple(constexprs), tuple(aligned), options)
 
 
-def masked_gather_specs(dt: str) -> list[Spec]:
-    mg = _mod("masked_gather")
-    block_d = triton.next_power_of_2(WIDTH)
-    fwd = dict(x_ptr=dt, idx_ptr="i64", w_ptr="fp32", b_ptr="fp32", out_ptr=dt, mean_ptr="fp32", rstd_ptr="fp32")
-    bwd = dict(x_ptr=dt, idx_ptr="i64", w_ptr="fp32", dy_ptr=dt, mean_ptr="fp32", rstd_ptr="fp32", dx_ptr=dt,
-               dw_ptr="fp32", db_ptr="fp32")  # fmt: skip
-    warps = mg._num_warps(block_d)
-    return [
-        Spec("masked_gather._masked_gather_fwd_kernel", mg._masked_gather_fwd_kernel, fwd,
-             dict(HAS_LN=True, HAS_W=True, HAS_B=True, BLOCK_D=block_d), warps, floats=("eps",)),
-        Spec("masked_gather._masked_gather_bwd_kernel", mg._masked_gather_bwd_kernel, bwd,
-             dict(HAS_LN=True, HAS_W=True, BLOCK_D=block_d), warps),
-    ]  # fmt: skip
+@contextlib.contextmanager
+def captured_launches(shared: int):
+    """Run the launchers on CPU tensors with every Triton launch recorded (as a ``Launch``) instead of run, as on a
+    GPU with ``shared`` bytes of shared memory a block."""
+    launches: list[Launch] = []
+
+    def run(self, *args, grid, warmup, **kwargs):
+        launches.append(specialise(self, args, kwargs))
+
+    mods = [importlib.import_module(f"beit_kernels.{m}") for m in KERNEL_MODULES]
+    # The launch never happens, so a CPU tensor is fine; the tiles are those of the GPU being compiled for.
+    fakes = dict(check_kernel_device=lambda op, t: None, block_shared_memory=lambda device: shared)
+    saved = [(m, name, getattr(m, name)) for m in mods for name in fakes if hasattr(m, name)]
+    saved_run = JITFunction.run
+    JITFunction.run = run
+    for m, name, _ in saved:
+        setattr(m, name, fakes[name])
+    try:
+        yield launches
+    finally:
+        JITFunction.run = saved_run
+        for m, name, fn in saved:
+            setattr(m, name, fn)
 
 
-def patch_embed_specs(dt: str) -> list[Spec]:
-    pe = _mod("patch_embed")
-    prec = pe._dot_precision(DTYPES[dt])
-    specs = []
-    for img in ("u8", "fp32"):  # DALI's uint8 HWC batches, and float NCHW tensors
-        fwd = dict(img_ptr=img, w_ptr="fp32", b_ptr="fp32", mask_ptr="u8", mtok_ptr="fp32", cls_ptr="fp32",
-                   pos_ptr="fp32", scale_ptr="fp32", shift_ptr="fp32", out_ptr=dt)  # fmt: skip
-        fwd_c = dict(P=16, HAS_BIAS=True, HAS_MASK=True, HAS_CLS=1, HAS_POS=True, NORM=img == "u8", DOT_PREC=prec,
-                     BLOCK_M=pe._FWD_BLOCK_M, BLOCK_N=pe._FWD_BLOCK_N, BLOCK_K=pe._FWD_BLOCK_K)  # fmt: skip
-        bwd = dict(img_ptr=img, dy_ptr=dt, mask_ptr="u8", scale_ptr="fp32", shift_ptr="fp32", dw_ptr="fp32",
-                   db_ptr="fp32", dmt_ptr="fp32")  # fmt: skip
-        bwd_c = dict(P=16, HAS_MASK=True, HAS_CLS=1, NORM=img == "u8", DOT_PREC=prec, BLOCK_M=pe._BWD_BLOCK_M,
-                     BLOCK_D=pe._BWD_BLOCK_D, BLOCK_K=pe._BWD_BLOCK_K)  # fmt: skip
-        specs += [
-            Spec(f"patch_embed._patch_embed_fwd_kernel[{img}]", pe._patch_embed_fwd_kernel, fwd, fwd_c,
-                 pe._FWD_WARPS, pe._FWD_STAGES),
-            Spec(f"patch_embed._patch_embed_bwd_kernel[{img}]", pe._patch_embed_bwd_kernel, bwd, bwd_c,
-                 pe._BWD_WARPS, pe._BWD_STAGES),
-        ]  # fmt: skip
-    return specs
+def training_step(dtype: torch.dtype, batch: int = 2) -> None:
+    """One BEiT-B/16 step on the triton path (fused glue, drop path on), under autocast unless ``dtype`` is fp32."""
+    torch.manual_seed(0)
+    model = beit.create_model("beit_base_patch16_224", depth=2, impl="triton", drop_path_rate=0.1)
+    images = torch.randn(batch, 3, 224, 224)
+    bool_masked_pos, mask_index = generate_masks(MaskingGenerator(14, 75, 16, rng=0), batch)
+    tokens = torch.randint(0, model.config.vocab_size, (batch, 196))
+    amp = dtype != torch.float32
+    with torch.autocast("cpu", dtype=dtype, enabled=amp):
+        loss, _, _ = model.forward_mim_loss(images, bool_masked_pos, mask_index, tokens)
+    loss.backward()
 
 
-def linear_cross_entropy_specs(dt: str) -> list[Spec]:
-    lce = _mod("linear_cross_entropy")
-    ptrs = dict(z_ptr=dt, target_ptr="i64", loss_ptr="fp32", correct_ptr="i32", n_valid_ptr="i64")
-    consts = dict(MEAN=True, COMPUTE_GRAD=True, BLOCK_V=min(lce._BLOCK_V, triton.next_power_of_2(VOCAB)))
-    return [Spec("linear_cross_entropy._ce_rows_kernel", lce._ce_rows_kernel, ptrs, consts, lce._CE_WARPS)]
+def extra_launches(dtype: torch.dtype, head_dims: list[int]) -> None:
+    """The launches the step does not make: uint8 patch embedding with normalisation, other head dimensions."""
+    B, D = 2, 768
+    weight = torch.randn(D, 3, 16, 16, requires_grad=True)
+    images = torch.randint(0, 256, (B, 224, 224, 3), dtype=torch.uint8)
+    mask = torch.rand(B, 196) < 0.4
+    params = [torch.zeros(1, 1, D, requires_grad=True) for _ in range(2)] + [torch.zeros(1, 197, D, requires_grad=True)]
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        out = beit_kernels.patch_embed(images, weight, torch.zeros(D, requires_grad=True), mask=mask,
+                                       mask_token=params[0], cls_token=params[1], pos_embed=params[2],
+                                       mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375))  # fmt: skip
+    out.float().sum().backward()
+    for hd in head_dims:
+        if hd == 64:
+            continue  # the step's own
+        H, N = 2, 197
+        qkv = torch.randn(B, N, 3, H, hd, dtype=dtype).permute(2, 0, 3, 1, 4).requires_grad_()  # [3, B, H, N, hd]
+        bias = torch.zeros(H, N, N, requires_grad=True)
+        o = beit_kernels.attention(qkv[0], qkv[1], qkv[2], bias)
+        o.transpose(1, 2).reshape(B, N, H * hd).float().sum().backward()  # the layout the projection hands back
 
 
-# The kernels whose tiles depend on the head dimension, and those sized for BEiT's widths.
-SPECS = dict(attention=attention_specs, bias_gelu=bias_gelu_specs, layer_norm=layer_norm_specs,
-             masked_gather=masked_gather_specs, patch_embed=patch_embed_specs,
-             linear_cross_entropy=linear_cross_entropy_specs)  # fmt: skip
-
-
-def _ptxas(arch: int) -> str:
-    from triton.backends.nvidia.compiler import get_ptxas  # the ptxas Triton itself uses for this architecture
-
-    return get_ptxas(arch).path
+def capture(dtype: torch.dtype, head_dims: list[int], shared: int) -> list[Launch]:
+    with captured_launches(shared) as launches:
+        training_step(dtype)
+        extra_launches(dtype, head_dims)
+    return list(dict.fromkeys(launches))  # distinct, in launch order
 
 
 def ptxas_usage(ptx: str, arch: int) -> dict:
-    """Registers and spill bytes, from ``ptxas -v`` on the PTX Triton generated."""
+    """Registers and spill bytes, from ``ptxas -v`` (the ptxas Triton uses for ``arch``) on Triton's PTX."""
     gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"  # Triton targets the arch-specific sm_90a on Hopper
     with tempfile.TemporaryDirectory() as d:
         src = os.path.join(d, "k.ptx")
         with open(src, "w") as f:
             f.write(ptx)
-        proc = subprocess.run([_ptxas(arch), "-v", f"--gpu-name={gpu}", src, "-o", os.path.join(d, "k.cubin")],
-                              capture_output=True, text=True)  # fmt: skip
+        cmd = [get_ptxas(arch).path, "-v", f"--gpu-name={gpu}", src, "-o", os.path.join(d, "k.cubin")]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"ptxas failed for {gpu}:\n{proc.stderr[-2000:]}")
     log = proc.stdout + proc.stderr
@@ -191,48 +206,39 @@ def ptxas_usage(ptx: str, arch: int) -> dict:
     return dict(registers=int(regs.group(1)), spill_stores=int(stores.group(1)), spill_loads=int(loads.group(1)))
 
 
-def compile_spec(spec: Spec, arch: int, limit: int | None = None) -> dict:
-    options = dict(num_warps=spec.warps)
-    if spec.stages is not None:
-        options["num_stages"] = spec.stages
-    k = triton.compile(ASTSource(spec.fn, spec.signature(), spec.consts), target=GPUTarget("cuda", arch, 32),
-                       options=options)  # fmt: skip
+def compile_launch(launch: Launch, arch: int, limit: int | None = None) -> dict:
+    fn = _jit(launch.kernel)
+    index = {p.name: p.num for p in fn.params}
+    attrs = {(index[n],): CUDABackend.parse_attr("D") for n in launch.aligned}
+    src = ASTSource(fn, dict(launch.signature), dict(launch.constexprs), attrs)
+    k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(launch.options))
     if not k.asm.get("cubin"):
-        raise RuntimeError(f"{spec.kernel}: no cubin for sm{arch}")
-    usage = ptxas_usage(k.asm["ptx"], arch)
+        raise RuntimeError(f"{launch.kernel}: no cubin for sm{arch}")
     shared = int(k.metadata.shared)
     limit = SHARED_LIMIT[arch] if limit is None else limit
-    return dict(kernel=spec.kernel, arch=f"sm{arch}", warps=spec.warps, stages=spec.stages, shared=shared,
-                shared_limit=limit, fits=shared <= limit, **usage)  # fmt: skip
-
-
-def _specs(kernel: str, dt: str, head_dim: int) -> list[Spec]:
-    return SPECS[kernel](dt, head_dim) if kernel == "attention" else SPECS[kernel](dt)
+    opts = dict(launch.options)
+    return dict(arch=f"sm{arch}", warps=opts.get("num_warps", 4), stages=opts.get("num_stages"), shared=shared,
+                shared_limit=limit, fits=shared <= limit, **ptxas_usage(k.asm["ptx"], arch))  # fmt: skip
 
 
 def _job(job: tuple) -> dict:
-    """One compilation, by name (JIT functions do not pickle): (kernel, dtype, head dim, spec index, arch,
-    shared-memory limit or None for the architecture's)."""
-    kernel, dt, head_dim, i, arch, limit = job
-    row = compile_spec(_specs(kernel, dt, head_dim)[i], arch, limit)
-    row.update(dtype=dt, triton=triton.__version__, torch=torch.__version__)
+    launch, label, dt, arch, limit = job
+    row = dict(kernel=label, dtype=dt, **compile_launch(launch, arch, limit))
+    row.update(triton=triton.__version__, torch=torch.__version__)
     return row
 
 
 def rows(archs: list[int], dtypes: list[str], head_dims: list[int], jobs: int = 1, limit: int | None = None
          ) -> list[dict]:  # fmt: skip
     work = []
-    for arch in archs:
-        for dt in dtypes:
-            for kernel in SPECS:
-                for head_dim in head_dims if kernel == "attention" else [HEAD_DIM]:
-                    n = len(_specs(kernel, dt, head_dim))
-                    work += [(kernel, dt, head_dim, i, arch, limit) for i in range(n)]
+    for dt in dtypes:
+        for arch in archs:
+            launches = capture(DTYPES[dt], head_dims, SHARED_LIMIT[arch])
+            work += [(launch, launch.label(launches), dt, arch, limit) for launch in launches]
     if jobs <= 1:
         return [_job(j) for j in work]
     # Each compilation is single-threaded; a process pool keeps every core busy (fork: no re-import per worker).
-    ctx = multiprocessing.get_context("fork")
-    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
         return list(pool.map(_job, work))
 
 
@@ -251,14 +257,14 @@ def table(rs: list[dict]) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", default="80,86,89,90", help="compute capabilities, comma-separated (80, 86, 89, 90)")
-    p.add_argument("--dtype", default="bf16,fp16,fp32", help="activation dtypes, comma-separated")
+    p.add_argument("--dtype", default="bf16,fp16,fp32", help="the step's autocast dtypes (fp32: no autocast)")
     p.add_argument("--head-dim", default="64,128,256", help="attention head dimensions, comma-separated")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compilations run at once")
     p.add_argument("--limit-kib", type=int, default=None,
                    help="check against this shared memory a block instead of the architecture's (a GPU shared "
                         "with other work, or a part with less)")  # fmt: skip
     p.add_argument("--json", default=None, help="write the rows here")
-    p.add_argument("--check", action="store_true", help="exit 1 when a kernel needs more shared memory than fits")
+    p.add_argument("--check", action="store_true", help="exit 1 when a launch needs more shared memory than fits")
     args = p.parse_args(argv)
     archs = [int(a) for a in args.arch.split(",")]
     dtypes = args.dtype.split(",")
@@ -280,7 +286,7 @@ def main(argv=None) -> int:
     if over:
         print("over the shared-memory limit: " + ", ".join(over), file=sys.stderr)
         return 1 if args.check else 0
-    print(f"all {len(rs)} kernels fit in shared memory")
+    print(f"all {len(rs)} launches fit in shared memory")
     return 0
 
 

@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from beit_kernels.backend import check_kernel_device, interpreting
+from beit_kernels.backend import block_shared_memory, check_kernel_device, interpreting
 
 LOG2E = 1.4426950408889634
 
@@ -256,30 +256,33 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 
 
-def _block_config(kind: str, head_dim: int, dtype: torch.dtype) -> dict:
-    """Tile sizes. Not autotuned: the dk/dv kernel accumulates into its bias buffer, which autotuning's repeated
-    launches would corrupt, and one fixed table keeps results reproducible. In the interpreter, large tiles mean
-    fewer Python-level steps.
+def _block_config(kind: str, head_dim: int, dtype: torch.dtype, shared: int) -> dict:
+    """Tile sizes for a GPU with ``shared`` bytes of shared memory a block. Not autotuned: the dk/dv kernel
+    accumulates into its bias buffer, which autotuning's repeated launches would corrupt, and one fixed table keeps
+    results reproducible. In the interpreter, large tiles mean fewer Python-level steps.
 
-    Every entry fits the smallest shared memory of the GPUs the triton path runs on (99 KiB a block on sm86 and
-    sm89; 163 on sm80, 227 on sm90): ``bench/kernel_resources.py --check`` compiles them all without a GPU, and a
-    test runs it. Chosen without a GPU (2026-11-26) from ptxas's register and spill counts; retune on one."""
+    ``bench/kernel_resources.py --check`` compiles every entry as the launch specialises it, for sm80, sm86, sm89
+    and sm90, without a GPU, and a test runs it: each fits its GPU's shared memory. The three-stage forward
+    pipeline needs 112 to 120 KiB, more than sm86 and sm89 have (99), so those take two stages. Chosen without a
+    GPU (2026-11-26) from ptxas's register and spill counts; retune on one."""
     if interpreting():
         return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1)
     if dtype == torch.float32:
         # IEEE fp32 products run on the FMA units with their operands replicated across threads: the half-precision
-        # tiles would need 192 KiB of shared memory (more than sm80 and sm86 have) and spill kilobytes a thread.
+        # tiles would need 192 KiB of shared memory (more than sm80 and sm86 have) and spill kilobytes a thread
+        # (measured without the launch's alignment specialisation).
         tile = 32 if head_dim <= 128 else 16
         return dict(BLOCK_M=tile, BLOCK_N=tile, num_warps=4, num_stages=2)
+    fwd_stages = 3 if shared >= 160 * 1024 else 2
     if head_dim <= 64:
         if kind == "fwd":
-            return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
+            return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=fwd_stages)
         return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
     if head_dim <= 128:
         if kind == "fwd":
-            return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=3)
+            return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=fwd_stages)
         return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)
-    # Head dimensions up to 256: the 64-wide tiles need 104 to 144 KiB of shared memory there.
+    # Head dimensions up to 256: the 64-wide tiles would need 136 to 200 KiB of shared memory there.
     if kind == "fwd":
         return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
     return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)
@@ -344,7 +347,7 @@ def attention_fwd(q, k, v, bias, scale: float) -> tuple[torch.Tensor, torch.Tens
     o = torch.empty((B, N, H, D), device=q.device, dtype=q.dtype).permute(0, 2, 1, 3)  # [B, H, N, D] view
     lse = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
     bias_v, sb = _bias_view(bias, B, H, N, q)
-    cfg = _block_config("fwd", D, q.dtype)
+    cfg = _block_config("fwd", D, q.dtype, block_shared_memory(q.device))
     grid = (triton.cdiv(N, cfg["BLOCK_M"]), B * H)
     _attn_fwd_kernel[grid](
         q, k, v, bias_v, o, lse,
@@ -388,7 +391,7 @@ def attention_bwd(do, q, k, v, bias, o, lse, scale: float, bias_grad: bool):
     block_d = max(16, triton.next_power_of_2(D))
     ieee = q.dtype == torch.float32
 
-    cfg = _block_config("bwd", D, q.dtype)
+    cfg = _block_config("bwd", D, q.dtype, block_shared_memory(q.device))
     _attn_bwd_dq_kernel[(triton.cdiv(N, cfg["BLOCK_M"]), B * H)](
         q, k, v, bias_v, o, do, lse, delta, dq,
         q.stride(0), q.stride(1), q.stride(2),

@@ -104,6 +104,24 @@ def persistent_programs(n_tiles: int, device: torch.device) -> int:
     return max(1, min(n_tiles, cap))
 
 
+# Largest shared memory one block may opt into, KiB, by compute capability (CUDA programming guide), for a torch
+# that does not report it; unknown parts get the smallest figure of the sm80+ family.
+_SHARED_OPTIN_KIB = {(8, 0): 163, (8, 7): 163, (9, 0): 227, (10, 0): 227, (10, 3): 227}
+_SHARED_OPTIN_MIN_KIB = 99
+
+
+def block_shared_memory(device: torch.device) -> int:
+    """Bytes of shared memory one block may use on ``device``, which sizes the tiles of the kernels that need the
+    most (99 KiB on sm86 and sm89, 163 on sm80, 227 on sm90); unbounded for the interpreter."""
+    if device.type != "cuda":
+        return 1 << 30
+    props = torch.cuda.get_device_properties(device)
+    optin = getattr(props, "shared_memory_per_block_optin", None)
+    if optin:
+        return int(optin)
+    return _SHARED_OPTIN_KIB.get((props.major, props.minor), _SHARED_OPTIN_MIN_KIB) * 1024
+
+
 IMPLS = ("auto", "ref", "sdpa", "triton")
 
 

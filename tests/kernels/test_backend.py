@@ -1,4 +1,7 @@
-"""beit_kernels.backend: which tensors and which Triton installs the kernels accept, refused before any launch."""
+"""beit_kernels.backend: which tensors and which Triton installs the kernels accept, refused before any launch, and
+the device facts that size the kernels' tiles."""
+
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -66,3 +69,22 @@ def test_the_installed_pair_runs():
         pytest.skip("the interpreter is not used")
     assert backend._interpreter_problem() is None
     assert beit_kernels.bias_gelu(X3 + 1.0, None).shape == X3.shape
+
+
+@pytest.mark.parametrize(
+    "props, kib",
+    [
+        (SimpleNamespace(major=8, minor=6, shared_memory_per_block_optin=101376), 99),  # what torch reports wins
+        (SimpleNamespace(major=9, minor=0), 227),  # a torch without the field: the capability table
+        (SimpleNamespace(major=8, minor=0), 163),
+        (SimpleNamespace(major=8, minor=9), 99),
+        (SimpleNamespace(major=12, minor=0), 99),  # unknown: the smallest of the family
+    ],
+)
+def test_block_shared_memory(monkeypatch, props, kib):
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    assert backend.block_shared_memory(torch.device("cuda", 0)) == kib * 1024
+
+
+def test_block_shared_memory_is_unbounded_for_the_interpreter():
+    assert backend.block_shared_memory(torch.device("cpu")) >= 1 << 30
