@@ -257,22 +257,27 @@ MAX_HEAD_DIM = 256
 
 
 def _block_config(kind: str, head_dim: int, dtype: torch.dtype, shared: int) -> dict:
-    """Tile sizes for a GPU with ``shared`` bytes of shared memory a block. Not autotuned: the dk/dv kernel
-    accumulates into its bias buffer, which autotuning's repeated launches would corrupt, and one fixed table keeps
-    results reproducible. In the interpreter, large tiles mean fewer Python-level steps.
+    """Tile sizes of kernel ``kind`` ("fwd", "dq" or "dkdv") on a GPU with ``shared`` bytes of shared memory a
+    block. Not autotuned: the dk/dv kernel accumulates into its bias buffer, which autotuning's repeated launches
+    would corrupt, and one fixed table keeps results reproducible. In the interpreter, large tiles mean fewer
+    Python-level steps.
 
     ``bench/kernel_resources.py --check`` compiles every entry as the launch specialises it, for sm80, sm86, sm89
     and sm90, without a GPU, and a test runs it: each fits its GPU's shared memory. The three-stage forward
     pipeline needs 112 to 120 KiB, more than sm86 and sm89 have (99), so those take two stages. Chosen without a
-    GPU (2026-11-26) from ptxas's register and spill counts; retune on one."""
+    GPU (2026-11-26) from ptxas's register and spill counts (Triton 3.6 and 3.9); retune on one. Known spills: the
+    half-precision dk/dv kernel at 255 registers, about 350 bytes a thread on sm80 to sm89 and 30 on sm90."""
     if interpreting():
         return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1)
     if dtype == torch.float32:
-        # IEEE fp32 products run on the FMA units with their operands replicated across threads: the half-precision
-        # tiles would need 192 KiB of shared memory (more than sm80 and sm86 have) and spill kilobytes a thread
-        # (measured without the launch's alignment specialisation).
-        tile = 32 if head_dim <= 128 else 16
-        return dict(BLOCK_M=tile, BLOCK_N=tile, num_warps=4, num_stages=2)
+        # IEEE fp32 products run on the FMA units with their operands replicated across threads, so the tiles
+        # are small: the half-precision ones would need 192 KiB of shared memory (more than sm80 and sm86 have),
+        # and 32 x 32 spills 0.7 to 2.7 KB a thread in the dk/dv kernel, and in the forward at D = 128.
+        if head_dim > 64:
+            return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=2)
+        if kind == "dkdv":
+            return dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=2)
+        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)
     fwd_stages = 3 if shared >= 160 * 1024 else 2
     if head_dim <= 64:
         if kind == "fwd":
@@ -391,7 +396,8 @@ def attention_bwd(do, q, k, v, bias, o, lse, scale: float, bias_grad: bool):
     block_d = max(16, triton.next_power_of_2(D))
     ieee = q.dtype == torch.float32
 
-    cfg = _block_config("bwd", D, q.dtype, block_shared_memory(q.device))
+    shared = block_shared_memory(q.device)
+    cfg = _block_config("dq", D, q.dtype, shared)
     _attn_bwd_dq_kernel[(triton.cdiv(N, cfg["BLOCK_M"]), B * H)](
         q, k, v, bias_v, o, do, lse, delta, dq,
         q.stride(0), q.stride(1), q.stride(2),
@@ -405,6 +411,7 @@ def attention_bwd(do, q, k, v, bias, o, lse, scale: float, bias_grad: bool):
         HAS_BIAS=bias is not None, IEEE=ieee, BLOCK_D=block_d, **cfg,
     )  # fmt: skip
 
+    cfg = _block_config("dkdv", D, q.dtype, shared)
     n_blocks = triton.cdiv(N, cfg["BLOCK_N"])
     batch_broadcast = bias is not None and sb[0] == 0
     groups = _num_groups(B, H, n_blocks, q.device, batch_broadcast) if bias_grad else B

@@ -92,14 +92,14 @@ def test_forward_and_gradients(dtype, shape, bias_kind):
     "dtype, D", [(torch.float32, 64), (torch.float32, 256), (torch.float16, 64), (torch.float16, 256)]
 )
 def test_gpu_tile_table(monkeypatch, dtype, D):
-    """The tiles a GPU launch takes (fp32: 32 or 16; half precision: 128 x 64 forward at D <= 64, 64 x 32 forward
-    and 32 x 32 backward at D > 128), run in the interpreter, which otherwise takes 64 x 64 tiles for everything;
-    N = 37 leaves a partial block at the end."""
+    """The tiles a GPU launch takes (fp32: 32 x 32, 32 x 16 for dk/dv, 16 x 16 at D > 64; half precision:
+    128 x 64 forward at D <= 64, 64 x 32 forward and 32 x 32 backward at D > 128), run in the interpreter, which
+    otherwise takes 64 x 64 tiles for everything; N = 37 leaves a partial block at the end."""
     if DEVICE == "cuda":
         pytest.skip("the GPU runs these tiles in every test")
     at = importlib.import_module("beit_kernels.attention")
     monkeypatch.setattr(at, "interpreting", lambda: False)
-    configs = [at._block_config(k, D, dtype, 99 * 1024) for k in ("fwd", "bwd")]  # an sm86's shared memory
+    configs = [at._block_config(k, D, dtype, 99 * 1024) for k in ("fwd", "dq", "dkdv")]  # an sm86's shared memory
     tiles = {(c["BLOCK_M"], c["BLOCK_N"]) for c in configs}
     assert tiles != {(64, 64)}
     B, H, N = 3, 1, 37
