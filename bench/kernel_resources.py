@@ -60,6 +60,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 KERNEL_MODULES = ("attention", "bias_gelu", "layer_norm", "masked_gather", "patch_embed", "linear_cross_entropy")
 # Keyword arguments of a launch that are compiler options, not kernel arguments.
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+# Where several keys tell launches apart equally well, these name them best: the head dimension, the image layout.
+NAMING_KEYS = ("BLOCK_D", "img_ptr")
 
 
 @dataclass(frozen=True)
@@ -73,14 +75,21 @@ class Launch:
     options: tuple  # ((option, value), ...)
 
     def label(self, others: list[Launch]) -> str:
-        """The kernel, plus the constexprs and pointer types that tell it from the other launches of the same
-        kernel (at most four)."""
-        same = [o for o in others if o.kernel == self.kernel]
-        if len(same) < 2:
+        """The kernel, plus the fewest constexprs and pointer types that tell it from the other launches of the
+        same kernel (greedily: each added key is the one that sets it apart from the most launches still alike)."""
+        mine = self._traits()
+        alike = [o._traits() for o in others if o.kernel == self.kernel and o != self]
+        if not alike:
             return self.kernel
-        mine, theirs = self._traits(), [o._traits() for o in same]
-        diff = [k for k in mine if any(t.get(k) != mine[k] for t in theirs)]
-        return f"{self.kernel}[{','.join(f'{k}={mine[k]}' for k in diff[:4])}]"
+        tags = []
+        order = sorted(mine, key=lambda k: k not in NAMING_KEYS)  # max() keeps the first of equals
+        while alike:
+            key = max(order, key=lambda k: sum(t.get(k) != mine[k] for t in alike))
+            if all(t.get(key) == mine[key] for t in alike):
+                break  # identical traits: launches that differ only in their specialisation
+            tags.append(key)
+            alike = [t for t in alike if t.get(key) == mine[key]]
+        return f"{self.kernel}[{','.join(f'{k}={mine[k]}' for k in tags)}]"
 
     def _traits(self) -> dict:
         return {k: v for k, v in self.signature if v.startswith("*")} | dict(self.constexprs)
