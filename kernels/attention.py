@@ -271,8 +271,8 @@ def _block_config(kind: str, head_dim: int, dtype: torch.dtype, shared: int) -> 
         return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1)
     if dtype == torch.float32:
         # IEEE fp32 products run on the FMA units with their operands replicated across threads, so the tiles
-        # are small: the half-precision ones would need 192 KiB of shared memory (more than sm80 and sm86 have),
-        # and 32 x 32 spills 0.7 to 2.7 KB a thread in the dk/dv kernel, and in the forward at D = 128.
+        # are small: the half-precision ones would need 192 KiB of shared memory (more than sm80 and sm86 have)
+        # and spill 5 to 30 KB a thread, and 32 x 32 spills 0.7 to 2.7 KB in the dk/dv kernel and at D = 128.
         if head_dim > 64:
             return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=2)
         if kind == "dkdv":
