@@ -88,6 +88,12 @@ class CudaGraphStep:
             raise ValueError("CudaGraphStep needs a fused optimizer (beit.optim.fused_adamw)")
         if not scaler.is_enabled():
             raise ValueError("CudaGraphStep needs an enabled GradScaler: its found-inf flag skips non-finite steps")
+        if tokenizer is not None and getattr(tokenizer, "check_range", False):
+            # Checked here, not at capture: the check reads a value back to the host, which a capture forbids.
+            raise ValueError(
+                "CudaGraphStep needs a tokenizer without its input range check (check_range=False, as beit-pretrain "
+                "loads it): the check reads a value back to the host, which a CUDA graph cannot capture"
+            )
         params = [p for g in optimizer.param_groups for p in g["params"]]
         self.device = params[0].device
         self.step_module, self.tokenizer, self.optimizer, self.scaler, self.metrics = (
