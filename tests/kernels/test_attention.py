@@ -274,8 +274,12 @@ def test_gpu_broadcast_bias_gradient_allocates_no_batch_sized_buffer():
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    out.backward(do)
+    # autograd.grad, not backward: .grad accumulation may copy dq, dk, dv into q's layout, which is not ours to count.
+    grads = torch.autograd.grad(out, (q, k, v, bias), do)
     torch.cuda.synchronize()
     added = torch.cuda.max_memory_allocated() - base
+    outputs = 3 * q.numel() * q.element_size()  # dq, dk, dv: half the size of a [B, H, N, N] fp32 buffer already
     full_fp32_bias = B * H * N * N * 4
-    assert added < full_fp32_bias / 2, f"backward added {added / 2**20:.1f} MiB"
+    extra = added - outputs
+    assert extra < full_fp32_bias / 2, f"backward added {extra / 2**20:.1f} MiB besides dq, dk, dv"
+    assert grads[3].shape == bias.shape
