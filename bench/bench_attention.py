@@ -121,7 +121,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--out", help="write the rows as JSON here")
     parser.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke run, or a fast GPU check)")
     parser.add_argument("--dtypes", default="bfloat16,float16")
-    parser.add_argument("--batches", default="128,256")
+    parser.add_argument("--batches", default="256,128", help="256 first: the issue's shape")
     parser.add_argument("--heads", default="12,16", help="12 for BEiT-B, 16 for BEiT-L")
     args = parser.parse_args(argv)
 
@@ -142,8 +142,8 @@ def main(argv=None) -> list[dict]:
     rows = []
     for B, H, N, D, dt in cases:
         rows += bench_case(B, H, N, D, dt, device, env, quick=args.quick or device.type == "cpu")
-    if args.out:
-        harness.write_rows(rows, args.out)
+        if args.out:  # after each case, so a run cut short by a time limit keeps what it measured
+            harness.write_rows(rows, args.out)
     shown = [dict(r, shape=f"B{r['shape']['B']} H{r['shape']['H']}") for r in rows if r["metric"] != "throughput"]
     print(f"# attention on {env['device']}, torch {env['torch']}, triton {env['triton']}, commit {env['git_sha']}")
     print(harness.format_table(shown, ("shape", "dtype", "provider", "mode", "metric", "p50", "unit")))

@@ -113,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         mem = harness.peak_memory_mb(lambda fn=fn: fn(x), device)
         if mem is not None:
             rows.append(harness.row(KERNEL, name, "fwd", "peak_memory", "MiB", mem, **common))
+        if args.out:  # after each provider, so a run cut short by a time limit keeps what it measured
+            harness.write_rows(rows, args.out)
 
     for ref in ("official-fp16", "ours-fp32"):
         if ref not in ids:
