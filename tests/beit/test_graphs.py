@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from _testutil import make_train_assets, tiny_run_args
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import beit
 from beit.graphs import CudaGraphStep
@@ -202,6 +203,57 @@ def test_the_captured_step_needs_static_shapes_a_fused_optimizer_and_no_range_ch
     with pytest.raises(ValueError, match="check_range=False"):
         CudaGraphStep(MIMStep(model), tok, opt, scaler, Metrics(CPU), amp=contextlib.nullcontext(),
                       precision="fp32", clip_grad=3.0)  # fmt: skip
+
+
+# Ops that make the host wait for a CUDA device: a value read back (item, bool, equal), or an output whose size
+# depends on values (nonzero, masked_select, unique, boolean indexing). A captured step can contain none of them.
+HOST_SYNC_OPS = {
+    "aten._local_scalar_dense", "aten.item", "aten.is_nonzero", "aten.equal", "aten.allclose", "aten.nonzero",
+    "aten.masked_select", "aten.unique", "aten._unique", "aten._unique2", "aten.unique_consecutive",
+    "aten.unique_dim", "aten.bincount", "aten.repeat_interleave",
+}  # fmt: skip
+
+
+class HostSyncs(TorchDispatchMode):
+    """Records the ops of a region that would synchronise the host on a CUDA device. On the CPU nothing waits, so
+    this is how a CPU test sees them; boolean indexing counts, since it runs a nonzero inside the op."""
+
+    def __init__(self):
+        super().__init__()
+        self.found = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        bool_index = name in ("aten.index", "aten.index_put", "aten.index_put_") and any(
+            isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in (args[1] or ())
+        )
+        if name in HOST_SYNC_OPS or bool_index:
+            self.found.append(name + (" (boolean index)" if bool_index else ""))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("impl, clean", [("triton", True), ("sdpa", True), ("ref", False)])
+def test_the_captured_step_never_waits_for_the_device(impl, clean):
+    """The step a CUDA graph captures (tokenizer, forward, backward, unscale and clip, fused AdamW, the scaler's
+    update, the metrics), run eagerly on the CPU with every op watched: the triton and sdpa paths contain nothing
+    that would synchronise the host; the official path's boolean indexing would (which is why it is refused)."""
+    tok, data, _ = _setup(batches=2)
+    torch.manual_seed(0)
+    model = beit.create_model("beit_tiny_patch16_224", depth=2, img_size=64, vocab_size=16, impl=impl,
+                              drop_path_rate=0.1)  # fmt: skip
+    opt = fused_adamw(model, 1e-3, 0.05)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+    gstep = CudaGraphStep(MIMStep(model), tok, opt, scaler, Metrics(CPU), amp=contextlib.nullcontext(),
+                          precision="fp32", clip_grad=3.0, decay_groups=[0])  # fmt: skip
+    gstep.load(0, data[0])
+    gstep.step(1e-3, 0.05)  # the first step sets up the optimizer state
+    gstep.load(0, data[1])
+    with HostSyncs() as watch:
+        gstep.step(1e-3, 0.05)
+    if clean:
+        assert watch.found == [], watch.found
+    else:
+        assert "aten.index (boolean index)" in watch.found, watch.found
 
 
 def test_the_throughput_bench_runs_its_graph_variant(tmp_path):
