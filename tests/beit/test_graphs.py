@@ -319,9 +319,13 @@ def test_gpu_captured_training_matches_eager_training(assets, tmp_path):
 def test_gpu_captured_step_skips_nonfinite_steps_and_backs_off_the_fp16_scale(assets, tmp_path):
     # Step 1 is an eager warm-up step, step 6 a replay: both are skipped on the device and counted.
     res = _run(gpu_args(assets, tmp_path, "--precision", "fp16", "--impl", "sdpa", "--steps", "10",
-                        "--cuda-graph", "--inject-nonfinite", "1", "6"))  # fmt: skip
+                        "--cuda-graph", "--inject-nonfinite", "1", "6", "--log-interval", "1"))  # fmt: skip
     assert res["graph_captured"]
-    assert sum(m["nonfinite_steps"] for m in res["history"]) == 2
+    skipped = {m["step"] - 1: m["nonfinite_steps"] for m in res["history"]}  # the log after step s says step s + 1
+    assert skipped[1] == 1 and skipped[6] == 1, skipped
+    # Step 0 runs at the initial 2^16 with its lm_head gradient at about 95% of fp16's range on this model (a CPU
+    # simulation, 2026-11-26): it may overflow on its own, which the scaler handles as it should. No other may.
+    assert all(n == 0 for s, n in skipped.items() if s not in (0, 1, 6)), skipped
     ckpt = load_checkpoint(list_checkpoints(tmp_path)[-1])
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
     # 2^16 halved by each skipped step (_amp_update_scale_ inside the graph); growth waits 2000 good steps.
@@ -368,13 +372,14 @@ def test_gpu_replays_read_the_new_lr_and_draw_new_drop_paths(assets):
     assert gstep.captured
     before = {k: v.clone() for k, v in model.state_dict().items()}
     losses = []
-    for _ in range(2):
+    for _ in range(4):
         metrics.read(Dist())
         gstep.step(0.0, 0.05)
         losses.append(metrics.read(Dist())[0]["loss"])
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
-    assert losses[0] != losses[1], losses
+    # One block drops, 4 samples: two replays draw the same masks with probability 1/16, four with 1/4096.
+    assert len(set(losses)) > 1, losses
     gstep.step(1e-3, 0.05)
     torch.cuda.synchronize()
     assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())

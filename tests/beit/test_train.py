@@ -269,7 +269,10 @@ def test_gpu_training_step_never_syncs(assets, impl, precision):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
-    assert torch.isfinite(loss) and torch.isfinite(grad_norm) and valid > 0
+    assert torch.isfinite(loss) and valid > 0
+    # fp16 starts at a loss scale of 2^16, at which this tiny model's lm_head gradient may overflow (a CPU
+    # simulation, 2026-11-26): the scaler then skips the step and halves the scale, as it should.
+    assert torch.isfinite(grad_norm) or (precision == "fp16" and scaler.get_scale() < 2.0**16)
 
 
 def test_precision_and_argument_checks():
