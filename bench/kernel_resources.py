@@ -4,7 +4,7 @@ What gets compiled is what the launchers launch. A BEiT-B pretraining step (two 
 12-block step is one of theirs) runs forward and backward on the CPU with each Triton launch intercepted instead
 of run. Each distinct launch (kernel, argument types, constexprs, warps, stages, and the specialisation the JIT
 derives from the argument values: 16-byte alignment, integers equal to 1 as constants) is then compiled for each
-architecture by Triton's own compiler (ptxas ships in the triton wheel), specialised by Triton's own
+architecture (sm80 to sm120) by Triton's own compiler (ptxas ships in the triton wheel), specialised by Triton's own
 ``native_specialize_impl``, as a launch on that GPU would be. The step's launches are joined by two the step does
 not make: patch embedding from uint8 HWC images with normalisation in the kernel (what DALI hands over), and
 attention at head dimensions 128 and 256.
@@ -14,7 +14,7 @@ asks for, against the architecture's per-block limit. A kernel over that limit f
 OutOfResources, so ``--check`` makes that a failure here, where it costs no device time. Spills are reported, not
 refused: they are slow, not wrong, and only a GPU can say how slow.
 
-    python bench/kernel_resources.py                      # sm80, sm86, sm89, sm90; bf16, fp16, fp32
+    python bench/kernel_resources.py                      # sm80 to sm120; bf16, fp16, fp32
     python bench/kernel_resources.py --arch 90 --dtype bf16 --json resources.json
     python bench/kernel_resources.py --check              # exit 1 if a launch needs more shared memory than fits
 
@@ -55,7 +55,8 @@ import beit_kernels  # noqa: E402
 from beit.masking import MaskingGenerator, generate_masks  # noqa: E402
 
 # Largest shared memory one block may opt into, bytes (CUDA programming guide, compute capabilities table).
-SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024, 100: 227 * 1024,
+                120: 99 * 1024}  # fmt: skip
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 KERNEL_MODULES = ("attention", "bias_gelu", "layer_norm", "masked_gather", "patch_embed", "linear_cross_entropy")
 # Keyword arguments of a launch that are compiler options, not kernel arguments.
@@ -269,7 +270,7 @@ def table(rs: list[dict]) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--arch", default="80,86,89,90", help="compute capabilities, comma-separated (80, 86, 89, 90)")
+    p.add_argument("--arch", default="80,86,89,90,100,120", help="compute capabilities, comma-separated")
     p.add_argument("--dtype", default="bf16,fp16,fp32", help="the step's autocast dtypes (fp32: no autocast)")
     p.add_argument("--head-dim", default="64,128,256", help="attention head dimensions, comma-separated")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compilations run at once")

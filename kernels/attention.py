@@ -262,8 +262,8 @@ def _block_config(kind: str, head_dim: int, dtype: torch.dtype, shared: int) -> 
     would corrupt, and one fixed table keeps results reproducible. In the interpreter, large tiles mean fewer
     Python-level steps.
 
-    ``bench/kernel_resources.py --check`` compiles every entry as the launch specialises it, for sm80, sm86, sm89
-    and sm90, without a GPU, and a test runs it: each fits its GPU's shared memory. The three-stage forward
+    ``bench/kernel_resources.py --check`` compiles every entry as the launch specialises it, for sm80 to sm120,
+    without a GPU, and a test runs it: each fits its GPU's shared memory. The three-stage forward
     pipeline needs 112 to 120 KiB, more than sm86 and sm89 have (99), so those take two stages. Chosen without a
     GPU (2026-11-26) from ptxas's register and spill counts (Triton 3.6 and 3.9); retune on one. Known spills: the
     half-precision dk/dv kernel at 255 registers, about 350 bytes a thread on sm80 to sm89 and 30 on sm90."""

@@ -106,7 +106,7 @@ def persistent_programs(n_tiles: int, device: torch.device) -> int:
 
 # Largest shared memory one block may opt into, KiB, by compute capability (CUDA programming guide), for a torch
 # that does not report it; unknown parts get the smallest figure of the sm80+ family.
-_SHARED_OPTIN_KIB = {(8, 0): 163, (8, 7): 163, (9, 0): 227, (10, 0): 227, (10, 3): 227}
+_SHARED_OPTIN_KIB = {(8, 0): 163, (8, 7): 163, (9, 0): 227, (10, 0): 227, (10, 3): 227, (12, 0): 99}
 _SHARED_OPTIN_MIN_KIB = 99
 
 

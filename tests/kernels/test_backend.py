@@ -78,7 +78,8 @@ def test_the_installed_pair_runs():
         (SimpleNamespace(major=9, minor=0), 227),  # a torch without the field: the capability table
         (SimpleNamespace(major=8, minor=0), 163),
         (SimpleNamespace(major=8, minor=9), 99),
-        (SimpleNamespace(major=12, minor=0), 99),  # unknown: the smallest of the family
+        (SimpleNamespace(major=12, minor=0), 99),
+        (SimpleNamespace(major=11, minor=0), 99),  # unknown: the smallest of the family
     ],
 )
 def test_block_shared_memory(monkeypatch, props, kib):
