@@ -20,7 +20,9 @@ Every implementation other than ref runs the tokenizer in bf16 with channels_las
 
 Reported per implementation, with and without the tokenizer: ms per step by phase (tokenizer, forward, backward,
 optimizer; CUDA events), images per second, peak memory, and MFU with the model's and the tokenizer's FLOPs counted
-separately (beit.flops; peak from the device name). ``--max-batch`` also searches the largest batch that fits.
+separately (beit.flops; peak from the device name). ``--max-batch`` also searches the largest batch that fits,
+after the timed run is freed. Implementations run one after another and each is freed (and collected) before the
+next, so none counts in another's peak memory.
 A graph variant reports the whole step only: one replay has no phase boundaries to put events between. Its peak
 memory spans the eager warm-up and the capture, whose private pool keeps the activations' memory between replays;
 ``--max-batch`` skips it (an out-of-memory error inside a capture leaves no usable graph to bisect with). Without
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import os
 import sys
 import time
@@ -82,7 +85,9 @@ def make_data(batch: int, image_size: int, grid: int, num_mask: int, min_mask: i
     return images, tok_images, bool_masked_pos, mask_index
 
 
-def run_impl(impl: str, args, device, env) -> list[dict]:
+def run_impl(impl: str, args, device, env, rows: list[dict] | None = None) -> list[dict]:
+    """The rows of one implementation, appended to ``rows`` as they are measured (a run stopped by a time limit
+    keeps the modes it finished) and returned."""
     quick = args.quick
     graph = impl.endswith(GRAPH_SUFFIX)
     base = impl[: -len(GRAPH_SUFFIX)] if graph else impl
@@ -164,7 +169,7 @@ def run_impl(impl: str, args, device, env) -> list[dict]:
 
         return gstep, replay
 
-    rows = []
+    rows = [] if rows is None else rows
     shape = dict(model=args.model, B=args.batch, image=args.image_size, masked=num_mask)
     for with_tok in [True, False] if tokenizer is not None else [False]:
         mode = "with tokenizer" if with_tok else "model only"
@@ -183,6 +188,8 @@ def run_impl(impl: str, args, device, env) -> list[dict]:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
         phases = []
+        if device.type == "cuda":
+            torch.cuda.synchronize()  # the capture ends with a replay; the warm-up's last step may still run
         wall0 = time.perf_counter()
         for _ in range(args.steps):
             phases.append(run_step())
@@ -217,32 +224,49 @@ def run_impl(impl: str, args, device, env) -> list[dict]:
                 tok_flops = 2 * dalle_encoder_macs(args.image_size // 2)
                 rows.append(harness.row("train_step", impl, mode, "mfu_with_tokenizer", "",
                                         ips * (model_flops + tok_flops) / peak, **common))  # fmt: skip
-    if args.max_batch and device.type == "cuda" and not graph:
-        rows.append(harness.row("train_step", impl, "model only", "max_batch", "images",
-                                largest_batch(impl, args, device), shape=shape, dtype="bfloat16", env=env))  # fmt: skip
     return rows
 
 
-def largest_batch(impl: str, args, device) -> int:
-    """The largest batch (a multiple of 32) whose training step fits in memory, by doubling then bisection."""
+def _out_of_memory(e: BaseException) -> bool:
+    # cuBLAS and compiled code report running out of memory as RuntimeErrors of their own.
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower() or "ALLOC_FAILED" in str(e)
+
+
+def _release(device) -> None:
+    """Free what the last implementation held: its model can stay alive in a reference cycle until collected,
+    and would count in the next one's peak memory."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def largest_batch(impl: str, args, device, limit: int = 8192) -> tuple[int, bool]:
+    """The largest batch (a multiple of 32) whose training step (two steps, model only) fits in memory: doubling
+    from ``args.batch``, which has just run, then bisection. Returns (batch, whether ``limit`` stopped the search
+    while batches still fit)."""
 
     def fits(b: int) -> bool:
         sub = argparse.Namespace(**dict(vars(args), batch=b, steps=1, warmup=1, max_batch=False, tokenizer="none"))
         try:
             run_impl(impl, sub, device, {})
             return True
-        except torch.OutOfMemoryError:
+        except Exception as e:
+            if not _out_of_memory(e):
+                raise
             return False
         finally:
-            torch.cuda.empty_cache()
+            _release(device)
 
-    lo, hi = 0, 32
-    while fits(hi) and hi < 8192:
+    lo = args.batch // 32 * 32  # it fitted with the tokenizer alongside
+    hi = max(lo * 2, 32)
+    while hi <= limit and fits(hi):
         lo, hi = hi, hi * 2
+    if hi > limit:
+        return lo, True
     while hi - lo > 32:
         mid = (lo + hi) // 2 // 32 * 32
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return lo
+    return lo, False
 
 
 def main(argv=None) -> list[dict]:
@@ -269,14 +293,29 @@ def main(argv=None) -> list[dict]:
         p.error(f"unknown implementation(s) {unknown}: choose from {', '.join(IMPLS + EXTRA_IMPLS)}")
     env = harness.env_info(device)
     rows = []
+
+    def error_row(impl, note):
+        rows.append(harness.row("train_step", impl, "-", "error", "", None, shape={}, dtype=None, env=env, note=note))
+
     for impl in impls:
         try:
-            rows += run_impl(impl, args, device, env)  # its model and optimizer are freed on return
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            run_impl(impl, args, device, env, rows)
+            _release(device)
+            if args.max_batch and device.type == "cuda" and not impl.endswith(GRAPH_SUFFIX):
+                # After the release: nothing of the timed run may count against the searched batches.
+                best, capped = largest_batch(impl, args, device)
+                note = "the search's limit, not memory, stopped it" if capped else None
+                rows.append(harness.row("train_step", impl, "model only", "max_batch", "images", best, env=env,
+                                        shape=dict(model=args.model, image=args.image_size), dtype="bfloat16",
+                                        **(dict(note=note) if note else {})))  # fmt: skip
+        except KeyboardInterrupt:  # a stage's time limit (device_check.sh): keep what was measured, say so
+            error_row(impl, "interrupted (time limit): the rows above are the modes it finished")
+            if args.out:
+                harness.write_rows(rows, args.out)
+            raise
         except Exception as e:  # one implementation failing must not hide the others' numbers
-            rows.append(harness.row("train_step", impl, "-", "error", "", None, shape={}, dtype=None, env=env,
-                                    note=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"))  # fmt: skip
+            error_row(impl, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        _release(device)
         if args.out:
             harness.write_rows(rows, args.out)
     print(f"# train step on {env['device']}, torch {env['torch']}, triton {env['triton']}, commit {env['git_sha']}")

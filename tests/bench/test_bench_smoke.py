@@ -5,6 +5,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "bench")
 sys.path.insert(0, os.path.abspath(BENCH))
@@ -72,6 +73,42 @@ def test_train_throughput_quick_run(tmp_path):
         assert len(ips) == 1 and ips[0]["p50"] > 0
         phases = {r["metric"] for r in rows if r["provider"] == impl}
         assert {"forward_time", "backward_time", "optimizer_time"} <= phases
+
+
+@pytest.mark.parametrize(
+    "fits_up_to, start, expected",
+    [(1000, 256, (992, False)), (300, 256, (288, False)), (100, 64, (96, False)), (20, 2, (0, False)),
+     (10**6, 256, (8192, True)), (700, 2, (672, False))],
+)  # fmt: skip
+def test_largest_batch_search(monkeypatch, fits_up_to, start, expected):
+    """The search against a fake step that runs out of memory above ``fits_up_to`` images (as cuBLAS reports it for
+    some sizes): the largest multiple of 32 that fits, or the search's limit, flagged as such. ``start`` is the
+    batch just timed, which fitted."""
+    import argparse
+
+    import train_throughput
+
+    tried = []
+
+    def fake_run(impl, args, device, env, rows=None):
+        tried.append(args.batch)
+        if args.batch > fits_up_to:
+            if args.batch % 64:
+                raise RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate(handle)")
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return []
+
+    monkeypatch.setattr(train_throughput, "run_impl", fake_run)
+    args = argparse.Namespace(batch=start, steps=6, warmup=2, max_batch=True, tokenizer="dalle")
+    assert train_throughput.largest_batch("triton", args, torch.device("cpu")) == expected
+    assert len(tried) <= 12, tried
+
+    def broken(impl, args, device, env, rows=None):
+        raise ValueError("not a memory error")
+
+    monkeypatch.setattr(train_throughput, "run_impl", broken)
+    with pytest.raises(ValueError):  # anything else is a failure, not a size
+        train_throughput.largest_batch("triton", args, torch.device("cpu"))
 
 
 def test_device_check_calls_scripts_and_implementations_that_exist():
