@@ -1,6 +1,7 @@
 """Merge the JSON rows of the bench scripts into one short Markdown table: time, images per second and peak memory
 per provider, with the ratio of each provider's time to ours ("ours", or "triton" in the training-step rows)
-measured in the same run.
+measured in the same run; then each of our training-step variants against the issue's targets, and any error
+rows (a failed implementation must not go unnoticed).
 
     python bench/summarize.py OUT/*.json > OUT/summary.md
 """
@@ -48,12 +49,53 @@ def summarize(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# The issue's targets for the training step (one H100, bf16, BEiT-B/16, batch 256, tokenizer included).
+TARGET_MODE = "with tokenizer"
+OURS = ("triton", "triton+graph", "triton+compile")
+
+
+def targets(rows: list[dict]) -> str:
+    """Each of our training-step variants against the targets, from the rows at hand: images/s against ref and
+    against the best of sdpa and compile, peak memory against ref, and 3,000 images/s; plus every error row."""
+    step = [r for r in rows if r.get("kernel") == "train_step" and r.get("p50") is not None]
+    ips = {r["provider"]: r["p50"] for r in step if r["metric"] == "throughput" and r["mode"] == TARGET_MODE}
+    mem = {r["provider"]: r["p50"] for r in step if r["metric"] == "peak_memory" and r["mode"] == TARGET_MODE}
+    errors = [r for r in rows if r.get("kernel") == "train_step" and r.get("metric") == "error"]
+    lines = []
+    peers = {p: ips[p] for p in ("sdpa", "compile") if p in ips}
+    best_peer = max(peers, key=peers.get) if peers else None
+    for ours in (p for p in OURS if p in ips):
+        checks = []
+        if "ref" in ips:
+            checks.append(("images/s vs ref", ips[ours] / ips["ref"], ">= 1.8", ips[ours] / ips["ref"] >= 1.8))
+        if best_peer is not None:
+            r = ips[ours] / peers[best_peer]
+            checks.append((f"images/s vs {best_peer} (best of {', '.join(peers)})", r, ">= 1.15", r >= 1.15))
+        if ours in mem and "ref" in mem:
+            r = mem[ours] / mem["ref"]
+            checks.append(("peak memory vs ref", r, "<= 0.7", r <= 0.7))
+        checks.append(("images/s", ips[ours], ">= 3000", ips[ours] >= 3000))
+        for name, value, want, met in checks:
+            lines.append(f"| {ours} | {name} | {value:.2f} | {want} | {'met' if met else 'NOT met'} |")
+    out = []
+    if lines:
+        out += [f"Training-step targets ({TARGET_MODE}):", "", "| ours | measure | value | target | |",
+                "|---|---|---|---|---|", *lines]  # fmt: skip
+    for r in errors:
+        out.append(f"error: train_step {r['provider']}: {r.get('note', '')}")
+    return "\n".join(out)
+
+
 def main(paths: list[str]) -> None:
     rows = []
     for p in paths:
         with open(p) as f:
             rows += json.load(f)
     print(summarize(rows))
+    checked = targets(rows)
+    if checked:
+        print()
+        print(checked)
 
 
 if __name__ == "__main__":

@@ -111,6 +111,31 @@ def test_largest_batch_search(monkeypatch, fits_up_to, start, expected):
         train_throughput.largest_batch("triton", args, torch.device("cpu"))
 
 
+def test_summary_checks_the_training_step_targets():
+    """Synthetic rows (not measurements): the summary's target lines use the tokenizer-included mode, the best of
+    sdpa and compile, peak memory against ref, and list error rows."""
+    env = harness.env_info(torch.device("cpu"))
+
+    def r(provider, metric, value, mode="with tokenizer", unit=""):
+        return harness.row("train_step", provider, mode, metric, unit, value, shape={}, dtype=None, env=env)
+
+    rows = [
+        r("ref", "throughput", 1000.0, unit="images/s"), r("ref", "peak_memory", 40000.0),
+        r("sdpa", "throughput", 1500.0, unit="images/s"), r("compile", "throughput", 2000.0, unit="images/s"),
+        r("triton", "throughput", 2400.0, unit="images/s"), r("triton", "peak_memory", 26000.0),
+        r("triton", "throughput", 9999.0, mode="model only", unit="images/s"),
+        harness.row("train_step", "triton+graph", "-", "error", "", None, shape={}, dtype=None, env=env,
+                    note="RuntimeError: capture failed"),
+    ]  # fmt: skip
+    text = summarize.targets(rows)
+    assert "| triton | images/s vs ref | 2.40 | >= 1.8 | met |" in text
+    assert "| triton | images/s vs compile (best of sdpa, compile) | 1.20 | >= 1.15 | met |" in text
+    assert "| triton | peak memory vs ref | 0.65 | <= 0.7 | met |" in text
+    assert "| triton | images/s | 2400.00 | >= 3000 | NOT met |" in text
+    assert "error: train_step triton+graph: RuntimeError: capture failed" in text
+    assert summarize.targets([]) == ""
+
+
 def test_device_check_calls_scripts_and_implementations_that_exist():
     """bench/device_check.sh runs only on a GPU: check here that every bench script it calls exists, that the
     stage limits stay within its 7-minute budget, and that every --impls name is one train_throughput knows."""
