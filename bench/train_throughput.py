@@ -215,6 +215,9 @@ def run_impl(impl: str, args, device, env, rows: list[dict] | None = None) -> li
         if device.type == "cuda":
             mem = torch.cuda.max_memory_allocated() / 2**20
             rows.append(harness.row("train_step", impl, mode, "peak_memory", "MiB", mem, **common))
+            # What the caching allocator held at most, a graph's private pool included: what the process needs.
+            reserved = torch.cuda.max_memory_reserved() / 2**20
+            rows.append(harness.row("train_step", impl, mode, "peak_reserved", "MiB", reserved, **common))
         del gstep, run_step  # a graph keeps its memory pool until it is freed: before the next capture
         peak = peak_flops(device)
         if peak is not None:
