@@ -53,10 +53,11 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 import beit  # noqa: E402
 import beit_kernels  # noqa: E402
 from beit.masking import MaskingGenerator, generate_masks  # noqa: E402
+from beit_kernels.backend import shared_memory_optin  # noqa: E402
 
-# Largest shared memory one block may opt into, bytes (CUDA programming guide, compute capabilities table).
-SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024, 100: 227 * 1024,
-                120: 99 * 1024}  # fmt: skip
+# The architectures compiled for, and the shared memory a block may opt into on each: the table the launchers
+# fall back on (beit_kernels.backend), so the two cannot disagree.
+SHARED_LIMIT = {a: shared_memory_optin(a // 10, a % 10) for a in (80, 86, 87, 89, 90, 100, 120)}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 KERNEL_MODULES = ("attention", "bias_gelu", "layer_norm", "masked_gather", "patch_embed", "linear_cross_entropy")
 # Keyword arguments of a launch that are compiler options, not kernel arguments.

@@ -110,6 +110,11 @@ _SHARED_OPTIN_KIB = {(8, 0): 163, (8, 7): 163, (9, 0): 227, (10, 0): 227, (10, 3
 _SHARED_OPTIN_MIN_KIB = 99
 
 
+def shared_memory_optin(major: int, minor: int) -> int:
+    """Bytes of shared memory one block may opt into on compute capability ``major.minor``, from the table."""
+    return _SHARED_OPTIN_KIB.get((major, minor), _SHARED_OPTIN_MIN_KIB) * 1024
+
+
 def block_shared_memory(device: torch.device) -> int:
     """Bytes of shared memory one block may use on ``device``, which sizes the tiles of the kernels that need the
     most (99 KiB on sm86 and sm89, 163 on sm80, 227 on sm90); unbounded for the interpreter."""
@@ -119,7 +124,7 @@ def block_shared_memory(device: torch.device) -> int:
     optin = getattr(props, "shared_memory_per_block_optin", None)
     if optin:
         return int(optin)
-    return _SHARED_OPTIN_KIB.get((props.major, props.minor), _SHARED_OPTIN_MIN_KIB) * 1024
+    return shared_memory_optin(props.major, props.minor)
 
 
 IMPLS = ("auto", "ref", "sdpa", "triton")
