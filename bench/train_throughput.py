@@ -303,9 +303,8 @@ def main(argv=None) -> list[dict]:
     for impl in impls:
         try:
             run_impl(impl, args, device, env, rows)
-            _release(device)
             if args.max_batch and device.type == "cuda" and not impl.endswith(GRAPH_SUFFIX):
-                # After the release: nothing of the timed run may count against the searched batches.
+                _release(device)  # nothing of the timed run may count against the searched batches
                 best, capped = largest_batch(impl, args, device)
                 note = "the search's limit, not memory, stopped it" if capped else None
                 rows.append(harness.row("train_step", impl, "model only", "max_batch", "images", best, env=env,
