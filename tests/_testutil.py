@@ -1,6 +1,20 @@
 """Helpers shared by the tests (tests/conftest.py puts this folder on sys.path)."""
 
+import contextlib
+
 import torch
+
+
+@contextlib.contextmanager
+def no_host_sync():
+    """A region in which any CUDA operation that synchronises the host raises (set_sync_debug_mode "error"); the
+    work queued before it is finished first, so it cannot be blamed on the region."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def max_err(a, ref) -> float:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _testutil import TRAIN_IMAGES, make_train_assets, tiny_run_args
+from _testutil import TRAIN_IMAGES, make_train_assets, no_host_sync, tiny_run_args
 
 from beit.train import TrainingError, list_checkpoints, load_checkpoint, main, save_checkpoint
 
@@ -260,14 +260,10 @@ def test_gpu_training_step_never_syncs(assets, impl, precision):
     amp = torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
     forward_backward(step_module, tokenizer, batches[0], device, amp, scaler, 1.0)  # warm-up: compile, allocate
     optimizer_step(opt, scaler, 3.0, precision)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with no_host_sync():
         for b in batches[1:]:
             loss, correct, valid = forward_backward(step_module, tokenizer, b, device, amp, scaler, 1.0)
             grad_norm = optimizer_step(opt, scaler, 3.0, precision)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
     assert torch.isfinite(loss) and valid > 0
     # fp16 starts at a loss scale of 2^16, at which this tiny model's lm_head gradient may overflow (a CPU
