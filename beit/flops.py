@@ -58,6 +58,14 @@ def dalle_encoder_macs(image_size: int, n_hid: int = 256, vocab_size: int = 8192
     return macs
 
 
+def tokenizer_flops_per_image(tokenizer, image_size: int) -> float:
+    """Forward FLOPs of ``tokenizer`` on one ``image_size`` view: the DALL-E encoder's, at its own width and
+    vocabulary; 0 for the k-means tokenizer, whose nearest-centroid search is small next to the model."""
+    if "dalle" in type(tokenizer).__name__.lower():
+        return 2 * dalle_encoder_macs(image_size, tokenizer.n_hid, tokenizer.vocab_size)
+    return 0.0
+
+
 def peak_flops(device: torch.device | str | None = None) -> float | None:
     """The dense bf16 tensor-core peak of a known CUDA device, else None (MFU is then not reported)."""
     device = torch.device(device) if device is not None else None

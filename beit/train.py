@@ -50,7 +50,7 @@ import torch.nn as nn
 import yaml
 
 import beit
-from beit.flops import dalle_encoder_macs, peak_flops, train_flops_per_image
+from beit.flops import peak_flops, tokenizer_flops_per_image, train_flops_per_image
 from beit.optim import cosine_scheduler, fused_adamw
 
 CKPT_RE = re.compile(r"checkpoint-(\d+)\.pth$")
@@ -624,7 +624,7 @@ def train(args: argparse.Namespace, record_samples: bool = False) -> dict:
     log_path = out_dir / "log.jsonl"
     history = []
     flops_img = train_flops_per_image(model.config, args.num_mask_patches)
-    tok_flops_img = _tokenizer_flops(tokenizer, tok_size)
+    tok_flops_img = tokenizer_flops_per_image(tokenizer, tok_size)
     peak = peak_flops(d.device)
     bar = _progress(args, d, total_steps, step)
     writer = _tensorboard(out_dir) if d.main else None
@@ -802,13 +802,6 @@ def _jsonable(d: dict) -> dict:
 
 def _write_args(args, out_dir: Path) -> None:
     (out_dir / "args.yaml").write_text(yaml.safe_dump(_jsonable(vars(args)), sort_keys=True))
-
-
-def _tokenizer_flops(tokenizer, size: int) -> float:
-    name = type(tokenizer).__name__.lower()
-    if "dalle" in name:
-        return 2 * dalle_encoder_macs(size)
-    return 0.0  # the k-means tokenizer's nearest-centroid search is small next to the model
 
 
 def _progress(args, d: Dist, total: int, start: int):

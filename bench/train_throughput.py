@@ -54,7 +54,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 
 import beit  # noqa: E402
-from beit.flops import dalle_encoder_macs, peak_flops, train_flops_per_image  # noqa: E402
+from beit.flops import peak_flops, tokenizer_flops_per_image, train_flops_per_image  # noqa: E402
 from beit.masking import MaskingGenerator, generate_masks  # noqa: E402
 from beit.optim import fused_adamw  # noqa: E402
 from beit.train import Metrics, MIMStep, optimizer_step, record_step  # noqa: E402
@@ -224,7 +224,7 @@ def run_impl(impl: str, args, device, env, rows: list[dict] | None = None) -> li
             model_flops = train_flops_per_image(model.config, num_mask)
             rows.append(harness.row("train_step", impl, mode, "mfu_model", "", ips * model_flops / peak, **common))
             if with_tok:
-                tok_flops = 2 * dalle_encoder_macs(args.image_size // 2)
+                tok_flops = tokenizer_flops_per_image(tokenizer, args.image_size // 2)
                 rows.append(harness.row("train_step", impl, mode, "mfu_with_tokenizer", "",
                                         ips * (model_flops + tok_flops) / peak, **common))  # fmt: skip
     return rows

@@ -1,8 +1,15 @@
 """FLOP counts against the published and independently derived figures (../shared/reference/perf_anchors.md)."""
 
 import pytest
+import torch
 
-from beit.flops import dalle_encoder_macs, encoder_macs_per_image, peak_flops, train_flops_per_image
+from beit.flops import (
+    dalle_encoder_macs,
+    encoder_macs_per_image,
+    peak_flops,
+    tokenizer_flops_per_image,
+    train_flops_per_image,
+)
 from beit.model import BeitConfig
 
 
@@ -20,3 +27,14 @@ def test_dalle_encoder_macs():
 
 def test_no_peak_on_cpu():
     assert peak_flops("cpu") is None
+
+
+def test_tokenizer_flops_follow_the_encoder_it_is_given():
+    from beit.tokenizer.dalle import DalleEncoder
+    from beit.tokenizer.kmeans import KMeansTokenizer
+
+    small = DalleEncoder(n_hid=64, vocab_size=512)
+    assert tokenizer_flops_per_image(small, 112) == 2 * dalle_encoder_macs(112, 64, 512)
+    assert tokenizer_flops_per_image(small, 112) < 2 * dalle_encoder_macs(112) / 10
+    kmeans = KMeansTokenizer(torch.rand(16, 3 * 8 * 8), patch_size=8, input_size=32)
+    assert tokenizer_flops_per_image(kmeans, 32) == 0.0
