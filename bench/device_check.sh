@@ -39,9 +39,9 @@ stage gpu_tests 110 python -m pytest -q -rA -m gpu tests -p no:cacheprovider
 stage bench_attention 35 python bench/bench_attention.py --out "$OUT/bench_attention.json"
 stage bench_fused_ops 40 python bench/bench_fused_ops.py --no-compile --out "$OUT/bench_fused_ops.json"
 stage bench_tokenizer 15 python bench/bench_tokenizer.py --rep-ms 500 --out "$OUT/bench_tokenizer.json"
-# The step in two stages, so torch.compile's long first compiles cannot starve the eager and graph rows; a cold
-# BEiT-B compile can take a minute or more, so the compiled stage gets the most time and runs the user's
-# alternative (compile) first. The largest-batch search (--max-batch, about 8 tries per implementation) does not fit here:
+# The step in two stages, so torch.compile's long first compiles cannot starve the eager and graph rows; two cold
+# BEiT-B compiles are expected to be the slowest work here (not measured on this device yet), so the compiled
+# stage gets the most time and runs the user's alternative (compile) first. The largest-batch search (--max-batch, about 8 tries per implementation) does not fit here:
 # run it on its own, e.g. `python bench/train_throughput.py --impls ref,triton --max-batch`.
 stage train_eager 80 python bench/train_throughput.py --impls ref,sdpa,triton,triton+graph --steps 6 --warmup 2 \
     --out "$OUT/train_eager.json"
