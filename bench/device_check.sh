@@ -7,15 +7,20 @@
 #
 # Each stage has its own time limit, so one slow stage cannot eat the others; a failed stage is reported and the
 # script goes on, exiting non-zero at the end. DALI is absent on the device image: bench_data.py is not run here.
+#
+#   STAGES="train_eager max_batch" bash bench/device_check.sh    reruns only the named stages (a rerun on a warm
+#   machine keeps its Triton cache); max_batch, the largest-batch search, runs only when named.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$(mktemp -d)}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 status=0
+STAGES=${STAGES:-gpu_tests bench_attention bench_fused_ops bench_tokenizer train_eager train_compile}
 stage() {  # stage NAME SECONDS COMMAND...
     local name=$1 secs=$2
     shift 2
+    case " $STAGES " in *" $name "*) ;; *) return 0 ;; esac
     echo "=== $name (limit ${secs}s)"
     local t0=$SECONDS
     # SIGINT first: pytest then prints its summary of what ran, and the bench scripts have written their rows so far.
@@ -35,23 +40,31 @@ python -m beit.env | tee "$OUT/env.txt"
 export BEIT_GIT_SHA=$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
 
 # -rA: every test's outcome in the summary; a cold Triton cache compiles about a hundred specialisations here.
-stage gpu_tests 110 python -m pytest -q -rA -m gpu tests -p no:cacheprovider
+# pytest-xdist (on the device image) spreads those compiles over the CPU cores; the tests share the one GPU.
+xdist=$(python -c "import xdist" 2>/dev/null && echo "-n 8")
+stage gpu_tests 110 python -m pytest -q -rA -m gpu tests -p no:cacheprovider $xdist
 stage bench_attention 35 python bench/bench_attention.py --out "$OUT/bench_attention.json"
 stage bench_fused_ops 40 python bench/bench_fused_ops.py --no-compile --out "$OUT/bench_fused_ops.json"
 stage bench_tokenizer 15 python bench/bench_tokenizer.py --rep-ms 500 --out "$OUT/bench_tokenizer.json"
 # The step in two stages, so torch.compile's long first compiles cannot starve the eager and graph rows; two cold
 # BEiT-B compiles are expected to be the slowest work here (not measured on this device yet), so the compiled
-# stage gets the most time and runs the user's alternative (compile) first. The largest-batch search (--max-batch, about 8 tries per implementation) does not fit here:
-# run it on its own, e.g. `python bench/train_throughput.py --impls ref,triton --max-batch`.
+# stage gets the most time and runs the user's alternative (compile) first. The largest-batch search (about 8 tries
+# per implementation) does not fit in the default stages: STAGES=max_batch runs it on its own.
 stage train_eager 80 python bench/train_throughput.py --impls ref,sdpa,triton,triton+graph --steps 6 --warmup 2 \
     --out "$OUT/train_eager.json"
 stage train_compile 120 python bench/train_throughput.py --impls compile,triton+compile --steps 6 --warmup 2 \
     --out "$OUT/train_compile.json"
+stage max_batch 150 python bench/train_throughput.py --impls ref,triton --steps 3 --warmup 1 --max-batch \
+    --out "$OUT/train_max_batch.json"
 
-# The chart (matplotlib is on the device image); its failure must not hide the table.
-python bench/plot.py "$OUT"/bench_*.json "$OUT"/train_*.json --out "$OUT/results.png" || true
+# The chart (matplotlib is on the device image); its failure must not hide the table. A stage stopped before its
+# first row leaves no JSON, hence nullglob.
+shopt -s nullglob
+results=("$OUT"/bench_*.json "$OUT"/train_*.json)
+[ ${#results[@]} -gt 0 ] || { echo "no results under $OUT"; exit 1; }
+python bench/plot.py "${results[@]}" --out "$OUT/results.png" || true
 
 echo
 echo "=== summary"
-python bench/summarize.py "$OUT"/bench_*.json "$OUT"/train_*.json | tee "$OUT/summary.md"
+python bench/summarize.py "${results[@]}" | tee "$OUT/summary.md"
 exit $status
