@@ -1,0 +1,154 @@
+"""Tile sweep of the attention kernels at one shape: each candidate of ``_block_config`` timed kernel by kernel.
+
+``beit_kernels.attention`` uses one fixed tile table (no autotuning: the dk/dv kernel accumulates into its bias
+buffer, which repeated launches would corrupt, and a fixed table keeps results reproducible). This script measures
+the candidates that table could hold, so the table is chosen from timings rather than from register counts:
+
+    fwd    the forward kernel alone, each (BLOCK_M, BLOCK_N, num_warps, num_stages) candidate
+    dq     the whole backward (dq then dk/dv kernels, bias gradient on), the dq kernel's candidates, dk/dv default
+    dkdv   the same with the dk/dv kernel's candidates, the dq kernel default; ``groups`` scales the number of
+           batch groups (programs and partial bias buffers) that ``_num_groups`` picks
+
+Every row is checked against the default configuration's outputs first (a candidate that changes the result is
+reported as an error row, not timed). Rows are the harness's long format; the table prints the fastest first.
+
+    python bench/tune_attention.py --out tune_attention.json                  # GPU: B=256, H=12, N=197, D=64, bf16
+    python bench/tune_attention.py --quick                                    # CPU interpreter smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import harness  # noqa: E402
+import torch  # noqa: E402
+
+# The module, not the function of the same name that the package exports.
+attn = importlib.import_module("beit_kernels.attention")
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). The dq kernel's program owns BLOCK_M queries and loops over keys; the
+# dk/dv kernel's owns BLOCK_N keys and loops over queries.
+CANDIDATES = {
+    "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (64, 64, 4, 2),
+            (64, 128, 4, 2), (128, 64, 4, 2)],
+    "dq": [(64, 64, 4, 2), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2), (128, 32, 4, 2), (32, 64, 4, 2),
+           (128, 64, 4, 2)],
+    "dkdv": [(64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2), (128, 64, 8, 2),
+             (64, 128, 8, 2), (64, 64, 4, 1)],
+}
+GROUP_SCALES = (1, 2, 4, 8)
+QUICK = {"fwd": [(16, 16, 4, 1), (32, 16, 4, 1)], "dq": [(16, 16, 4, 1)], "dkdv": [(16, 16, 4, 1)]}
+
+
+def _config(c):
+    return dict(BLOCK_M=c[0], BLOCK_N=c[1], num_warps=c[2], num_stages=c[3])
+
+
+def _patched(kind: str | None, cand, group_scale: int = 1):
+    """A context that makes ``_block_config`` return ``cand`` for ``kind`` (others unchanged) and scales the
+    dk/dv kernel's batch groups."""
+    base_config, base_groups = attn._block_config, attn._num_groups
+
+    class _Ctx:
+        def __enter__(self):
+            def config(k, head_dim, dtype, shared):
+                if kind is not None and k == kind:
+                    return _config(cand)
+                return base_config(k, head_dim, dtype, shared)
+
+            def groups(B, H, n_blocks, device, batch_broadcast):
+                g = base_groups(B, H, n_blocks, device, batch_broadcast)
+                return g if not batch_broadcast else max(1, min(g * group_scale, B // 2))
+
+            attn._block_config, attn._num_groups = config, groups
+
+        def __exit__(self, *exc):
+            attn._block_config, attn._num_groups = base_config, base_groups
+
+    return _Ctx()
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", default="256,12,197,64", help="B,H,N,D")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    p.add_argument("--kinds", default="fwd,dq,dkdv")
+    p.add_argument("--rep-ms", type=float, default=100)
+    p.add_argument("--quick", action="store_true", help="tiny shape, two candidates: a CPU interpreter smoke run")
+    p.add_argument("--out", help="write the rows as JSON here")
+    args = p.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    B, H, N, D = (3, 2, 37, 16) if args.quick else (int(s) for s in args.shape.split(","))
+    dtype = torch.float32 if args.quick else getattr(torch, args.dtype)
+    candidates = QUICK if args.quick else CANDIDATES
+    env = harness.env_info(device)
+    shape = dict(B=B, H=H, N=N, D=D)
+    scale = D**-0.5
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    # q, k, v as the model splits them from a packed [B, N, 3, H, D] qkv: strided, no copy.
+    qkv = torch.randn(B, N, 3, H, D, generator=g).to(device=device, dtype=dtype)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, N, D] each
+    bias = (torch.randn(H, N, N, generator=g) * 0.5).to(device)  # the shared relative position bias, fp32
+    do = torch.randn(B, H, N, D, generator=g).to(device=device, dtype=dtype)
+    o_ref, lse_ref = attn.attention_fwd(q, k, v, bias, scale)
+    grads_ref = attn.attention_bwd(do, q, k, v, bias, o_ref, lse_ref, scale, True)
+
+    def close(a, b):
+        tol = 1e-3 if dtype == torch.float32 else 2e-2
+        return torch.allclose(a.float(), b.float(), rtol=tol, atol=tol)
+
+    rows = []
+
+    def record(kind, cand, gs, fn, check):
+        name = f"{kind}:{'x'.join(map(str, cand))}" + (f":g{gs}" if gs != 1 else "")
+        extra = dict(config=_config(cand), group_scale=gs)
+        try:
+            with _patched(kind, cand, gs):
+                if not check(fn()):
+                    raise AssertionError("outputs differ from the default configuration's")
+                t = harness.time_fn(fn, device=device, rep_ms=args.rep_ms, warmup_ms=10)
+            rows.append(harness.row("attention_tune", name, kind, "time", "ms", t, shape=shape, dtype=dtype, env=env,
+                                    **extra))  # fmt: skip
+        except Exception as e:  # noqa: BLE001 - one failing candidate (out of resources, say) must not stop the sweep
+            note = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+            rows.append(harness.row("attention_tune", name, kind, "error", "", None, shape=shape, dtype=dtype, env=env,
+                                    note=note, **extra))  # fmt: skip
+        print(f"{name:28s} {rows[-1]['p50'] if rows[-1]['p50'] is not None else rows[-1].get('note')}", flush=True)
+
+    kinds = args.kinds.split(",")
+    if "fwd" in kinds:
+        for cand in candidates["fwd"]:
+            record("fwd", cand, 1, lambda: attn.attention_fwd(q, k, v, bias, scale),
+                   lambda out: close(out[0], o_ref))  # fmt: skip
+
+    def bwd():
+        return attn.attention_bwd(do, q, k, v, bias, o_ref, lse_ref, scale, True)
+
+    def bwd_close(out):
+        return all(close(a, b) for a, b in zip(out, grads_ref, strict=True))
+
+    if "dq" in kinds:
+        for cand in candidates["dq"]:
+            record("dq", cand, 1, bwd, bwd_close)
+    if "dkdv" in kinds:
+        for cand in candidates["dkdv"]:
+            record("dkdv", cand, 1, bwd, bwd_close)
+        for gs in GROUP_SCALES[1:] if not args.quick else (2,):
+            record("dkdv", candidates["dkdv"][0], gs, bwd, bwd_close)
+
+    timed = sorted((r for r in rows if r["metric"] == "time"), key=lambda r: (r["mode"], r["p50"]))
+    print(harness.format_table(timed + [r for r in rows if r["metric"] == "error"],
+                               ("mode", "provider", "metric", "p50", "p20", "p80", "unit", "note")))  # fmt: skip
+    if args.out:
+        harness.write_rows(rows, args.out)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
