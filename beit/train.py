@@ -515,6 +515,9 @@ def train(args: argparse.Namespace, record_samples: bool = False) -> dict:
 
     # Seed plus rank: ranks draw different drop paths; the data seeds are per rank inside the loader.
     torch.manual_seed(args.seed + d.rank)
+    # Fixed shapes every step: let cuDNN time its algorithms once (the tokenizer's convolutions, Conv2d patch
+    # embedding), as the official pretraining script does.
+    torch.backends.cudnn.benchmark = d.device.type == "cuda"
     random.seed(args.seed + d.rank)
 
     from beit.data import build_loader

@@ -61,6 +61,13 @@ def _xformers_fn():
     return fn
 
 
+def _error_note(e: Exception) -> str:
+    """One line: xformers says why each of its operators declined on the lines after the first, and its first line
+    alone (all the H100 run of 2026-11-26 kept) does not say why."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return f"{type(e).__name__}: {' | '.join(lines)}"[:1200]
+
+
 def providers(device: torch.device) -> dict:
     out = {"ours": lambda q, k, v, b: beit_kernels.attention(q, k, v, b), "reference": _reference_lowp, "sdpa": _sdpa}
     if device.type == "cuda":
@@ -91,7 +98,7 @@ def bench_case(B, H, N, D, dtype, device, env, quick=False):
                 err = (fn(q, k, v, bias).float() - expect).abs().max().item()
         except Exception as e:  # an unsupported shape or dtype for a peer: record why, keep going
             rows.append(harness.row("attention", name, "fwd", "error", "", None, shape=shape, dtype=dtype, env=env,
-                                    note=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"))  # fmt: skip
+                                    note=_error_note(e)))  # fmt: skip
             continue
         for mode in ("fwd", "fwd+bwd"):
             if mode == "fwd":

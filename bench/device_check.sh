@@ -37,24 +37,29 @@ if ls .whl/*.whl >/dev/null 2>&1; then  # carried wheels (xformers): see the dev
         && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 python -m beit.env | tee "$OUT/env.txt"
-export BEIT_GIT_SHA=$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
+# A preset BEIT_GIT_SHA wins: the device's copy of the tree may carry a stale .git (its HEAD read ea4b0d5 when the
+# tree was dfc8856, 2026-11-26).
+export BEIT_GIT_SHA=${BEIT_GIT_SHA:-$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)}
 
 # -rA: every test's outcome in the summary; a cold Triton cache compiles about a hundred specialisations here.
 # pytest-xdist (on the device image) spreads those compiles over the CPU cores; the tests share the one GPU.
 xdist=$(python -c "import xdist" 2>/dev/null && echo "-n 8")
-stage gpu_tests 110 python -m pytest -q -rA -m gpu tests -p no:cacheprovider $xdist
+# GPU_TEST_PATHS narrows a rerun to the tests of what changed (default: all of tests/).
+stage gpu_tests 90 python -m pytest -q -rA -m gpu ${GPU_TEST_PATHS:-tests} -p no:cacheprovider $xdist
 stage bench_attention 35 python bench/bench_attention.py --out "$OUT/bench_attention.json"
 stage bench_fused_ops 40 python bench/bench_fused_ops.py --no-compile --out "$OUT/bench_fused_ops.json"
-stage bench_tokenizer 15 python bench/bench_tokenizer.py --rep-ms 500 --out "$OUT/bench_tokenizer.json"
+stage bench_tokenizer 35 python bench/bench_tokenizer.py --rep-ms 500 --out "$OUT/bench_tokenizer.json"
 # The step in two stages, so torch.compile's long first compiles cannot starve the eager and graph rows; two cold
 # BEiT-B compiles are expected to be the slowest work here (not measured on this device yet), so the compiled
 # stage gets the most time and runs the user's alternative (compile) first. The largest-batch search (about 8 tries
-# per implementation) does not fit in the default stages: STAGES=max_batch runs it on its own.
+# per implementation) does not fit in the default stages: STAGES=max_batch runs it on its own; STAGES=tune_attention
+# times the attention tile candidates (bench/tune_attention.py).
 stage train_eager 80 python bench/train_throughput.py --impls ref,sdpa,triton,triton+graph --steps 6 --warmup 2 \
     --out "$OUT/train_eager.json"
 stage train_compile 120 python bench/train_throughput.py --impls compile,triton+compile --steps 6 --warmup 2 \
     --out "$OUT/train_compile.json"
-stage max_batch 150 python bench/train_throughput.py --impls ref,triton --steps 3 --warmup 1 --max-batch \
+stage tune_attention 60 python bench/tune_attention.py --kinds fwd,dq --out "$OUT/tune_attention.json"
+stage max_batch 100 python bench/train_throughput.py --impls ref,triton --steps 3 --warmup 1 --max-batch \
     --out "$OUT/train_max_batch.json"
 
 # The chart (matplotlib is on the device image); its failure must not hide the table. A stage stopped before its

@@ -294,6 +294,8 @@ def main(argv=None) -> list[dict]:
     unknown = [i for i in impls if i not in IMPLS + EXTRA_IMPLS]
     if unknown:
         p.error(f"unknown implementation(s) {unknown}: choose from {', '.join(IMPLS + EXTRA_IMPLS)}")
+    # As beit-pretrain (and the official script) set it, for every implementation alike.
+    torch.backends.cudnn.benchmark = device.type == "cuda"
     env = harness.env_info(device)
     rows = []
 

@@ -265,8 +265,12 @@ def _block_config(kind: str, head_dim: int, dtype: torch.dtype, shared: int) -> 
     ``bench/kernel_resources.py --check`` compiles every entry as the launch specialises it, for sm80 to sm120,
     without a GPU, and a test runs it: each fits its GPU's shared memory. The three-stage forward
     pipeline needs 112 to 120 KiB, more than sm86 and sm89 have (99), so those take two stages. Chosen without a
-    GPU (2026-11-26) from ptxas's register and spill counts (Triton 3.6 and 3.9); retune on one. Known spills: the
-    half-precision dk/dv kernel at 255 registers, about 350 bytes a thread on sm80 to sm89 and 30 on sm90."""
+    GPU (2026-11-26) from ptxas's register and spill counts (Triton 3.6 and 3.9), then, for half precision at
+    D <= 64, from ``bench/tune_attention.py`` on an H100 (2026-11-26, Triton 3.6, B=256, H=12, N=197, D=64, bf16;
+    table in bench/RESULTS.md): the forward at 128 x 32 took 0.38 ms against 0.73 at 128 x 64, and the whole
+    backward 1.39 ms with a 64 x 32 dq tile against 1.53 at 64 x 64; 64 x 64 stayed the fastest dk/dv tile. The
+    other entries are untimed. Known spills: the half-precision dk/dv kernel at 255 registers, about 350 bytes a
+    thread on sm80 to sm89 and 30 on sm90."""
     if interpreting():
         return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1)
     if dtype == torch.float32:
@@ -281,7 +285,9 @@ def _block_config(kind: str, head_dim: int, dtype: torch.dtype, shared: int) -> 
     fwd_stages = 3 if shared >= 160 * 1024 else 2
     if head_dim <= 64:
         if kind == "fwd":
-            return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=fwd_stages)
+            return dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=fwd_stages)
+        if kind == "dq":
+            return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
         return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
     if head_dim <= 128:
         if kind == "fwd":

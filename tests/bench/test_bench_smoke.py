@@ -157,3 +157,17 @@ def test_device_check_calls_scripts_and_implementations_that_exist():
             assert os.path.isfile(os.path.join(BENCH, "..", script)), script
         if "--impls" in cmd:
             assert set(cmd[cmd.index("--impls") + 1].split(",")) <= known, cmd
+
+
+def test_tune_attention_quick_run_times_every_kind(tmp_path):
+    """The tile sweep in the interpreter: every kind gets timed rows, each candidate agrees with the default."""
+    import json
+
+    import tune_attention
+
+    out = tmp_path / "tune.json"
+    rows = tune_attention.main(["--quick", "--rep-ms", "1", "--out", str(out)])
+    assert not [r for r in rows if r["metric"] == "error"], rows
+    assert {r["mode"] for r in rows if r["metric"] == "time"} == {"fwd", "dq", "dkdv"}
+    assert all(r["p50"] > 0 and r["config"]["BLOCK_M"] for r in rows)
+    assert json.loads(out.read_text()) == rows
