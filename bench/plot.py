@@ -1,4 +1,5 @@
-"""A PNG chart of benchmark rows: for each (kernel, shape, dtype, mode), time per provider relative to ours.
+"""A PNG chart of benchmark rows: one panel per kernel; for each (shape, dtype, mode), each provider's time
+relative to ours (bars to the right of 1: ours is faster).
 
     python bench/plot.py OUT/*.json --out bench/results.png
 """
@@ -8,7 +9,15 @@ from __future__ import annotations
 import argparse
 import json
 
-from summarize import _key
+from summarize import _key, first_rows
+
+
+def _baseline(by_provider: dict) -> str | None:
+    """The provider the others are divided by: ours, the triton training step, or our tokenizer's default."""
+    for name in ("ours", "triton", "ours-bf16-cl"):
+        if name in by_provider:
+            return name
+    return None
 
 
 def plot(rows: list[dict], out: str) -> None:
@@ -21,28 +30,46 @@ def plot(rows: list[dict], out: str) -> None:
     for r in rows:
         if r.get("metric") == "time" and r.get("p50"):
             groups.setdefault(_key(r), {})[r["provider"]] = r["p50"]
-    labels, providers = [], sorted({p for g in groups.values() for p in g})
-    speedups = {p: [] for p in providers}
-    for key, by_provider in groups.items():
-        ours = by_provider.get("ours") or by_provider.get("triton")
-        if not ours:
+    # Providers that differ in dtype by design (the tokenizer's fp16, bf16 and fp32 variants) land in groups of
+    # one: compare them in one group per (kernel, shape, mode) instead.
+    for key in [k for k, g in groups.items() if len(g) == 1]:
+        kernel, shape, dtype, mode = key
+        groups.setdefault((kernel, shape, "mixed dtypes", mode), {}).update(groups.pop(key))
+    panels: dict = {}  # kernel -> [(label, {provider: time / ours})]
+    for (kernel, shape, dtype, mode), by_provider in groups.items():
+        base = _baseline(by_provider)
+        if base is None:
             continue
-        labels.append(f"{key[0]} {key[3]}\n{key[1]} {key[2]}")
-        for p in providers:
-            speedups[p].append(by_provider[p] / ours if p in by_provider else 0.0)
-    if not labels:
+        ratios = {p: t / by_provider[base] for p, t in by_provider.items()}
+        panels.setdefault(kernel, []).append((f"{shape}\n{dtype} {mode}", ratios))
+    if not panels:
         raise ValueError("no rows with a time for 'ours' (or 'triton') to compare against")
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(labels)), 4))
-    width = 0.8 / len(providers)
-    for i, p in enumerate(providers):
-        ax.bar([x + i * width for x in range(len(labels))], speedups[p], width, label=p)
-    ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(labels))], labels, fontsize=6, rotation=15, ha="right")
-    ax.set_ylabel("time / ours (higher: ours is faster)")
+    providers = sorted({p for entries in panels.values() for _, ratios in entries for p in ratios})
+    colors = {p: plt.get_cmap("tab20")(i % 20) for i, p in enumerate(providers)}
+    heights = [max(1.5, 0.22 * sum(len(ratios) for _, ratios in entries)) for entries in panels.values()]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(9, sum(heights) + 1), height_ratios=heights, squeeze=False)
+    for ax, (kernel, entries) in zip(axes[:, 0], panels.items(), strict=True):
+        y, ticks, labels, seen = 0.0, [], [], set()
+        for label, ratios in entries:
+            top = y
+            for p in sorted(ratios):
+                ax.barh(y, ratios[p], height=0.8, color=colors[p], label=p if p not in seen else None)
+                ax.text(ratios[p], y, f" {ratios[p]:.2f}", va="center", fontsize=5)
+                seen.add(p)
+                y += 1
+            ticks.append((top + y - 1) / 2)
+            labels.append(label)
+            y += 0.6
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        ax.set_yticks(ticks, labels, fontsize=5)
+        ax.invert_yaxis()
+        ax.set_title(kernel, fontsize=8, loc="left")
+        ax.tick_params(axis="x", labelsize=6)
+        ax.legend(fontsize=5, loc="lower right")
+    axes[-1, 0].set_xlabel("time / ours (right of 1: ours is faster)", fontsize=7)
     r0 = rows[0]
-    ax.set_title(f"{r0['device']}, torch {r0['torch']}, triton {r0['triton']}, {r0['git_sha']}", fontsize=8)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
+    fig.suptitle(f"{r0['device']}, torch {r0['torch']}, triton {r0['triton']}, {r0['git_sha']}", fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 0.985))
     fig.savefig(out, dpi=110)
     plt.close(fig)
 
@@ -56,7 +83,7 @@ def main(argv=None) -> None:
     for path in args.paths:
         with open(path) as f:
             rows += json.load(f)
-    plot(rows, args.out)
+    plot(first_rows(rows)[0], args.out)
     print(args.out)
 
 

@@ -86,16 +86,43 @@ def targets(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def first_rows(rows: list[dict]) -> tuple[list[dict], int]:
+    """The rows with the first of each (kernel, shape, dtype, mode, provider, metric), and how many were dropped.
+    Ratios must come from one run: the largest-batch search, for one, re-times ref and triton with fewer steps, and
+    its rows, read last, once replaced the main run's in the table and the targets (H100 run, 2026-11-26)."""
+    seen, kept = set(), []
+    for r in rows:
+        key = (*_key(r), r.get("provider"), r.get("metric"))
+        if key not in seen:
+            seen.add(key)
+            kept.append(r)
+    return kept, len(rows) - len(kept)
+
+
+def largest_batches(rows: list[dict]) -> str:
+    found = [r for r in rows if r.get("metric") == "max_batch" and r.get("p50") is not None]
+    return "; ".join(f"{r['provider']} {r['p50']:.0f}{' (search capped)' if r.get('note') else ''}" for r in found)
+
+
 def main(paths: list[str]) -> None:
     rows = []
     for p in paths:
         with open(p) as f:
             rows += json.load(f)
+    rows, dropped = first_rows(rows)
     print(summarize(rows))
     checked = targets(rows)
     if checked:
         print()
         print(checked)
+    batches = largest_batches(rows)
+    if batches:
+        print()
+        print(f"Largest batch that fits (model only, multiples of 32): {batches}")
+    if dropped:
+        print()
+        print(f"({dropped} rows repeating an earlier file's (kernel, shape, dtype, mode, provider, metric) left out: "
+              "the first file given wins)")  # fmt: skip
 
 
 if __name__ == "__main__":

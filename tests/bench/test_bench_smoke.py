@@ -171,3 +171,32 @@ def test_tune_attention_quick_run_times_every_kind(tmp_path):
     assert {r["mode"] for r in rows if r["metric"] == "time"} == {"fwd", "dq", "dkdv"}
     assert all(r["p50"] > 0 and r["config"]["BLOCK_M"] for r in rows)
     assert json.loads(out.read_text()) == rows
+
+
+def test_plot_draws_one_panel_per_kernel_and_merges_mixed_dtype_providers(tmp_path):
+    pytest.importorskip("matplotlib")
+    import plot
+
+    def r(kernel, provider, dtype, p50, mode="fwd"):
+        return dict(kernel=kernel, provider=provider, mode=mode, metric="time", p50=p50, shape={"B": 3}, dtype=dtype,
+                    device="cpu", torch="t", triton="tr", git_sha="abc")  # fmt: skip
+
+    rows = [r("attention", "ours", "bfloat16", 1.0), r("attention", "sdpa", "bfloat16", 1.3),
+            r("tokenizer", "ours-bf16-cl", "bf16", 2.0), r("tokenizer", "official-fp16", "fp16", 3.0)]  # fmt: skip
+    out = tmp_path / "chart.png"
+    plot.plot(rows, str(out))
+    assert out.stat().st_size > 1000
+    with pytest.raises(ValueError, match="no rows"):
+        plot.plot([r("attention", "sdpa", "bfloat16", 1.3)], str(out))
+
+
+def test_summary_keeps_the_first_row_of_each_key_and_lists_largest_batches():
+    def r(provider, metric, p50, mode="with tokenizer", note=None):
+        return dict(kernel="train_step", provider=provider, mode=mode, metric=metric, p50=p50, shape={"B": 3},
+                    dtype="bfloat16", note=note)  # fmt: skip
+
+    rows, dropped = summarize.first_rows([r("ref", "throughput", 100.0), r("ref", "throughput", 90.0),
+                                          r("ref", "max_batch", 704.0, "model only")])  # fmt: skip
+    assert dropped == 1 and [x["p50"] for x in rows] == [100.0, 704.0]
+    capped = r("triton", "max_batch", 8192.0, "model only", note="limit")
+    assert summarize.largest_batches(rows + [capped]) == "ref 704; triton 8192 (search capped)"
