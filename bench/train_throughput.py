@@ -218,6 +218,8 @@ def run_impl(impl: str, args, device, env, rows: list[dict] | None = None) -> li
             # What the caching allocator held at most, a graph's private pool included: what the process needs.
             reserved = torch.cuda.max_memory_reserved() / 2**20
             rows.append(harness.row("train_step", impl, mode, "peak_reserved", "MiB", reserved, **common))
+        if args.profile and not graph and not with_tok:
+            rows += profile_kernels(lambda: one_step(False), args.profile, device, impl, mode, common)
         del gstep, run_step  # a graph keeps its memory pool until it is freed: before the next capture
         peak = peak_flops(device)
         if peak is not None:
@@ -227,6 +229,42 @@ def run_impl(impl: str, args, device, env, rows: list[dict] | None = None) -> li
                 tok_flops = tokenizer_flops_per_image(tokenizer, args.image_size // 2)
                 rows.append(harness.row("train_step", impl, mode, "mfu_with_tokenizer", "",
                                         ips * (model_flops + tok_flops) / peak, **common))  # fmt: skip
+    return rows
+
+
+PROFILE_TOP = 25
+
+
+def profile_kernels(step, steps: int, device, impl: str, mode: str, common: dict) -> list[dict]:
+    """``steps`` more steps under torch.profiler: the ``PROFILE_TOP`` kernels by self GPU time (CPU ops on a
+    CPU-only run), in ms per step, plus the total over every kernel. The kernel's name goes in ``note``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    if cuda:
+        torch.cuda.synchronize()
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+
+    def self_us(e) -> float:
+        if not cuda:
+            return e.self_cpu_time_total
+        # torch >= 2.4 names it device time; older versions, cuda time.
+        return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
+
+    events = [e for e in prof.key_averages() if self_us(e) > 0]
+    events.sort(key=self_us, reverse=True)
+    total = sum(self_us(e) for e in events) / 1e3 / steps
+    rows = [harness.row("train_step_profile", impl, mode, "kernel_time_total", "ms/step", total, **common,
+                        note=f"{'GPU kernels' if cuda else 'CPU ops'}, {steps} profiled steps")]  # fmt: skip
+    for e in events[:PROFILE_TOP]:
+        ms = self_us(e) / 1e3 / steps
+        rows.append(harness.row("train_step_profile", impl, mode, "kernel_time", "ms/step", ms, **common,
+                                note=e.key[:160], calls_per_step=e.count / steps, share=ms / total))  # fmt: skip
     return rows
 
 
@@ -249,7 +287,8 @@ def largest_batch(impl: str, args, device, limit: int = 8192) -> tuple[int, bool
     while batches still fit)."""
 
     def fits(b: int) -> bool:
-        sub = argparse.Namespace(**dict(vars(args), batch=b, steps=1, warmup=1, max_batch=False, tokenizer="none"))
+        sub = argparse.Namespace(**dict(vars(args), batch=b, steps=1, warmup=1, max_batch=False, tokenizer="none",
+                                            profile=0))  # fmt: skip
         try:
             run_impl(impl, sub, device, {})
             return True
@@ -282,6 +321,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--max-batch", action="store_true", help="also search the largest batch per implementation")
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="profile STEPS more steps (model only, eager implementations): the top kernels by GPU time")
     p.add_argument("--quick", action="store_true", help="tiny model and shapes: a CPU smoke run")
     p.add_argument("--out", help="write the rows as JSON here")
     args = p.parse_args(argv)
@@ -325,6 +366,9 @@ def main(argv=None) -> list[dict]:
     print(f"# train step on {env['device']}, torch {env['torch']}, triton {env['triton']}, commit {env['git_sha']}")
     shown = [r for r in rows if r["metric"] in ("throughput", "time", "peak_memory", "error", "max_batch")]
     print(harness.format_table(shown, ("provider", "mode", "metric", "p50", "unit", "note")))
+    profiled = [r for r in rows if r["kernel"] == "train_step_profile"]
+    if profiled:
+        print(harness.format_table(profiled, ("provider", "metric", "p50", "unit", "share", "calls_per_step", "note")))
     return rows
 
 

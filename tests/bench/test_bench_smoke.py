@@ -75,6 +75,19 @@ def test_train_throughput_quick_run(tmp_path):
         assert {"forward_time", "backward_time", "optimizer_time"} <= phases
 
 
+def test_train_throughput_profile_lists_the_top_ops_per_step():
+    import train_throughput
+
+    rows = train_throughput.main(["--quick", "--impls", "triton", "--tokenizer", "none", "--profile", "1"])
+    prof = [r for r in rows if r["kernel"] == "train_step_profile"]
+    total = [r for r in prof if r["metric"] == "kernel_time_total"]
+    tops = [r for r in prof if r["metric"] == "kernel_time"]
+    assert len(total) == 1 and 0 < len(tops) <= train_throughput.PROFILE_TOP
+    assert [r["p50"] for r in tops] == sorted((r["p50"] for r in tops), reverse=True)
+    assert sum(r["p50"] for r in tops) <= total[0]["p50"] * (1 + 1e-9)
+    assert all(r["note"] and r["calls_per_step"] > 0 for r in tops)
+
+
 @pytest.mark.parametrize(
     "fits_up_to, start, expected",
     [(1000, 256, (992, False)), (300, 256, (288, False)), (100, 64, (96, False)), (20, 2, (0, False)),
