@@ -54,13 +54,15 @@ stage bench_tokenizer 35 python bench/bench_tokenizer.py --rep-ms 500 --out "$OU
 # BEiT-B compiles are expected to be the slowest work here (not measured on this device yet), so the compiled
 # stage gets the most time and runs the user's alternative (compile) first. The largest-batch search (about 8 tries
 # per implementation) does not fit in the default stages: STAGES=max_batch runs it on its own; STAGES=tune_attention
-# times the attention tile candidates (bench/tune_attention.py); STAGES=profile lists the top GPU kernels of the
+# times the attention tile candidates (bench/tune_attention.py), STAGES=tune_glue the LayerNorm and GELU ones
+# (bench/tune_glue.py); STAGES=profile lists the top GPU kernels of the
 # triton and compile steps (model only), where their backwards differ.
 stage train_eager 80 python bench/train_throughput.py --impls ref,sdpa,triton,triton+graph --steps 6 --warmup 2 \
     --out "$OUT/train_eager.json"
 stage train_compile 120 python bench/train_throughput.py --impls compile,triton+compile --steps 6 --warmup 2 \
     --out "$OUT/train_compile.json"
 stage tune_attention 60 python bench/tune_attention.py --kinds fwd,dq --out "$OUT/tune_attention.json"
+stage tune_glue 60 python bench/tune_glue.py --out "$OUT/tune_glue.json"
 stage profile 120 python bench/train_throughput.py --impls triton,compile --steps 3 --warmup 2 --tokenizer none \
     --profile 2 --out "$OUT/train_profile.json"
 stage max_batch 100 python bench/train_throughput.py --impls ref,triton --steps 3 --warmup 1 --max-batch \

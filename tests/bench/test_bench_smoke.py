@@ -213,3 +213,17 @@ def test_summary_keeps_the_first_row_of_each_key_and_lists_largest_batches():
     assert dropped == 1 and [x["p50"] for x in rows] == [100.0, 704.0]
     capped = r("triton", "max_batch", 8192.0, "model only", note="limit")
     assert summarize.largest_batches(rows + [capped]) == "ref 704; triton 8192 (search capped)"
+
+
+def test_tune_glue_quick_run_times_every_kind_and_restores_the_tiles():
+    import importlib
+
+    import tune_glue
+
+    ln = importlib.import_module("beit_kernels.layer_norm")
+    bg = importlib.import_module("beit_kernels.bias_gelu")
+    before = (ln._tile, ln.persistent_programs, bg._FWD_TILE, bg._BWD_TILE)
+    rows = tune_glue.main(["--quick", "--rep-ms", "1"])
+    assert not [r for r in rows if r["metric"] == "error"], rows
+    assert {r["mode"] for r in rows} == {"ln_fwd", "ln_bwd", "gelu_fwd", "gelu_bwd"}
+    assert (ln._tile, ln.persistent_programs, bg._FWD_TILE, bg._BWD_TILE) == before

@@ -1,0 +1,159 @@
+"""Tile sweep of the blocks' glue kernels at BEiT-B shapes: ``add_layer_norm`` and ``bias_gelu``, forward and backward.
+
+Each kernel file keeps one fixed tile choice (``layer_norm._tile``, ``bias_gelu._FWD_TILE`` / ``_BWD_TILE``); this
+script times the candidates it could hold, one launcher at a time, as ``tune_attention.py`` does for attention:
+
+    ln_fwd    add_layer_norm_fwd, (BLOCK_M, num_warps) candidates (BLOCK_D is the row, padded to a power of two)
+    ln_bwd    add_layer_norm_bwd, (BLOCK_M, num_warps, programs per SM)
+    gelu_fwd  bias_gelu_fwd, (BLOCK_M, BLOCK_D, num_warps)
+    gelu_bwd  bias_gelu_bwd, (BLOCK_M, BLOCK_D, num_warps)
+
+The inputs are the model's under bf16 autocast: an fp32 residual stream, a bf16 branch with layer scale and drop
+path, bf16 fc1 output with an fp32 bias. Each candidate's outputs are checked against the default's before it is
+timed (a mismatch is an error row). Rows are the harness's long format; the table prints the fastest first.
+
+    python bench/tune_glue.py --out tune_glue.json          # GPU: B=256, N=197, D=768 (LayerNorm), 3072 (GELU)
+    python bench/tune_glue.py --quick                       # CPU interpreter smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import harness  # noqa: E402
+import torch  # noqa: E402
+
+# The modules, not the functions of the same names that the package exports.
+ln = importlib.import_module("beit_kernels.layer_norm")
+bg = importlib.import_module("beit_kernels.bias_gelu")
+backend = importlib.import_module("beit_kernels.backend")
+
+CANDIDATES = {
+    "ln_fwd": [(4, 8), (2, 4), (4, 4), (8, 8), (8, 16), (1, 4)],
+    "ln_bwd": [(2, 8, 4), (1, 4, 4), (1, 4, 8), (2, 4, 4), (2, 8, 8), (4, 8, 4), (4, 16, 4), (2, 8, 2), (1, 8, 4)],
+    "gelu_fwd": [(8, 512, 8), (4, 1024, 8), (16, 256, 8), (8, 512, 4), (16, 512, 8), (4, 512, 4)],
+    "gelu_bwd": [(16, 256, 8), (8, 256, 4), (32, 256, 8), (16, 512, 8), (8, 512, 8), (32, 128, 4), (16, 256, 4)],
+}
+QUICK = {"ln_fwd": [(4, 4), (2, 4)], "ln_bwd": [(2, 4, 4), (1, 4, 8)], "gelu_fwd": [(4, 32, 4)],
+         "gelu_bwd": [(4, 32, 4)]}  # fmt: skip
+
+
+@contextlib.contextmanager
+def _patched(module, **values):
+    """Module globals replaced for the duration: the launchers read them at call time."""
+    saved = {k: getattr(module, k) for k in values}
+    for k, v in values.items():
+        setattr(module, k, v)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(module, k, v)
+
+
+def _ln_tile(cand, backward_only: bool):
+    base = ln._tile
+
+    def tile(D, backward):
+        if backward != backward_only:
+            return base(D, backward)
+        block_m, warps = cand[0], cand[1]
+        return block_m, base(D, backward)[1], warps
+
+    return tile
+
+
+def _programs(per_sm: int):
+    def programs(n_tiles, device):
+        if device.type != "cuda":
+            return backend.persistent_programs(n_tiles, device)
+        return max(1, min(n_tiles, per_sm * torch.cuda.get_device_properties(device).multi_processor_count))
+
+    return programs
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--kinds", default="ln_fwd,ln_bwd,gelu_fwd,gelu_bwd")
+    p.add_argument("--rep-ms", type=float, default=100)
+    p.add_argument("--quick", action="store_true", help="tiny shapes, few candidates: a CPU interpreter smoke run")
+    p.add_argument("--out", help="write the rows as JSON here")
+    args = p.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    B, N, D, F = (3, 7, 24, 40) if args.quick else (256, 197, 768, 3072)
+    act = torch.float32 if args.quick else torch.bfloat16  # the interpreter's bf16 is not what a GPU does
+    candidates = QUICK if args.quick else CANDIDATES
+    env = harness.env_info(device)
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(B, N, D, generator=g).to(device)  # the fp32 residual stream
+    branch = torch.randn(B, N, D, generator=g).to(device=device, dtype=act)
+    gamma = torch.full((D,), 0.1, device=device)
+    w, b = torch.ones(D, device=device), torch.zeros(D, device=device)
+    scale = ((torch.rand(B, generator=g) < 0.9).float() / 0.9).to(device)
+    grad_h, grad_y = torch.randn(B, N, D, generator=g).to(device), torch.randn(B, N, D, generator=g).to(device, act)
+    fc1 = torch.randn(B, N, F, generator=g).to(device=device, dtype=act)
+    fc1_bias = (torch.randn(F, generator=g) * 0.02).to(device)
+    grad_gelu = torch.randn(B, N, F, generator=g).to(device=device, dtype=act)
+
+    def ln_fwd():
+        return ln.add_layer_norm_fwd(x, branch, gamma, scale, w, b, 1e-6, act)
+
+    h, _, mean, rstd = ln_fwd()
+
+    def ln_bwd():
+        return ln.add_layer_norm_bwd(grad_h, grad_y, h, branch, gamma, scale, w, mean, rstd, True, act, True, True)
+
+    runs = {
+        "ln_fwd": (ln_fwd, {"shape": dict(B=B, N=N, D=D)}),
+        "ln_bwd": (ln_bwd, {"shape": dict(B=B, N=N, D=D)}),
+        "gelu_fwd": (lambda: bg.bias_gelu_fwd(fc1, fc1_bias), {"shape": dict(B=B, N=N, D=F)}),
+        "gelu_bwd": (lambda: bg.bias_gelu_bwd(grad_gelu, fc1, fc1_bias), {"shape": dict(B=B, N=N, D=F)}),
+    }
+
+    def patch(kind, cand):
+        if kind == "ln_fwd":
+            return _patched(ln, _tile=_ln_tile(cand, False))
+        if kind == "ln_bwd":
+            return _patched(ln, _tile=_ln_tile(cand, True), persistent_programs=_programs(cand[2]))
+        return _patched(bg, **{"_FWD_TILE" if kind == "gelu_fwd" else "_BWD_TILE": tuple(cand)})
+
+    def outputs(out):
+        return [t.float() for t in (out if isinstance(out, (tuple, list)) else (out,))]
+
+    rows = []
+    for kind in args.kinds.split(","):
+        fn, meta = runs[kind]
+        expected = outputs(fn())
+        for cand in candidates[kind]:
+            name = f"{kind}:{'x'.join(map(str, cand))}"
+            common = dict(shape=meta["shape"], dtype=act, env=env, candidate=list(cand))
+            try:
+                with patch(kind, cand):
+                    got = outputs(fn())
+                    # Orders of summation differ between tiles (the partial column sums): rounding-level tolerance.
+                    if not all(torch.allclose(a, e, rtol=2e-2, atol=2e-2) for a, e in zip(got, expected, strict=True)):
+                        raise AssertionError("outputs differ from the default tile's")
+                    t = harness.time_fn(fn, device=device, rep_ms=args.rep_ms, warmup_ms=10)
+                rows.append(harness.row("glue_tune", name, kind, "time", "ms", t, **common))
+            except Exception as e:  # noqa: BLE001 - one failing candidate must not stop the sweep
+                note = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+                rows.append(harness.row("glue_tune", name, kind, "error", "", None, note=note, **common))
+            print(f"{name:24s} {rows[-1]['p50'] if rows[-1]['p50'] is not None else rows[-1]['note']}", flush=True)
+
+    timed = sorted((r for r in rows if r["metric"] == "time"), key=lambda r: (r["mode"], r["p50"]))
+    print(harness.format_table(timed + [r for r in rows if r["metric"] == "error"],
+                               ("mode", "provider", "metric", "p50", "p20", "p80", "unit", "note")))  # fmt: skip
+    if args.out:
+        harness.write_rows(rows, args.out)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
