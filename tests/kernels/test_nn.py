@@ -58,3 +58,25 @@ def test_unknown_impl_is_refused():
     attn.impl = "fast"
     with pytest.raises(ValueError, match="unknown impl"):
         attn(torch.randn(1, 3, 16))
+
+
+def _grad_fns(t: torch.Tensor) -> set[str]:
+    seen, todo = set(), [t.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        todo += [f for f, _ in fn.next_functions]
+    return {type(f).__name__ for f in seen}
+
+
+@pytest.mark.parametrize("impl, split", [("ref", "SelectBackward0"), ("sdpa", "UnbindBackward0")])
+def test_qkv_split_backward(impl, split):
+    """The fast paths split qkv with unbind (one stack in backward); the reference keeps the official indexing
+    (three zero-filled full-size gradients added up)."""
+    attn = Attention(48, num_heads=3, qkv_bias=True, impl=impl)
+    out = attn(torch.randn(3, 7, 48, requires_grad=True))
+    names = _grad_fns(out)
+    assert split in names
+    assert ({"SelectBackward0", "UnbindBackward0"} - {split}).isdisjoint(names)
