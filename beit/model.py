@@ -441,9 +441,11 @@ class VisionTransformerForMaskedImageModeling(nn.Module):
                 h, y = beit_kernels.add_layer_norm(
                     h, m, blk.gamma_2, n1.weight, n1.bias, eps=n1.eps, sample_scale=scale, y_dtype=act
                 )
-            else:  # the final norm is applied to the masked rows only, by masked_gather
-                r = m if blk.gamma_2 is None else blk.gamma_2 * m
-                h = h + (r if scale is None else r * scale.view(-1, 1, 1))  # [B] -> [B, 1, 1]
+            else:
+                # The final norm is applied to the masked rows only, by masked_gather: only h is wanted here. The
+                # fused add still beats three elementwise passes (and their backwards) with its unused
+                # normalisation; y gets no gradient, so the backward skips the LayerNorm part.
+                h, _ = beit_kernels.add_layer_norm(h, m, blk.gamma_2, None, None, sample_scale=scale, y_dtype=act)
         return h
 
     def _drop_scale(self, blk: Block, branch: torch.Tensor, gamma: torch.Tensor | None) -> torch.Tensor | None:
