@@ -166,3 +166,46 @@ def format_table(rows: list[dict], columns: Iterable[str] = ("kernel", "provider
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tile sweeps (tune_attention.py, tune_glue.py)
+
+
+def sweep_parser(description: str, kinds: str):
+    """The options every tile sweep takes; a script adds its own."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--kinds", default=kinds, help="the launchers to sweep, comma-separated")
+    p.add_argument("--rep-ms", type=float, default=100, help="timing budget a candidate (do_bench's rep)")
+    p.add_argument("--quick", action="store_true", help="tiny shapes, few candidates: a CPU interpreter smoke run")
+    p.add_argument("--out", help="write the rows as JSON here")
+    return p
+
+
+def sweep_candidate(kernel: str, name: str, mode: str, run: Callable[[], object], agrees: Callable[[object], bool],
+                    context, *, device, rep_ms: float, **fields) -> dict:  # fmt: skip
+    """One candidate of a tile sweep: inside ``context`` (which installs the candidate), check that ``run()``'s
+    output ``agrees`` with the default's, then time it. A failure (a mismatch, a candidate that does not compile
+    or does not fit) is an error row, not an exception: one bad candidate must not stop the sweep."""
+    try:
+        with context:
+            if not agrees(run()):
+                raise AssertionError("outputs differ from the default configuration's")
+            t = time_fn(run, device=device, rep_ms=rep_ms, warmup_ms=10)
+        r = row(kernel, name, mode, "time", "ms", t, **fields)
+    except Exception as e:  # noqa: BLE001
+        r = row(kernel, name, mode, "error", "", None, note=f"{type(e).__name__}: {e}".splitlines()[0][:300], **fields)
+    print(f"{name:28s} {r['p50'] if r['p50'] is not None else r['note']}", flush=True)
+    return r
+
+
+def finish_sweep(rows: list[dict], out: str | None) -> list[dict]:
+    """Print a sweep's rows, fastest first within each mode, errors last; write them to ``out`` if given."""
+    timed = sorted((r for r in rows if r["metric"] == "time"), key=lambda r: (r["mode"], r["p50"]))
+    errors = [r for r in rows if r["metric"] == "error"]
+    print(format_table(timed + errors, ("mode", "provider", "metric", "p50", "p20", "p80", "unit", "note")))
+    if out:
+        write_rows(rows, out)
+    return rows

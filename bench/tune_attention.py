@@ -18,7 +18,6 @@ reported as an error row, not timed). Rows are the harness's long format; the ta
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import os
 import sys
@@ -74,13 +73,9 @@ def _patched(kind: str | None, cand, group_scale: int = 1):
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = harness.sweep_parser(__doc__.splitlines()[0], "fwd,dq,dkdv")
     p.add_argument("--shape", default="256,12,197,64", help="B,H,N,D")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
-    p.add_argument("--kinds", default="fwd,dq,dkdv")
-    p.add_argument("--rep-ms", type=float, default=100)
-    p.add_argument("--quick", action="store_true", help="tiny shape, two candidates: a CPU interpreter smoke run")
-    p.add_argument("--out", help="write the rows as JSON here")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     B, H, N, D = (3, 2, 37, 16) if args.quick else (int(s) for s in args.shape.split(","))
@@ -107,19 +102,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     def record(kind, cand, gs, fn, check):
         name = f"{kind}:{'x'.join(map(str, cand))}" + (f":g{gs}" if gs != 1 else "")
-        extra = dict(config=_config(cand), group_scale=gs)
-        try:
-            with _patched(kind, cand, gs):
-                if not check(fn()):
-                    raise AssertionError("outputs differ from the default configuration's")
-                t = harness.time_fn(fn, device=device, rep_ms=args.rep_ms, warmup_ms=10)
-            rows.append(harness.row("attention_tune", name, kind, "time", "ms", t, shape=shape, dtype=dtype, env=env,
-                                    **extra))  # fmt: skip
-        except Exception as e:  # noqa: BLE001 - one failing candidate (out of resources, say) must not stop the sweep
-            note = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-            rows.append(harness.row("attention_tune", name, kind, "error", "", None, shape=shape, dtype=dtype, env=env,
-                                    note=note, **extra))  # fmt: skip
-        print(f"{name:28s} {rows[-1]['p50'] if rows[-1]['p50'] is not None else rows[-1].get('note')}", flush=True)
+        rows.append(harness.sweep_candidate("attention_tune", name, kind, fn, check, _patched(kind, cand, gs),
+                                            device=device, rep_ms=args.rep_ms, shape=shape, dtype=dtype, env=env,
+                                            config=_config(cand), group_scale=gs))  # fmt: skip
 
     kinds = args.kinds.split(",")
     if "fwd" in kinds:
@@ -142,13 +127,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for gs in GROUP_SCALES[1:] if not args.quick else (2,):
             record("dkdv", candidates["dkdv"][0], gs, bwd, bwd_close)
 
-    timed = sorted((r for r in rows if r["metric"] == "time"), key=lambda r: (r["mode"], r["p50"]))
-    print(harness.format_table(timed + [r for r in rows if r["metric"] == "error"],
-                               ("mode", "provider", "metric", "p50", "p20", "p80", "unit", "note")))  # fmt: skip
-    if args.out:
-        harness.write_rows(rows, args.out)
-    return rows
-
+    return harness.finish_sweep(rows, args.out)
 
 if __name__ == "__main__":
     main()

@@ -18,7 +18,6 @@ timed (a mismatch is an error row). Rows are the harness's long format; the tabl
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import importlib
 import os
@@ -79,12 +78,7 @@ def _programs(per_sm: int):
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--kinds", default="ln_fwd,ln_bwd,gelu_fwd,gelu_bwd")
-    p.add_argument("--rep-ms", type=float, default=100)
-    p.add_argument("--quick", action="store_true", help="tiny shapes, few candidates: a CPU interpreter smoke run")
-    p.add_argument("--out", help="write the rows as JSON here")
-    args = p.parse_args(argv)
+    args = harness.sweep_parser(__doc__.splitlines()[0], "ln_fwd,ln_bwd,gelu_fwd,gelu_bwd").parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     B, N, D, F = (3, 7, 24, 40) if args.quick else (256, 197, 768, 3072)
     act = torch.float32 if args.quick else torch.bfloat16  # the interpreter's bf16 is not what a GPU does
@@ -133,26 +127,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         expected = outputs(fn())
         for cand in candidates[kind]:
             name = f"{kind}:{'x'.join(map(str, cand))}"
-            common = dict(shape=meta["shape"], dtype=act, env=env, candidate=list(cand))
-            try:
-                with patch(kind, cand):
-                    got = outputs(fn())
-                    # Orders of summation differ between tiles (the partial column sums): rounding-level tolerance.
-                    if not all(torch.allclose(a, e, rtol=2e-2, atol=2e-2) for a, e in zip(got, expected, strict=True)):
-                        raise AssertionError("outputs differ from the default tile's")
-                    t = harness.time_fn(fn, device=device, rep_ms=args.rep_ms, warmup_ms=10)
-                rows.append(harness.row("glue_tune", name, kind, "time", "ms", t, **common))
-            except Exception as e:  # noqa: BLE001 - one failing candidate must not stop the sweep
-                note = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-                rows.append(harness.row("glue_tune", name, kind, "error", "", None, note=note, **common))
-            print(f"{name:24s} {rows[-1]['p50'] if rows[-1]['p50'] is not None else rows[-1]['note']}", flush=True)
-
-    timed = sorted((r for r in rows if r["metric"] == "time"), key=lambda r: (r["mode"], r["p50"]))
-    print(harness.format_table(timed + [r for r in rows if r["metric"] == "error"],
-                               ("mode", "provider", "metric", "p50", "p20", "p80", "unit", "note")))  # fmt: skip
-    if args.out:
-        harness.write_rows(rows, args.out)
-    return rows
+            # Orders of summation differ between tiles (the partial column sums): rounding-level tolerance.
+            rows.append(harness.sweep_candidate(
+                "glue_tune", name, kind, fn,
+                lambda out, expected=expected: all(torch.allclose(a, e, rtol=2e-2, atol=2e-2)
+                                                   for a, e in zip(outputs(out), expected, strict=True)),
+                patch(kind, cand), device=device, rep_ms=args.rep_ms,
+                shape=meta["shape"], dtype=act, env=env, candidate=list(cand)))  # fmt: skip
+    return harness.finish_sweep(rows, args.out)
 
 
 if __name__ == "__main__":
