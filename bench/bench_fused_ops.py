@@ -97,9 +97,14 @@ def count_syncs(fn, device) -> int | None:
             fn()
         finally:
             torch.cuda.set_sync_debug_mode(0)
-    # "called a synchronizing CUDA operation", one per sync; not the once-per-process "Synchronization debug mode
-    # is a prototype feature" notice, which the H100 run of 2026-11-26 counted as a sync of the first op measured.
-    return sum("synchronizing" in str(w.message) for w in caught)
+    return sum(is_sync_warning(str(w.message)) for w in caught)
+
+
+def is_sync_warning(message: str) -> bool:
+    """torch's warning for one synchronising call, not its once-per-process notice "Synchronization debug mode is
+    a prototype feature and does not yet detect all synchronizing operations", which the H100 runs of 2026-11-26
+    counted as a sync of the first op measured."""
+    return "called a synchronizing CUDA operation" in message
 
 
 def measure(kernel, providers, leaves, grad_fn, shape, dtype, env, device, quick, autocast_dtype):

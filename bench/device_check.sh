@@ -68,15 +68,18 @@ stage profile 120 python bench/train_throughput.py --impls triton,compile --step
 stage max_batch 100 python bench/train_throughput.py --impls ref,triton --steps 3 --warmup 1 --max-batch \
     --out "$OUT/train_max_batch.json"
 
-# The chart (matplotlib is on the device image); its failure must not hide the table. A stage stopped before its
-# first row leaves no JSON, hence nullglob.
-shopt -s nullglob
-# The main step rows before the largest-batch search's re-timed ones: summarize.py keeps the first of each.
-results=("$OUT"/bench_*.json "$OUT"/train_eager.json "$OUT"/train_compile.json "$OUT"/train_max_batch.json)
-[ ${#results[@]} -gt 0 ] || { echo "no results under $OUT"; exit 1; }
+# The chart (matplotlib is on the device image); its failure must not hide the table. Only files that exist: a
+# stage not run, or stopped before its first row, leaves none. The main step rows go before the largest-batch
+# search's re-timed ones: summarize.py keeps the first of each.
+results=()
+for f in "$OUT"/bench_*.json "$OUT"/train_eager.json "$OUT"/train_compile.json "$OUT"/train_max_batch.json; do
+    [ -f "$f" ] && results+=("$f")
+done
+[ ${#results[@]} -gt 0 ] || { echo "no benchmark or training-step rows to summarise under $OUT"; exit $status; }
 python bench/plot.py "${results[@]}" --out "$OUT/results.png" || true
 
 echo
 echo "=== summary"
 python bench/summarize.py "${results[@]}" | tee "$OUT/summary.md"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 exit $status

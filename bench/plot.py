@@ -20,7 +20,8 @@ def _baseline(by_provider: dict) -> str | None:
     return None
 
 
-def plot(rows: list[dict], out: str) -> None:
+def plot(rows: list[dict], out: str) -> dict:
+    """Draw the chart into ``out``; returns the panels drawn: kernel -> [(group label, {provider: time / ours})]."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -30,11 +31,14 @@ def plot(rows: list[dict], out: str) -> None:
     for r in rows:
         if r.get("metric") == "time" and r.get("p50"):
             groups.setdefault(_key(r), {})[r["provider"]] = r["p50"]
-    # Providers that differ in dtype by design (the tokenizer's fp16, bf16 and fp32 variants) land in groups of
-    # one: compare them in one group per (kernel, shape, mode) instead.
-    for key in [k for k, g in groups.items() if len(g) == 1]:
+    # Providers that differ in dtype by design (the tokenizer's fp16, bf16 and fp32 variants) land in groups of one
+    # or without the baseline: compare them in one group per (kernel, shape, mode), a provider seen twice there
+    # labelled with its dtype.
+    for key in [k for k, g in groups.items() if len(g) == 1 or _baseline(g) is None]:
         kernel, shape, dtype, mode = key
-        groups.setdefault((kernel, shape, "mixed dtypes", mode), {}).update(groups.pop(key))
+        merged = groups.setdefault((kernel, shape, "mixed dtypes", mode), {})
+        for provider, t in groups.pop(key).items():
+            merged[provider if provider not in merged else f"{provider} ({dtype})"] = t
     panels: dict = {}  # kernel -> [(label, {provider: time / ours})]
     for (kernel, shape, dtype, mode), by_provider in groups.items():
         base = _baseline(by_provider)
@@ -72,6 +76,7 @@ def plot(rows: list[dict], out: str) -> None:
     fig.tight_layout(rect=(0, 0, 1, 0.985))
     fig.savefig(out, dpi=110)
     plt.close(fig)
+    return panels
 
 
 def main(argv=None) -> None:

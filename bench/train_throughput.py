@@ -238,6 +238,7 @@ PROFILE_TOP = 25
 def profile_kernels(step, steps: int, device, impl: str, mode: str, common: dict) -> list[dict]:
     """``steps`` more steps under torch.profiler: the ``PROFILE_TOP`` kernels by self GPU time (CPU ops on a
     CPU-only run), in ms per step, plus the total over every kernel. The kernel's name goes in ``note``."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
@@ -256,7 +257,15 @@ def profile_kernels(step, steps: int, device, impl: str, mode: str, common: dict
         # torch >= 2.4 names it device time; older versions, cuda time.
         return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
 
-    events = [e for e in prof.key_averages() if self_us(e) > 0]
+    def counted(e) -> bool:
+        # On a GPU, the kernels themselves: a CPU op (aten::mm, a beit_kernels custom op) reports the time of
+        # the kernels it launched as its own device time, and user annotations span other events, so either
+        # would count kernels twice (as torch's own table avoids).
+        if cuda and (e.device_type == DeviceType.CPU or getattr(e, "is_user_annotation", False)):
+            return False
+        return self_us(e) > 0
+
+    events = [e for e in prof.key_averages() if counted(e)]
     events.sort(key=self_us, reverse=True)
     total = sum(self_us(e) for e in events) / 1e3 / steps
     rows = [harness.row("train_step_profile", impl, mode, "kernel_time_total", "ms/step", total, **common,

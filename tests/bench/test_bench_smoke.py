@@ -195,12 +195,25 @@ def test_plot_draws_one_panel_per_kernel_and_merges_mixed_dtype_providers(tmp_pa
                     device="cpu", torch="t", triton="tr", git_sha="abc")  # fmt: skip
 
     rows = [r("attention", "ours", "bfloat16", 1.0), r("attention", "sdpa", "bfloat16", 1.3),
-            r("tokenizer", "ours-bf16-cl", "bf16", 2.0), r("tokenizer", "official-fp16", "fp16", 3.0)]  # fmt: skip
+            r("tokenizer", "ours-bf16-cl", "bf16", 2.0), r("tokenizer", "official-fp16", "fp16", 3.0),
+            r("tokenizer", "ours-fp32", "fp32", 4.0), r("tokenizer", "kmeans", "fp32", 0.5)]  # fmt: skip
     out = tmp_path / "chart.png"
-    plot.plot(rows, str(out))
+    drawn = plot.plot(rows, str(out))
     assert out.stat().st_size > 1000
+    assert set(drawn) == {"attention", "tokenizer"}
+    assert {p for _, ratios in drawn["tokenizer"] for p in ratios} == {"ours-bf16-cl", "official-fp16", "ours-fp32",
+                                                                        "kmeans"}  # fmt: skip
     with pytest.raises(ValueError, match="no rows"):
         plot.plot([r("attention", "sdpa", "bfloat16", 1.3)], str(out))
+
+
+def test_sync_count_ignores_the_debug_mode_notice():
+    import bench_fused_ops
+
+    assert bench_fused_ops.is_sync_warning("called a synchronizing CUDA operation")
+    notice = ("Synchronization debug mode is a prototype feature and does not yet detect all synchronizing "
+              "operations")  # fmt: skip
+    assert not bench_fused_ops.is_sync_warning(notice)
 
 
 def test_summary_keeps_the_first_row_of_each_key_and_lists_largest_batches():
