@@ -7,7 +7,9 @@ implementation runs in this process on this device, so their ratios are like for
 
 Implementations:
     ref             the official code path: explicit softmax attention, Conv2d patch embedding, boolean gather,
-                    Linear plus CrossEntropy; the DALL-E tokenizer in fp16 (the official module's own cast)
+                    Linear plus CrossEntropy; the DALL-E tokenizer in fp16 (the official module's own cast) and
+                    in the official module's NCHW layout (until 2026-11-26's H100 run, channels_last: that run's
+                    ref tokenizer took 68.3 ms where the official module took 90.2 in bench_tokenizer)
     sdpa            F.scaled_dot_product_attention with the bias as attn_mask, padded static-shape head
     compile         torch.compile of the sdpa path (what a user would pick instead)
     triton          our kernels: patch embedding, attention with the bias gradient, gather + LayerNorm, linear CE,
@@ -16,7 +18,7 @@ Implementations:
                     custom ops: no graph break); against "triton" it tells which way of fusing the glue is faster
     triton+graph    the triton path with the whole step captured in one CUDA graph and replayed (beit.graphs, the
                     trainer's --cuda-graph); sdpa+graph on request (--impls)
-Every implementation other than ref runs the tokenizer in bf16 with channels_last.
+Every implementation other than ref runs the tokenizer in bf16 with channels_last, as beit-pretrain does.
 
 Reported per implementation, with and without the tokenizer: ms per step by phase (tokenizer, forward, backward,
 optimizer; CUDA events), images per second, peak memory, and MFU with the model's and the tokenizer's FLOPs counted
@@ -64,7 +66,7 @@ EXTRA_IMPLS = ("sdpa+graph",)
 GRAPH_SUFFIX = "+graph"
 
 
-def make_tokenizer(kind: str, size: int, device, precision: str, quick: bool):
+def make_tokenizer(kind: str, size: int, device, precision: str, quick: bool, channels_last: bool = True):
     if kind == "none":
         return None
     from beit.tokenizer.dalle import DalleEncoder
@@ -72,7 +74,7 @@ def make_tokenizer(kind: str, size: int, device, precision: str, quick: bool):
     enc = DalleEncoder(n_hid=64 if quick else 256, vocab_size=512 if quick else 8192).to(device)
     # No input range check, as beit-pretrain loads its tokenizer: the check costs a host sync per step, and a
     # CUDA graph cannot capture it.
-    enc.configure(precision=precision, channels_last=device.type == "cuda", check_range=False)
+    enc.configure(precision=precision, channels_last=channels_last and device.type == "cuda", check_range=False)
     return enc
 
 
@@ -110,9 +112,11 @@ def run_impl(impl: str, args, device, env, rows: list[dict] | None = None) -> li
     data = make_data(args.batch, args.image_size, grid, num_mask, min(16, num_mask), device)
     images, tok_images, bool_masked_pos, mask_index = data
     amp_dtype = torch.bfloat16 if device.type == "cuda" else None
+    # ref: the official module's fp16 cast and NCHW layout; the others: bf16, channels_last (beit-pretrain's).
     tokenizer = make_tokenizer(args.tokenizer, args.image_size // 2, device,
                                "fp16" if impl == "ref" and device.type == "cuda" else
-                               ("bf16" if device.type == "cuda" else "fp32"), quick)  # fmt: skip
+                               ("bf16" if device.type == "cuda" else "fp32"), quick,
+                               channels_last=impl != "ref")  # fmt: skip
     vocab = model.config.vocab_size
     fixed_tokens = torch.randint(0, vocab, (args.batch, grid * grid), device=device)
     metrics = Metrics(device)
