@@ -19,6 +19,7 @@ timed (a mismatch is an error row). Rows are the harness's long format; the tabl
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import os
 import sys
@@ -68,15 +69,6 @@ def _ln_tile(cand, backward_only: bool):
     return tile
 
 
-def _programs(per_sm: int):
-    def programs(n_tiles, device):
-        if device.type != "cuda":
-            return backend.persistent_programs(n_tiles, device)
-        return max(1, min(n_tiles, per_sm * torch.cuda.get_device_properties(device).multi_processor_count))
-
-    return programs
-
-
 def main(argv: list[str] | None = None) -> list[dict]:
     args = harness.sweep_parser(__doc__.splitlines()[0], "ln_fwd,ln_bwd,gelu_fwd,gelu_bwd").parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -115,7 +107,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if kind == "ln_fwd":
             return _patched(ln, _tile=_ln_tile(cand, False))
         if kind == "ln_bwd":
-            return _patched(ln, _tile=_ln_tile(cand, True), persistent_programs=_programs(cand[2]))
+            programs = functools.partial(backend.persistent_programs, per_sm=cand[2])
+            return _patched(ln, _tile=_ln_tile(cand, True), persistent_programs=programs)
         return _patched(bg, **{"_FWD_TILE" if kind == "gelu_fwd" else "_BWD_TILE": tuple(cand)})
 
     def outputs(out):

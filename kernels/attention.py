@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from beit_kernels.backend import block_shared_memory, check_kernel_device, interpreting
+from beit_kernels.backend import block_shared_memory, check_kernel_device, fill_programs, interpreting
 
 LOG2E = 1.4426950408889634
 
@@ -381,7 +381,7 @@ def _num_groups(B: int, H: int, n_blocks: int, device: torch.device, batch_broad
     if not batch_broadcast or B == 1:
         return B
     if device.type == "cuda":
-        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        target = fill_programs(device)
     else:
         target = 2 * n_blocks * H  # the interpreter: two groups, so the grouping path is exercised
     groups = max(1, math.ceil(target / (n_blocks * H)))

@@ -96,11 +96,16 @@ def check_vector(op: str, name: str, t: torch.Tensor | None, n: int, device: tor
         raise ValueError(f"{op}: {name} is on {t.device} but x is on {device}")
 
 
-def persistent_programs(n_tiles: int, device: torch.device) -> int:
+def fill_programs(device: torch.device, per_sm: int = 4) -> int:
+    """Programs that fill CUDA ``device``: ``per_sm`` on each multiprocessor."""
+    return per_sm * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def persistent_programs(n_tiles: int, device: torch.device, per_sm: int = 4) -> int:
     """Programs for a grid-stride kernel over ``n_tiles`` tiles that keeps per-program partial sums: enough to fill
-    a GPU (4 per SM), never more than the tiles; two in the interpreter, which runs programs one by one (two still
-    exercise the reduction of the partials)."""
-    cap = 4 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+    a GPU (``fill_programs``), never more than the tiles; two in the interpreter, which runs programs one by one
+    (two still exercise the reduction of the partials)."""
+    cap = fill_programs(device, per_sm) if device.type == "cuda" else 2
     return max(1, min(n_tiles, cap))
 
 

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from beit_kernels.backend import check_kernel_device, check_vector
+from beit_kernels.backend import check_kernel_device, check_vector, fill_programs
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -176,8 +176,7 @@ def bias_gelu_bwd(
     n_row_tiles = triton.cdiv(M, block_m)
     n_col_tiles = triton.cdiv(D, block_d)
     if x.device.type == "cuda":
-        target = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count
-        groups = triton.cdiv(target, max(n_col_tiles, 1))
+        groups = triton.cdiv(fill_programs(x.device), max(n_col_tiles, 1))
     else:
         groups = 2  # the interpreter runs programs one by one; two exercise the partial sums
     groups = max(1, min(groups, n_row_tiles))
