@@ -12,6 +12,7 @@ CPU, a perf_counter loop, for smoke runs of the harness only (its numbers say li
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -170,6 +171,20 @@ def format_table(rows: list[dict], columns: Iterable[str] = ("kernel", "provider
 
 # ----------------------------------------------------------------------------------------------------------------
 # Tile sweeps (tune_attention.py, tune_glue.py)
+
+
+@contextlib.contextmanager
+def patched_globals(module, **values):
+    """``module``'s globals replaced for the duration, restored after: a sweep installs a candidate tile this way,
+    since the launchers read their tile functions and constants at call time."""
+    saved = {k: getattr(module, k) for k in values}
+    for k, v in values.items():
+        setattr(module, k, v)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(module, k, v)
 
 
 def sweep_parser(description: str, kinds: str):

@@ -53,23 +53,16 @@ def _patched(kind: str | None, cand, group_scale: int = 1):
     dk/dv kernel's batch groups."""
     base_config, base_groups = attn._block_config, attn._num_groups
 
-    class _Ctx:
-        def __enter__(self):
-            def config(k, head_dim, dtype, shared):
-                if kind is not None and k == kind:
-                    return _config(cand)
-                return base_config(k, head_dim, dtype, shared)
+    def config(k, head_dim, dtype, shared):
+        if kind is not None and k == kind:
+            return _config(cand)
+        return base_config(k, head_dim, dtype, shared)
 
-            def groups(B, H, n_blocks, device, batch_broadcast):
-                g = base_groups(B, H, n_blocks, device, batch_broadcast)
-                return g if not batch_broadcast else max(1, min(g * group_scale, B // 2))
+    def groups(B, H, n_blocks, device, batch_broadcast):
+        g = base_groups(B, H, n_blocks, device, batch_broadcast)
+        return g if not batch_broadcast else max(1, min(g * group_scale, B // 2))
 
-            attn._block_config, attn._num_groups = config, groups
-
-        def __exit__(self, *exc):
-            attn._block_config, attn._num_groups = base_config, base_groups
-
-    return _Ctx()
+    return harness.patched_globals(attn, _block_config=config, _num_groups=groups)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

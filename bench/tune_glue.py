@@ -18,7 +18,6 @@ timed (a mismatch is an error row). Rows are the harness's long format; the tabl
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib
 import os
@@ -42,19 +41,6 @@ CANDIDATES = {
 }
 QUICK = {"ln_fwd": [(4, 4), (2, 4)], "ln_bwd": [(2, 4, 4), (1, 4, 8)], "gelu_fwd": [(4, 32, 4)],
          "gelu_bwd": [(4, 32, 4)]}  # fmt: skip
-
-
-@contextlib.contextmanager
-def _patched(module, **values):
-    """Module globals replaced for the duration: the launchers read them at call time."""
-    saved = {k: getattr(module, k) for k in values}
-    for k, v in values.items():
-        setattr(module, k, v)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            setattr(module, k, v)
 
 
 def _ln_tile(cand, backward_only: bool):
@@ -105,11 +91,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     def patch(kind, cand):
         if kind == "ln_fwd":
-            return _patched(ln, _tile=_ln_tile(cand, False))
+            return harness.patched_globals(ln, _tile=_ln_tile(cand, False))
         if kind == "ln_bwd":
             programs = functools.partial(backend.persistent_programs, per_sm=cand[2])
-            return _patched(ln, _tile=_ln_tile(cand, True), persistent_programs=programs)
-        return _patched(bg, **{"_FWD_TILE" if kind == "gelu_fwd" else "_BWD_TILE": tuple(cand)})
+            return harness.patched_globals(ln, _tile=_ln_tile(cand, True), persistent_programs=programs)
+        return harness.patched_globals(bg, **{"_FWD_TILE" if kind == "gelu_fwd" else "_BWD_TILE": tuple(cand)})
 
     def outputs(out):
         return [t.float() for t in (out if isinstance(out, (tuple, list)) else (out,))]

@@ -178,8 +178,11 @@ def test_tune_attention_quick_run_times_every_kind(tmp_path):
 
     import tune_attention
 
+    attn = tune_attention.attn
+    before = (attn._block_config, attn._num_groups)
     out = tmp_path / "tune.json"
     rows = tune_attention.main(["--quick", "--rep-ms", "1", "--out", str(out)])
+    assert (attn._block_config, attn._num_groups) == before
     assert not [r for r in rows if r["metric"] == "error"], rows
     assert {r["mode"] for r in rows if r["metric"] == "time"} == {"fwd", "dq", "dkdv"}
     assert all(r["p50"] > 0 and r["config"]["BLOCK_M"] for r in rows)
