@@ -67,7 +67,8 @@ def targets(rows: list[dict]) -> str:
     for ours in (p for p in OURS if p in ips):
         checks = []
         if "ref" in ips:
-            checks.append(("images/s vs ref", ips[ours] / ips["ref"], ">= 1.8", ips[ours] / ips["ref"] >= 1.8))
+            r = ips[ours] / ips["ref"]
+            checks.append(("images/s vs ref", r, ">= 1.8", r >= 1.8))
         if best_peer is not None:
             r = ips[ours] / peers[best_peer]
             checks.append((f"images/s vs {best_peer} (best of {', '.join(peers)})", r, ">= 1.15", r >= 1.15))
@@ -101,7 +102,7 @@ def first_rows(rows: list[dict]) -> tuple[list[dict], int]:
 
 def largest_batches(rows: list[dict]) -> str:
     found = [r for r in rows if r.get("metric") == "max_batch" and r.get("p50") is not None]
-    return "; ".join(f"{r['provider']} {r['p50']:.0f}{' (search capped)' if r.get('note') else ''}" for r in found)
+    return "; ".join(f"{r['provider']} {r['p50']:.0f}{' (search capped)' if r.get('capped') else ''}" for r in found)
 
 
 def main(paths: list[str]) -> None:

@@ -362,10 +362,10 @@ def main(argv=None) -> list[dict]:
             if args.max_batch and device.type == "cuda" and not impl.endswith(GRAPH_SUFFIX):
                 _release(device)  # nothing of the timed run may count against the searched batches
                 best, capped = largest_batch(impl, args, device)
-                note = "the search's limit, not memory, stopped it" if capped else None
+                note = dict(note="the search's limit, not memory, stopped it") if capped else {}
                 rows.append(harness.row("train_step", impl, "model only", "max_batch", "images", best, env=env,
                                         shape=dict(model=args.model, image=args.image_size), dtype="bfloat16",
-                                        **(dict(note=note) if note else {})))  # fmt: skip
+                                        capped=capped, **note))  # fmt: skip
         except KeyboardInterrupt:  # a stage's time limit (device_check.sh): keep what was measured, say so
             error_row(impl, "interrupted (time limit): the rows above are the modes it finished")
             if args.out:

@@ -220,14 +220,14 @@ def test_sync_count_ignores_the_debug_mode_notice():
 
 
 def test_summary_keeps_the_first_row_of_each_key_and_lists_largest_batches():
-    def r(provider, metric, p50, mode="with tokenizer", note=None):
+    def r(provider, metric, p50, mode="with tokenizer", capped=None):
         return dict(kernel="train_step", provider=provider, mode=mode, metric=metric, p50=p50, shape={"B": 3},
-                    dtype="bfloat16", note=note)  # fmt: skip
+                    dtype="bfloat16", capped=capped)  # fmt: skip
 
     rows, dropped = summarize.first_rows([r("ref", "throughput", 100.0), r("ref", "throughput", 90.0),
                                           r("ref", "max_batch", 704.0, "model only")])  # fmt: skip
     assert dropped == 1 and [x["p50"] for x in rows] == [100.0, 704.0]
-    capped = r("triton", "max_batch", 8192.0, "model only", note="limit")
+    capped = r("triton", "max_batch", 8192.0, "model only", capped=True)
     assert summarize.largest_batches(rows + [capped]) == "ref 704; triton 8192 (search capped)"
 
 
