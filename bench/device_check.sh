@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One prepared device call: offline install, the `gpu` tests (bf16 included), the kernel benchmarks at real shapes,
 # the end-to-end training-step benchmark, JSON under $OUT, a short table printed last. Budgeted for one call of at
-# most 7 minutes on one H100 (the default stage limits below add up to 400 s, plus the install; their sum was
-# about 300 s on an H100 on 2026-11-26).
+# most 7 minutes on one H100 (the default stage limits below add up to 400 s, plus the install; the whole default
+# run, install included, took about 260 s on an H100 on 2026-11-26).
 #
 #   device run:  bash bench/device_check.sh     (carry .whl holding the xformers wheel to include xformers)
 #
@@ -50,13 +50,12 @@ stage gpu_tests 80 python -m pytest -q -rA -m gpu ${GPU_TEST_PATHS:-tests} -p no
 stage bench_attention 45 python bench/bench_attention.py --out "$OUT/bench_attention.json"
 stage bench_fused_ops 40 python bench/bench_fused_ops.py --no-compile --out "$OUT/bench_fused_ops.json"
 stage bench_tokenizer 35 python bench/bench_tokenizer.py --rep-ms 500 --out "$OUT/bench_tokenizer.json"
-# The step in two stages, so torch.compile's long first compiles cannot starve the eager and graph rows; two cold
-# BEiT-B compiles are expected to be the slowest work here (not measured on this device yet), so the compiled
-# stage gets the most time and runs the user's alternative (compile) first. The largest-batch search (about 8 tries
-# per implementation) does not fit in the default stages: STAGES=max_batch runs it on its own; STAGES=tune_attention
-# times the attention tile candidates (bench/tune_attention.py), STAGES=tune_glue the LayerNorm and GELU ones
-# (bench/tune_glue.py); STAGES=profile lists the top GPU kernels of the
-# triton and compile steps (model only), where their backwards differ.
+# The step in two stages, so torch.compile's long first compiles cannot starve the eager and graph rows; the
+# compiled stage, two cold BEiT-B compiles, is the slowest here (99 s and 87 s on an H100, 2026-11-26), so it gets
+# the most time and runs the user's alternative (compile) first. Not in the default stages: STAGES=max_batch, the
+# largest-batch search (62 s there); STAGES=tune_attention and STAGES=tune_glue, the tile sweeps
+# (bench/tune_attention.py, bench/tune_glue.py); STAGES=profile, the top GPU kernels of the triton and compile
+# steps (model only), where their backwards differ.
 stage train_eager 80 python bench/train_throughput.py --impls ref,sdpa,triton,triton+graph --steps 6 --warmup 2 \
     --out "$OUT/train_eager.json"
 stage train_compile 120 python bench/train_throughput.py --impls compile,triton+compile --steps 6 --warmup 2 \
