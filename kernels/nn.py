@@ -136,8 +136,8 @@ class Attention(nn.Module):
         else:
             # unbind's backward is one stack of dq, dk, dv, straight into qkv's [B, N, 3, H, hd] layout. The
             # official indexing gives each of q, k, v a zero-filled [3, B, H, N, hd] gradient holding its slice,
-            # which autograd adds up, then a copy back to [B, N, 3, H, hd]: about 3 GB of memory traffic a BEiT-B
-            # block at batch 256 in bf16, against 0.5 GB for the stack (2026-11-26).
+            # which autograd adds up, then a copy back to [B, N, 3, H, hd]: by count, about 3 GB of memory traffic
+            # a BEiT-B block at batch 256 in bf16, against 0.5 GB for the stack (2026-11-26; not timed yet).
             qkv = qkv.reshape(B, N, 3, self.num_heads, -1)  # [B, N, 3, H, hd]
             q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # [B, H, N, hd] views
 
