@@ -6,8 +6,9 @@ of run. Each distinct launch (kernel, argument types, constexprs, warps, stages,
 derives from the argument values: 16-byte alignment, integers equal to 1 as constants) is then compiled for each
 architecture (sm80 to sm120) by Triton's own compiler (ptxas ships in the triton wheel), specialised by Triton's own
 ``native_specialize_impl``, as a launch on that GPU would be. The step's launches are joined by two the step does
-not make: patch embedding from uint8 HWC images with normalisation in the kernel (what DALI hands over), and
-attention at head dimensions 128 and 256.
+not make: patch embedding from uint8 HWC images with normalisation in the kernel (what DALI hands over),
+attention at head dimensions 128 and 256, and the DALL-E tokenizer's fused glue (``conv_epilogue``, at every width
+of the full-size encoder, on a small view).
 
 Per launch it reports what ptxas says (registers per thread, spill stores and loads) and the shared memory Triton
 asks for, against the architecture's per-block limit. A kernel over that limit fails at its first launch with
@@ -59,7 +60,15 @@ from beit_kernels.backend import shared_memory_optin  # noqa: E402
 # fall back on (beit_kernels.backend), so the two cannot disagree.
 SHARED_LIMIT = {a: shared_memory_optin(a // 10, a % 10) for a in (80, 86, 87, 89, 90, 100, 120)}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-KERNEL_MODULES = ("attention", "bias_gelu", "layer_norm", "masked_gather", "patch_embed", "linear_cross_entropy")
+KERNEL_MODULES = (
+    "attention",
+    "bias_gelu",
+    "conv_epilogue",
+    "layer_norm",
+    "masked_gather",
+    "patch_embed",
+    "linear_cross_entropy",
+)
 # Keyword arguments of a launch that are compiler options, not kernel arguments.
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 # Where several keys tell launches apart equally well, these name them best: the head dimension, the image layout.
@@ -194,10 +203,22 @@ def extra_launches(dtype: torch.dtype, head_dims: list[int]) -> None:
         o.transpose(1, 2).reshape(B, N, H * hd).float().sum().backward()  # the layout the projection hands back
 
 
+def tokenizer_launches(dtype: torch.dtype) -> None:
+    """The full-size DALL-E encoder with its glue fused, on a 32 px view (the launches depend on the widths, not the
+    side)."""
+    from beit.tokenizer import DalleEncoder
+
+    torch.manual_seed(0)
+    precision = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+    enc = DalleEncoder().configure(precision=precision, channels_last=True, fused=True, check_range=False)
+    enc.get_codebook_indices(torch.rand(2, 3, 32, 32) * 0.8 + 0.1)
+
+
 def capture(dtype: torch.dtype, head_dims: list[int], shared: int) -> list[Launch]:
     with captured_launches(shared) as launches:
         training_step(dtype)
         extra_launches(dtype, head_dims)
+        tokenizer_launches(dtype)
     return list(dict.fromkeys(launches))  # distinct, in launch order
 
 

@@ -18,7 +18,9 @@ Implementations:
                     custom ops: no graph break); against "triton" it tells which way of fusing the glue is faster
     triton+graph    the triton path with the whole step captured in one CUDA graph and replayed (beit.graphs, the
                     trainer's --cuda-graph); sdpa+graph on request (--impls)
-Every implementation other than ref runs the tokenizer in bf16 with channels_last, as beit-pretrain does.
+Every implementation other than ref runs the tokenizer in bf16 with channels_last, as beit-pretrain does; the
+triton ones with its glue fused by ``beit_kernels.conv_epilogue`` (beit-pretrain's default on CUDA since
+2026-11-26), sdpa and compile with the glue in PyTorch ops (``bench_tokenizer.py`` times both).
 
 Reported per implementation, with and without the tokenizer: ms per step by phase (tokenizer, forward, backward,
 optimizer; CUDA events), images per second, peak memory, and MFU with the model's and the tokenizer's FLOPs counted
@@ -66,7 +68,8 @@ EXTRA_IMPLS = ("sdpa+graph",)
 GRAPH_SUFFIX = "+graph"
 
 
-def make_tokenizer(kind: str, size: int, device, precision: str, quick: bool, channels_last: bool = True):
+def make_tokenizer(kind: str, size: int, device, precision: str, quick: bool, channels_last: bool = True,
+                   fused: bool = False):  # fmt: skip
     if kind == "none":
         return None
     from beit.tokenizer.dalle import DalleEncoder
@@ -74,7 +77,8 @@ def make_tokenizer(kind: str, size: int, device, precision: str, quick: bool, ch
     enc = DalleEncoder(n_hid=64 if quick else 256, vocab_size=512 if quick else 8192).to(device)
     # No input range check, as beit-pretrain loads its tokenizer: the check costs a host sync per step, and a
     # CUDA graph cannot capture it.
-    enc.configure(precision=precision, channels_last=channels_last and device.type == "cuda", check_range=False)
+    cl = channels_last and device.type == "cuda"
+    enc.configure(precision=precision, channels_last=cl, fused=fused and cl, check_range=False)
     return enc
 
 
@@ -112,11 +116,12 @@ def run_impl(impl: str, args, device, env, rows: list[dict] | None = None) -> li
     data = make_data(args.batch, args.image_size, grid, num_mask, min(16, num_mask), device)
     images, tok_images, bool_masked_pos, mask_index = data
     amp_dtype = torch.bfloat16 if device.type == "cuda" else None
-    # ref: the official module's fp16 cast and NCHW layout; the others: bf16, channels_last (beit-pretrain's).
+    # ref: the official module's fp16 cast and NCHW layout; the others: bf16, channels_last (beit-pretrain's), with
+    # the glue fused by our conv_epilogue on the triton paths and in PyTorch ops on sdpa and compile.
     tokenizer = make_tokenizer(args.tokenizer, args.image_size // 2, device,
                                "fp16" if impl == "ref" and device.type == "cuda" else
                                ("bf16" if device.type == "cuda" else "fp32"), quick,
-                               channels_last=impl != "ref")  # fmt: skip
+                               channels_last=impl != "ref", fused=base.startswith("triton"))  # fmt: skip
     vocab = model.config.vocab_size
     fixed_tokens = torch.randint(0, vocab, (args.batch, grid * grid), device=device)
     metrics = Metrics(device)

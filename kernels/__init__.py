@@ -16,6 +16,7 @@ from beit_kernels.backend import (
 if triton_available():
     from beit_kernels.attention import attention
     from beit_kernels.bias_gelu import bias_gelu
+    from beit_kernels.conv_epilogue import conv_epilogue
     from beit_kernels.layer_norm import add_layer_norm
     from beit_kernels.linear_cross_entropy import linear_cross_entropy
     from beit_kernels.masked_gather import masked_gather
@@ -29,6 +30,7 @@ __all__ = [
     "add_layer_norm",
     "attention",
     "bias_gelu",
+    "conv_epilogue",
     "linear_cross_entropy",
     "masked_gather",
     "patch_embed",

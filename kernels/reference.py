@@ -163,3 +163,43 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """Exact (erf) GELU of ``x + bias`` with PyTorch's type promotion, in x's dtype."""
     z = x + bias if bias is not None else x
     return torch.nn.functional.gelu(z).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# conv_epilogue (kernels/conv_epilogue.py)
+
+
+def conv_epilogue(
+    x: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    residual: torch.Tensor | None = None,
+    residual_bias: torch.Tensor | None = None,
+    gain: float = 1.0,
+    pool: bool = False,
+    return_out: bool = True,
+    relu_dtype: torch.dtype | None = None,
+    inplace: bool = False,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The unfused chain: bias add (bias cast to x's dtype), ``torch.add(residual + residual_bias, t, alpha=gain)``,
+    ``max_pool2d(., 2)``, ``relu``, each op rounding to x's dtype (float64 stays float64). Returns (out or None,
+    relu in ``relu_dtype``), channels_last; ``inplace`` copies the first of them into x and returns x there."""
+
+    def channel(v: torch.Tensor) -> torch.Tensor:
+        return v.to(x.dtype).view(1, -1, 1, 1)  # [1, C, 1, 1]
+
+    t = x + channel(bias) if bias is not None else x
+    if residual is not None:
+        r = residual + channel(residual_bias) if residual_bias is not None else residual
+        t = torch.add(r, t, alpha=gain)
+    if pool:
+        t = torch.nn.functional.max_pool2d(t, 2)
+    relu = torch.relu(t).to(relu_dtype if relu_dtype is not None else x.dtype)
+    out = t.contiguous(memory_format=torch.channels_last) if return_out else None
+    relu = relu.contiguous(memory_format=torch.channels_last)
+    if inplace:
+        if return_out:
+            out = x.copy_(out)
+        else:
+            relu = x.copy_(relu)
+    return out, relu

@@ -131,6 +131,79 @@ def test_bf16_compiled_on_gpu_agrees(official):
     assert agree >= 0.9
 
 
+def fused_pair(precision, fp32_logits=True, seed=5, device="cpu"):
+    """Two copies of one random encoder, channels_last: the glue fused (conv_epilogue) and in PyTorch ops."""
+    torch.manual_seed(seed)
+    base = DalleEncoder(**SMALL).to(device)
+    fused, plain = copy.deepcopy(base), copy.deepcopy(base)
+    kw = dict(precision=precision, channels_last=True, fp32_logits=fp32_logits, check_range=False)
+    return fused.configure(fused=True, **kw), plain.configure(fused=False, **kw)
+
+
+@pytest.mark.parametrize("fp32_logits", [True, False])
+def test_fused_glue_matches_pytorch_glue_fp32(fp32_logits):
+    """fp32, Triton's interpreter on CPU: the same logits up to fp32 rounding, the same tokens."""
+    fused, plain = fused_pair("fp32", fp32_logits)
+    assert fused.uses_fused(torch.device("cpu")) and not plain.uses_fused(torch.device("cpu"))
+    x = mapped_images(3, 40, seed=2)  # 40 px: odd 5x5 maps after the three pools
+    got, ref = fused(x), plain(x)
+    assert got.shape == ref.shape == (3, 512, 5, 5) and got.dtype == torch.float32
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(fused.get_codebook_indices(x), plain.get_codebook_indices(x))
+
+
+def test_fused_glue_half_error_within_twice_pytorch():
+    """fp16 autocast: the fused glue's error against the fp32 encoder at most twice that of PyTorch's fp16 glue.
+    (bf16 is tested on the GPU: Triton's interpreter truncates fp32 to bf16 where GPUs round to nearest, and the
+    bias accumulates over the blocks.)"""
+    fused, plain = fused_pair("fp16")
+    ref = copy.deepcopy(plain).configure(precision="fp32")
+    x = mapped_images(3, 32, seed=3)
+    r = ref(x).double()
+    err_fused = (fused(x).double() - r).abs().max().item()
+    err_plain = (plain(x).double() - r).abs().max().item()
+    assert err_fused <= 2 * err_plain + 1e-4 * r.abs().max().item(), (err_fused, err_plain)
+
+
+def test_fused_glue_settings():
+    enc = DalleEncoder(**SMALL)
+    assert enc.fused == "auto" and not enc.uses_fused(torch.device("cpu"))
+    with pytest.raises(ValueError, match="needs channels_last"):
+        enc.configure(fused=True)
+    with pytest.raises(ValueError, match="True, False or 'auto'"):
+        enc.configure(channels_last=True, fused="yes")
+    enc.configure(channels_last=True, fused=True)
+    with pytest.raises(ValueError, match="fused=False"):
+        enc.configure(channels_last=False)
+    assert enc.configure(channels_last=False, fused="auto").fused == "auto"
+
+
+@pytest.mark.gpu
+def test_fused_glue_on_gpu_bf16_and_captured():
+    """bf16 on the GPU: within twice PyTorch's error of the fp32 encoder, tokens agreeing, no host sync, and the
+    fused forward captured in a CUDA graph gives the same tokens."""
+    from _testutil import no_host_sync
+
+    fused, plain = fused_pair("bf16", device="cuda")
+    assert fused.uses_fused(torch.device("cuda"))
+    ref = copy.deepcopy(plain).configure(precision="fp32")
+    x = mapped_images(5, 112, seed=4).cuda()
+    with torch.backends.cudnn.flags(allow_tf32=False):
+        r = ref(x).double()
+    got, base = fused(x).double(), plain(x).double()
+    assert (got - r).abs().max() <= 2 * (base - r).abs().max() + 1e-4 * r.abs().max()
+    ids = fused.get_codebook_indices(x)
+    assert (ids == plain.get_codebook_indices(x)).float().mean() >= 0.99
+    with no_host_sync():
+        fused.get_codebook_indices(x)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = fused.get_codebook_indices(x)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, ids)
+
+
 def test_probs_and_input_checks(official):
     ours = ours_from(official)
     x = mapped_images(2, 16)

@@ -1,7 +1,7 @@
-"""bench/kernel_resources.py: every Triton launch of a BEiT training step (plus uint8 patch embedding and attention
-at head dimensions 128 and 256), specialised as the JIT would and compiled for sm86 and sm90 with Triton's own
-compiler (no GPU needed), fits the architecture's shared memory: one that does not fails at its first launch on the
-GPU, which the interpreter-mode tests cannot see."""
+"""bench/kernel_resources.py: every Triton launch of a BEiT training step (plus uint8 patch embedding, attention at
+head dimensions 128 and 256, and the DALL-E tokenizer's fused glue), specialised as the JIT would and compiled for
+sm86 and sm90 with Triton's own compiler (no GPU needed), fits the architecture's shared memory: one that does not
+fails at its first launch on the GPU, which the interpreter-mode tests cannot see."""
 
 import json
 import os
@@ -14,6 +14,7 @@ SCRIPT = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "kernel_re
 KERNELS = {
     "attention._attn_fwd_kernel", "attention._attn_bwd_dq_kernel", "attention._attn_bwd_dkdv_kernel",
     "bias_gelu._bias_gelu_fwd_kernel", "bias_gelu._bias_gelu_bwd_kernel",
+    "conv_epilogue._conv_epilogue_kernel",
     "layer_norm._add_ln_fwd_kernel", "layer_norm._add_ln_bwd_kernel",
     "masked_gather._masked_gather_fwd_kernel", "masked_gather._masked_gather_bwd_kernel",
     "patch_embed._patch_embed_fwd_kernel", "patch_embed._patch_embed_bwd_kernel",
