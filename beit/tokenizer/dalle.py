@@ -26,8 +26,9 @@ scaled residual add, the next block's ReLU; a max-pool at the end of a group). W
 without their biases and ``beit_kernels.conv_epilogue`` does each block's glue in one pass: bias plus ReLU after
 the hidden 3x3 convolutions, and after the last 1x1 convolution the two biases, the residual add, the max-pool
 where the group ends and the ReLU, writing the block's output and its ReLU. Every step rounds as the unfused
-chain does, so the logits are the same up to how cuDNN's own algorithms round (by count, about 40% of the
-memory traffic of the 112 px view at batch 256 goes away; its speed is measured by bench/bench_tokenizer.py).
+chain does, so the logits are those of the unfused chain on the same convolution outputs. By count
+(``bench/count_traffic.py tokenizer``: each op's reads and writes, 112 px, bf16), the memory traffic per image
+goes from 415 to 260 MB; bench/bench_tokenizer.py measures what that is worth in time.
 
 ``encoder.pkl`` is a whole pickled ``dall_e.encoder.Encoder`` (``torch.save(module)``): plain
 ``torch.load(weights_only=True)`` refuses it and ``weights_only=False`` would import ``dall_e`` and run whatever

@@ -243,3 +243,23 @@ def test_tune_glue_quick_run_times_every_kind_and_restores_the_tiles():
     assert not [r for r in rows if r["metric"] == "error"], rows
     assert {r["mode"] for r in rows} == {"ln_fwd", "ln_bwd", "gelu_fwd", "gelu_bwd"}
     assert (ln._tile, ln.persistent_programs, bg._FWD_TILE, bg._BWD_TILE) == before
+
+
+def test_count_traffic_tokenizer_fused_moves_less_and_counts_exactly(capsys):
+    """The traffic count of a tiny DALL-E encoder: the fused glue replaces the bias, ReLU, add and pool passes, and
+    an op's per-image figure is its tensors' bytes (argmax reads the fp32 logits [512, 4, 4] of each image; its
+    int64 output is below the size counted)."""
+    import count_traffic
+
+    args = ["tokenizer", "--n-hid", "64", "--vocab-size", "512", "--size", "32", "--precision", "fp32"]
+    assert count_traffic.main(args) == 0
+    out = capsys.readouterr().out
+    rows = {line.split(" | ")[0].strip("| *"): line for line in out.splitlines() if line.startswith("|")}
+    assert "conv_epilogue" in rows and "relu_" in rows and "max_pool2d_with_indices" in rows
+    unfused, fused = (float(c.strip(" *|")) for c in rows["total"].split(" | ")[1:])
+    assert fused < 0.75 * unfused, (fused, unfused)
+    ns = type("A", (), dict(n_hid=64, vocab_size=512, size=32, precision="fp32"))
+    prepare, run = count_traffic.tokenizer_runs(ns)["fused"]
+    per = count_traffic.per_image(prepare, run, (1, 2), 4096)
+    assert per["argmax"][0] == 512 * 4 * 4 * 4
+    assert per[count_traffic.BIAS_ADD][1] == 1  # only the output convolution keeps its bias
