@@ -14,7 +14,7 @@ from beit_kernels.backend import (
 
 # Triton ships for Linux only; elsewhere the package still imports, with the reference path alone.
 if triton_available():
-    from beit_kernels.attention import attention
+    from beit_kernels.attention import attention, attention_qkvpacked
     from beit_kernels.bias_gelu import bias_gelu
     from beit_kernels.conv_epilogue import conv_epilogue
     from beit_kernels.layer_norm import add_layer_norm
@@ -29,6 +29,7 @@ __all__ = [
     "IMPLS",
     "add_layer_norm",
     "attention",
+    "attention_qkvpacked",
     "bias_gelu",
     "conv_epilogue",
     "linear_cross_entropy",

@@ -16,6 +16,9 @@ Shapes and dtypes:
     output    [B, H, N, D] in q's dtype; its memory is laid out as [B, N, H, D], so the usual
               ``o.transpose(1, 2).reshape(B, N, H * D)`` that follows is free.
     N >= 1 (197 at 224 px, 577 at 384 px); 1 <= D <= 256 (D is padded to a power of two >= 16 in registers).
+    ``attention_qkvpacked`` takes qkv [B, N, 3, H, D] (a qkv projection's output, reshaped) and returns
+    [B, N, H, D]; its backward writes dq, dk, dv into one dqkv of qkv's layout, where q, k, v split by the caller
+    get three gradients that autograd stacks into qkv's layout (a copy of all three).
 
 Design:
     Forward: one program per (query block, b*h); online softmax over key blocks (FlashAttention 2); saves only
@@ -388,15 +391,20 @@ def _num_groups(B: int, H: int, n_blocks: int, device: torch.device, batch_broad
     return max(1, min(groups, B // 2))
 
 
-def attention_bwd(do, q, k, v, bias, o, lse, scale: float, bias_grad: bool):
-    """Launch the backward kernels; returns dq, dk, dv [B, H, N, D] and the bias gradient in the bias's own shape
-    and dtype (an empty tensor when ``bias_grad`` is False)."""
+def attention_bwd(do, q, k, v, bias, o, lse, scale: float, bias_grad: bool, packed: bool = False):
+    """Launch the backward kernels; returns dq, dk, dv [B, H, N, D] (memory [B, N, H, D] each) and the bias
+    gradient in the bias's own shape and dtype (an empty tensor when ``bias_grad`` is False). With ``packed``, one
+    tensor dqkv [B, N, 3, H, D] in place of the three (they are its slices), and the bias gradient."""
     B, H, N, D = q.shape
     if do.stride(-1) != 1:
         do = do.contiguous()
-    dq = torch.empty((B, N, H, D), device=q.device, dtype=q.dtype).permute(0, 2, 1, 3)
-    dk = torch.empty((B, N, H, D), device=q.device, dtype=q.dtype).permute(0, 2, 1, 3)
-    dv = torch.empty((B, N, H, D), device=q.device, dtype=q.dtype).permute(0, 2, 1, 3)
+    if packed:
+        dqkv = torch.empty((B, N, 3, H, D), device=q.device, dtype=q.dtype)
+        dq, dk, dv = (t.transpose(1, 2) for t in dqkv.unbind(2))  # [B, H, N, D] views
+    else:
+        dq = torch.empty((B, N, H, D), device=q.device, dtype=q.dtype).permute(0, 2, 1, 3)
+        dk = torch.empty((B, N, H, D), device=q.device, dtype=q.dtype).permute(0, 2, 1, 3)
+        dv = torch.empty((B, N, H, D), device=q.device, dtype=q.dtype).permute(0, 2, 1, 3)
     delta = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
     bias_v, sb = _bias_view(bias, B, H, N, q)
     block_d = max(16, triton.next_power_of_2(D))
@@ -441,13 +449,14 @@ def attention_bwd(do, q, k, v, bias, o, lse, scale: float, bias_grad: bool):
         HAS_BIAS=bias is not None, BIAS_GRAD=bias_grad, IEEE=ieee, BLOCK_D=block_d, **cfg,
     )  # fmt: skip
 
+    grads = (dqkv,) if packed else (dq, dk, dv)
     if not bias_grad:
-        return dq, dk, dv, torch.empty(0, device=q.device, dtype=q.dtype)
+        return *grads, torch.empty(0, device=q.device, dtype=q.dtype)
     if batch_broadcast:
         dbias = dbias_partial.sum(0, keepdim=True)  # [G, H, N, N] -> [1, H, N, N], in a fixed order
     else:
         dbias = dbias_partial  # G == B: one partial per batch, already [B, H, N, N]
-    return dq, dk, dv, dbias.sum_to_size(bias.shape).to(bias.dtype)
+    return *grads, dbias.sum_to_size(bias.shape).to(bias.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -494,6 +503,27 @@ def _(do, q, k, v, bias, o, lse, scale, bias_grad):
     return like_q(), like_q(), like_q(), dbias
 
 
+@torch.library.custom_op("beit_kernels::attention_bwd_packed", mutates_args=())
+def _attention_bwd_packed_op(
+    do: torch.Tensor,
+    qkv: torch.Tensor,
+    bias: torch.Tensor | None,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+    bias_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The backward of ``attention_qkvpacked``: (dqkv [B, N, 3, H, D], dbias); do and o are [B, H, N, D]."""
+    q, k, v = _split_packed(qkv)
+    return attention_bwd(do, q, k, v, bias, o, lse, scale, bias_grad, packed=True)
+
+
+@_attention_bwd_packed_op.register_fake
+def _(do, qkv, bias, o, lse, scale, bias_grad):
+    dbias = bias.new_empty(bias.shape) if bias_grad else qkv.new_empty((0,))
+    return qkv.new_empty(qkv.shape), dbias
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Autograd
 
@@ -514,6 +544,34 @@ class AttentionFunction(torch.autograd.Function):
         return dq, dk, dv, (dbias if bias_grad else None), None
 
 
+class AttentionPackedFunction(torch.autograd.Function):
+    """Attention on a packed qkv [B, N, 3, H, D]: the backward writes dq, dk, dv straight into one dqkv of that
+    layout, where three separate gradients would be stacked into it by autograd (a copy of all three)."""
+
+    @staticmethod
+    def forward(ctx, qkv, bias, scale):
+        q, k, v = _split_packed(qkv)
+        o, lse = torch.ops.beit_kernels.attention_fwd(q, k, v, bias, scale)
+        ctx.save_for_backward(qkv, bias, o, lse)
+        ctx.scale = scale
+        return o.transpose(1, 2)  # [B, N, H, D], contiguous: o's memory is laid out so
+
+    @staticmethod
+    def backward(ctx, do):
+        qkv, bias, o, lse = ctx.saved_tensors
+        bias_grad = bias is not None and ctx.needs_input_grad[1]
+        dqkv, dbias = torch.ops.beit_kernels.attention_bwd_packed(
+            do.transpose(1, 2), qkv, bias, o, lse, ctx.scale, bias_grad
+        )  # do: [B, N, H, D] -> [B, H, N, D] view
+        return dqkv, (dbias if bias_grad else None), None
+
+
+def _split_packed(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v [B, H, N, D], views of qkv [B, N, 3, H, D]."""
+    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+    return q, k, v
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Public function
 
@@ -529,3 +587,21 @@ def attention(
     if scale is None:
         scale = q.shape[-1] ** -0.5
     return AttentionFunction.apply(q, k, v, bias, float(scale))
+
+
+def attention_qkvpacked(
+    qkv: torch.Tensor, bias: torch.Tensor | None = None, *, scale: float | None = None
+) -> torch.Tensor:
+    """``attention`` on a packed qkv [B, N, 3, H, D] (a qkv projection's output reshaped, the layout of
+    flash-attn's ``flash_attn_qkvpacked_func``); returns [B, N, H, D], contiguous, so ``out.reshape(B, N, H * D)``
+    is free. Differentiable in qkv and the bias; the gradient of qkv comes as one tensor of qkv's shape, with no
+    stacking copy. bias broadcasts to [B, H, N, N] as in ``attention``."""
+    if not isinstance(qkv, torch.Tensor):
+        raise TypeError(f"attention_qkvpacked: qkv must be a torch.Tensor, got {type(qkv).__name__}")
+    if qkv.dim() != 5 or qkv.shape[2] != 3:
+        raise ValueError(f"attention_qkvpacked: qkv must be [B, N, 3, H, D], got shape {tuple(qkv.shape)}")
+    q, k, v = _split_packed(qkv)
+    _check_inputs(q, k, v, bias)
+    if scale is None:
+        scale = qkv.shape[-1] ** -0.5
+    return AttentionPackedFunction.apply(qkv, bias, float(scale))

@@ -20,11 +20,11 @@ import torch.nn.functional as F
 from beit_kernels.backend import resolve_impl
 
 
-def attention(q, k, v, bias=None, *, scale=None):
+def attention_qkvpacked(qkv, bias=None, *, scale=None):
     # Imported on first use: the Triton kernel module needs triton, which only Linux has.
-    from beit_kernels.attention import attention as triton_attention
+    from beit_kernels.attention import attention_qkvpacked as triton_attention_qkvpacked
 
-    return triton_attention(q, k, v, bias, scale=scale)
+    return triton_attention_qkvpacked(qkv, bias, scale=scale)
 
 
 def gen_relative_position_index(window_size: tuple[int, int]) -> torch.Tensor:
@@ -134,10 +134,10 @@ class Attention(nn.Module):
             qkv = qkv.reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # [3, B, H, N, hd]
             q, k, v = qkv[0], qkv[1], qkv[2]  # as the official code indexes them
         else:
-            # unbind's backward is one stack of dq, dk, dv, straight into qkv's [B, N, 3, H, hd] layout. The
-            # official indexing gives each of q, k, v a zero-filled [3, B, H, N, hd] gradient holding its slice,
+            # The official indexing gives each of q, k, v a zero-filled [3, B, H, N, hd] gradient holding its slice,
             # which autograd adds up, then a copy back to [B, N, 3, H, hd]: by count, about 3 GB of memory traffic
-            # a BEiT-B block at batch 256 in bf16, against 0.5 GB for the stack (2026-11-26; not timed yet).
+            # a BEiT-B block at batch 256 in bf16. unbind's backward is one stack of dq, dk, dv into qkv's layout
+            # (0.5 GB), and the triton path's packed attention writes them there itself (2026-11-26; not timed).
             qkv = qkv.reshape(B, N, 3, self.num_heads, -1)  # [B, N, 3, H, hd]
             q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # [B, H, N, hd] views
 
@@ -174,7 +174,8 @@ class Attention(nn.Module):
                 bias = rel_pos_bias if bias is None else bias + rel_pos_bias
             if self.training and self.attn_drop.p > 0:
                 raise ValueError("impl='triton' attention has no attention dropout; set attn_drop_rate=0")
-            x = attention(q, k, v, bias, scale=self.scale)
+            x = attention_qkvpacked(qkv, bias, scale=self.scale)  # [B, N, H, hd], contiguous
+            return self.proj_drop(self.proj(x.reshape(B, N, -1)))
         else:
             raise ValueError(f"unknown impl {impl!r}")
         x = x.transpose(1, 2).reshape(B, N, -1)  # [B, H, N, hd] -> [B, N, H*hd]

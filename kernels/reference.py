@@ -26,6 +26,14 @@ def attention(
     return (s.softmax(dim=-1) @ v.to(compute)).to(q.dtype)
 
 
+def attention_qkvpacked(
+    qkv: torch.Tensor, bias: torch.Tensor | None = None, *, scale: float | None = None
+) -> torch.Tensor:
+    """``attention`` on qkv [B, N, 3, H, D] split into q, k, v; returns [B, N, H, D]."""
+    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # [B, H, N, D] each
+    return attention(q, k, v, bias, scale=scale).transpose(1, 2)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # patch_embed, masked_gather, linear_cross_entropy (kernels/patch_embed.py, kernels/masked_gather.py,
 # kernels/linear_cross_entropy.py)

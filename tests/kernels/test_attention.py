@@ -146,6 +146,57 @@ def test_strided_views_of_packed_qkv(dtype):
     torch.testing.assert_close(bias.grad.double(), bias64.grad, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("bias_kind", ["none", "HNN", "BHNN"])
+def test_qkvpacked_equals_split_attention_and_reference(dtype, bias_kind):
+    """attention_qkvpacked runs the same kernels as attention on the three views: equal bit for bit, the qkv
+    gradient arriving as one [B, N, 3, H, D] tensor (no stack); and close to the float64 reference."""
+    B, N, H, D = 3, 19, 2, 32
+    g = torch.Generator().manual_seed(4)
+    qkv = torch.randn(B, N, 3, H, D, generator=g).to(DEVICE, dtype)
+    shape = bias_shapes(B, H, N)[bias_kind]
+    bias = (torch.randn(shape, generator=g) * 2).to(DEVICE) if shape is not None else None
+    do = torch.randn(B, N, H, D, generator=g).to(DEVICE, dtype)
+
+    def grads(fn, dt):
+        leaves = [t.detach().to(dt).requires_grad_() if t is not None else None for t in (qkv, bias)]
+        out = fn(*leaves)
+        out.backward(do.to(dt))
+        return out.detach(), [t.grad if t is not None else None for t in leaves], out
+
+    def split(qkv_, bias_):
+        q, k, v = qkv_.permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, N, D] views
+        return beit_kernels.attention(q, k, v, bias_).transpose(1, 2)
+
+    packed, packed_g, packed_out = grads(beit_kernels.attention_qkvpacked, dtype)
+    assert packed.shape == (B, N, H, D) and packed_out.is_contiguous()
+    assert "UnbindBackward0" not in {type(f).__name__ for f, _ in packed_out.grad_fn.next_functions if f}
+    plain, plain_g, _ = grads(split, dtype)
+    assert torch.equal(packed, plain)
+    for a, b in zip(packed_g, plain_g):
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
+    ref, ref_g, _ = grads(reference.attention_qkvpacked, torch.float64)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(packed.double(), ref, atol=tol, rtol=tol)
+    for a, r in zip(packed_g, ref_g):
+        if r is not None:
+            torch.testing.assert_close(a.double(), r, atol=tol, rtol=tol)
+
+
+def test_qkvpacked_bad_inputs():
+    qkv = torch.randn(2, 7, 3, 2, 16, device=DEVICE)
+    with pytest.raises(ValueError, match=r"\[B, N, 3, H, D\]"):
+        beit_kernels.attention_qkvpacked(qkv[:, :, :2])
+    with pytest.raises(ValueError, match=r"\[B, N, 3, H, D\]"):
+        beit_kernels.attention_qkvpacked(qkv[0])
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        beit_kernels.attention_qkvpacked(qkv.tolist())
+    with pytest.raises(ValueError, match="does not broadcast"):
+        beit_kernels.attention_qkvpacked(qkv, torch.randn(3, 7, 7, device=DEVICE))
+    with pytest.raises(ValueError, match="last dimension must be contiguous"):
+        beit_kernels.attention_qkvpacked(torch.randn(2, 7, 3, 2, 16, 2, device=DEVICE)[..., 0])
+
+
 def test_head_dim_not_a_power_of_two():
     check(*make_inputs(2, 2, 19, 40, torch.float32, (2, 19, 19)))
 
@@ -210,6 +261,10 @@ def test_custom_ops_pass_opcheck():
     torch.library.opcheck(torch.ops.beit_kernels.attention_fwd.default, (q, k, v, bias, 0.25))
     o, lse = torch.ops.beit_kernels.attention_fwd(q, k, v, bias, 0.25)
     torch.library.opcheck(torch.ops.beit_kernels.attention_bwd.default, (do, q, k, v, bias, o, lse, 0.25, True))
+    qkv = torch.stack((q, k, v), 2).transpose(1, 3).contiguous()  # [B, H, 3, N, D] -> [B, N, 3, H, D]
+    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+    o, lse = torch.ops.beit_kernels.attention_fwd(q, k, v, bias, 0.25)
+    torch.library.opcheck(torch.ops.beit_kernels.attention_bwd_packed.default, (do, qkv, bias, o, lse, 0.25, True))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -258,6 +313,23 @@ def test_bad_inputs_are_refused_before_launch():
 def test_gpu_real_shapes(dtype, heads, bias_kind):
     B, N, D = 8, 197, 64
     check(*make_inputs(B, heads, N, D, dtype, bias_shapes(B, heads, N)[bias_kind]))
+
+
+@pytest.mark.gpu
+def test_gpu_qkvpacked_bf16_equals_split():
+    B, N, H, D = 8, 197, 12, 64
+    g = torch.Generator().manual_seed(5)
+    qkv = torch.randn(B, N, 3, H, D, generator=g).to(DEVICE, torch.bfloat16).requires_grad_()
+    bias = torch.randn(H, N, N, generator=g).to(DEVICE).requires_grad_()
+    do = torch.randn(B, N, H, D, generator=g).to(DEVICE, torch.bfloat16)
+    out = beit_kernels.attention_qkvpacked(qkv, bias)
+    out.backward(do)
+    dqkv, dbias = qkv.grad, bias.grad
+    qkv.grad = bias.grad = None
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    out2 = beit_kernels.attention(q, k, v, bias).transpose(1, 2)
+    out2.backward(do)
+    assert torch.equal(out, out2) and torch.equal(dqkv, qkv.grad) and torch.equal(dbias, bias.grad)
 
 
 @pytest.mark.gpu
