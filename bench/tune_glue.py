@@ -1,16 +1,22 @@
-"""Tile sweep of the blocks' glue kernels at BEiT-B shapes: ``add_layer_norm`` and ``bias_gelu``, forward and backward.
+"""Tile sweep of the glue kernels at BEiT-B shapes: ``add_layer_norm`` and ``bias_gelu`` forward and backward, and
+the tokenizer's ``conv_epilogue``.
 
-Each kernel file keeps one fixed tile choice (``layer_norm._tile``, ``bias_gelu._FWD_TILE`` / ``_BWD_TILE``); this
-script times the candidates it could hold, one launcher at a time, as ``tune_attention.py`` does for attention:
+Each kernel file keeps one fixed tile choice (``layer_norm._tile``, ``bias_gelu._FWD_TILE`` / ``_BWD_TILE``,
+``conv_epilogue._tile``); this script times the candidates it could hold, one launcher at a time, as
+``tune_attention.py`` does for attention:
 
     ln_fwd    add_layer_norm_fwd, (BLOCK_M, num_warps) candidates (BLOCK_D is the row, padded to a power of two)
     ln_bwd    add_layer_norm_bwd, (BLOCK_M, num_warps, programs per SM)
     gelu_fwd  bias_gelu_fwd, (BLOCK_M, BLOCK_D, num_warps)
     gelu_bwd  bias_gelu_bwd, (BLOCK_M, BLOCK_D, num_warps)
+    epi       conv_epilogue, a block's tail (two biases, residual, ReLU), (widest BLOCK_C, elements a program,
+              num_warps), at the DALL-E encoder's first group: 256 channels at 112 px
+    epi_pool  the same with the 2x2 max-pool that ends a group
 
 The inputs are the model's under bf16 autocast: an fp32 residual stream, a bf16 branch with layer scale and drop
-path, bf16 fc1 output with an fp32 bias. Each candidate's outputs are checked against the default's before it is
-timed (a mismatch is an error row). Rows are the harness's long format; the table prints the fastest first.
+path, bf16 fc1 output with an fp32 bias; bf16 maps with fp32 biases for the tokenizer. Each candidate's outputs
+are checked against the default's before it is timed (a mismatch is an error row). Rows are the harness's long
+format; the table prints the fastest first.
 
     python bench/tune_glue.py --out tune_glue.json          # GPU: B=256, N=197, D=768 (LayerNorm), 3072 (GELU)
     python bench/tune_glue.py --quick                       # CPU interpreter smoke run
@@ -31,6 +37,7 @@ import torch  # noqa: E402
 # The modules, not the functions of the same names that the package exports.
 ln = importlib.import_module("beit_kernels.layer_norm")
 bg = importlib.import_module("beit_kernels.bias_gelu")
+ce = importlib.import_module("beit_kernels.conv_epilogue")
 backend = importlib.import_module("beit_kernels.backend")
 
 CANDIDATES = {
@@ -38,9 +45,11 @@ CANDIDATES = {
     "ln_bwd": [(2, 8, 4), (1, 4, 4), (1, 4, 8), (2, 4, 4), (2, 8, 8), (4, 8, 4), (4, 16, 4), (2, 8, 2), (1, 8, 4)],
     "gelu_fwd": [(8, 512, 8), (4, 1024, 8), (16, 256, 8), (8, 512, 4), (16, 512, 8), (4, 512, 4)],
     "gelu_bwd": [(16, 256, 8), (8, 256, 4), (32, 256, 8), (16, 512, 8), (8, 512, 8), (32, 128, 4), (16, 256, 4)],
+    "epi": [(128, 4096, 8), (64, 4096, 8), (256, 4096, 8), (128, 2048, 4), (128, 8192, 8), (256, 8192, 16)],
+    "epi_pool": [(128, 4096, 8), (64, 4096, 8), (256, 4096, 8), (128, 2048, 4), (64, 2048, 4), (128, 8192, 8)],
 }
 QUICK = {"ln_fwd": [(4, 4), (2, 4)], "ln_bwd": [(2, 4, 4), (1, 4, 8)], "gelu_fwd": [(4, 32, 4)],
-         "gelu_bwd": [(4, 32, 4)]}  # fmt: skip
+         "gelu_bwd": [(4, 32, 4)], "epi": [(16, 256, 4), (8, 128, 4)], "epi_pool": [(16, 256, 4)]}  # fmt: skip
 
 
 def _ln_tile(cand, backward_only: bool):
@@ -55,8 +64,19 @@ def _ln_tile(cand, backward_only: bool):
     return tile
 
 
+def _epi_tile(cand):
+    widest, elements, warps = cand
+
+    def tile(C):
+        block_c = min(widest, ce.triton.next_power_of_2(max(C, 1)))
+        return max(1, elements // block_c), block_c, warps
+
+    return tile
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
-    args = harness.sweep_parser(__doc__.splitlines()[0], "ln_fwd,ln_bwd,gelu_fwd,gelu_bwd").parse_args(argv)
+    kinds = "ln_fwd,ln_bwd,gelu_fwd,gelu_bwd,epi,epi_pool"
+    args = harness.sweep_parser(__doc__.splitlines()[0], kinds).parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     B, N, D, F = (3, 7, 24, 40) if args.quick else (256, 197, 768, 3072)
     act = torch.float32 if args.quick else torch.bfloat16  # the interpreter's bf16 is not what a GPU does
@@ -73,6 +93,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     fc1 = torch.randn(B, N, F, generator=g).to(device=device, dtype=act)
     fc1_bias = (torch.randn(F, generator=g) * 0.02).to(device)
     grad_gelu = torch.randn(B, N, F, generator=g).to(device=device, dtype=act)
+    # The tokenizer's first group: [B, C, S, S] channels_last maps in the compute dtype, fp32 biases.
+    TB, TC, TS = (2, 24, 8) if args.quick else (256, 256, 112)
+    cl = torch.channels_last
+    conv_out = torch.randn(TB, TC, TS, TS, generator=g).to(device=device, dtype=act).contiguous(memory_format=cl)
+    block_in = torch.randn(TB, TC, TS, TS, generator=g).to(device=device, dtype=act).contiguous(memory_format=cl)
+    conv_bias, id_bias = (torch.randn(TC, generator=g).to(device) for _ in range(2))
+
+    def epi(pool):
+        return ce.conv_epilogue(conv_out, conv_bias, residual=block_in, residual_bias=id_bias, gain=1 / 64, pool=pool)
 
     def ln_fwd():
         return ln.add_layer_norm_fwd(x, branch, gamma, scale, w, b, 1e-6, act)
@@ -87,6 +116,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "ln_bwd": (ln_bwd, {"shape": dict(B=B, N=N, D=D)}),
         "gelu_fwd": (lambda: bg.bias_gelu_fwd(fc1, fc1_bias), {"shape": dict(B=B, N=N, D=F)}),
         "gelu_bwd": (lambda: bg.bias_gelu_bwd(grad_gelu, fc1, fc1_bias), {"shape": dict(B=B, N=N, D=F)}),
+        "epi": (lambda: epi(False), {"shape": dict(B=TB, C=TC, H=TS, W=TS)}),
+        "epi_pool": (lambda: epi(True), {"shape": dict(B=TB, C=TC, H=TS, W=TS)}),
     }
 
     def patch(kind, cand):
@@ -95,10 +126,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if kind == "ln_bwd":
             programs = functools.partial(backend.persistent_programs, per_sm=cand[2])
             return harness.patched_globals(ln, _tile=_ln_tile(cand, True), persistent_programs=programs)
+        if kind.startswith("epi"):
+            return harness.patched_globals(ce, _tile=_epi_tile(cand))
         return harness.patched_globals(bg, **{"_FWD_TILE" if kind == "gelu_fwd" else "_BWD_TILE": tuple(cand)})
 
     def outputs(out):
-        return [t.float() for t in (out if isinstance(out, (tuple, list)) else (out,))]
+        return [t.float() for t in (out if isinstance(out, (tuple, list)) else (out,)) if t is not None]
 
     rows = []
     for kind in args.kinds.split(","):
