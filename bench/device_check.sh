@@ -55,15 +55,15 @@ stage bench_tokenizer 35 python bench/bench_tokenizer.py --rep-ms 500 --out "$OU
 # the most time and runs the user's alternative (compile) first. Not in the default stages: STAGES=max_batch, the
 # largest-batch search (62 s there); STAGES=tune_attention and STAGES=tune_glue, the tile sweeps
 # (bench/tune_attention.py, bench/tune_glue.py); STAGES=profile, the top GPU kernels of the triton and compile
-# steps (model only), where their backwards differ.
+# steps, with and without the tokenizer (where their backwards differ, and where the tokenizer's time goes).
 stage train_eager 80 python bench/train_throughput.py --impls ref,sdpa,triton,triton+graph --steps 6 --warmup 2 \
     --out "$OUT/train_eager.json"
 stage train_compile 120 python bench/train_throughput.py --impls compile,triton+compile --steps 6 --warmup 2 \
     --out "$OUT/train_compile.json"
 stage tune_attention 60 python bench/tune_attention.py --kinds fwd,dq --out "$OUT/tune_attention.json"
 stage tune_glue 90 python bench/tune_glue.py --out "$OUT/tune_glue.json"
-stage profile 120 python bench/train_throughput.py --impls triton,compile --steps 3 --warmup 2 --tokenizer none \
-    --profile 2 --out "$OUT/train_profile.json"
+stage profile 150 python bench/train_throughput.py --impls triton,compile --steps 3 --warmup 2 --profile 2 \
+    --out "$OUT/train_profile.json"
 stage max_batch 100 python bench/train_throughput.py --impls ref,triton --steps 3 --warmup 1 --max-batch \
     --out "$OUT/train_max_batch.json"
 
