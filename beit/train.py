@@ -452,7 +452,8 @@ def forward_backward(
     else:
         tok_images = batch["tokenizer_images"].to(device, non_blocking=True)
         with torch.no_grad():
-            tokens = tokenizer.get_codebook_indices(tok_images).flatten(1)  # [B, N]
+            # Only the masked patches' tokens are read by the loss: the tokenizer computes those (-1 elsewhere).
+            tokens = tokenizer.get_codebook_indices(tok_images, positions=mask_index).flatten(1)  # [B, N]
     with amp:
         loss, correct, valid = step_module(images, bool_masked_pos, mask_index, tokens)
     if inject_nan:  # fault injection (tests)

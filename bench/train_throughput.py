@@ -144,7 +144,10 @@ def run_impl(impl: str, args, device, env, rows: list[dict] | None = None) -> li
         t0 = timer()
         if with_tokenizer and tokenizer is not None:
             with torch.no_grad():
-                tokens = tokenizer.get_codebook_indices(tok_images).flatten(1) % vocab
+                # ref tokenizes every patch, as the official script does; the others the masked ones only, as
+                # beit-pretrain does (-1 elsewhere, never read; % keeps it a valid id all the same).
+                positions = None if impl == "ref" else mask_index
+                tokens = tokenizer.get_codebook_indices(tok_images, positions=positions).flatten(1) % vocab
         else:
             tokens = fixed_tokens
         t1 = timer()
@@ -235,7 +238,8 @@ def run_impl(impl: str, args, device, env, rows: list[dict] | None = None) -> li
             model_flops = train_flops_per_image(model.config, num_mask)
             rows.append(harness.row("train_step", impl, mode, "mfu_model", "", ips * model_flops / peak, **common))
             if with_tok:
-                tok_flops = tokenizer_flops_per_image(tokenizer, args.image_size // 2)
+                tok_flops = tokenizer_flops_per_image(tokenizer, args.image_size // 2,
+                                                      None if impl == "ref" else mask_index.shape[1])  # fmt: skip
                 rows.append(harness.row("train_step", impl, mode, "mfu_with_tokenizer", "",
                                         ips * (model_flops + tok_flops) / peak, **common))  # fmt: skip
     return rows

@@ -57,6 +57,31 @@ def check_images(images: torch.Tensor, channels: int, patch_size: int, check_ran
             )
 
 
+def check_positions(positions: torch.Tensor, batch: int, num_tokens: int, device: torch.device) -> torch.Tensor:
+    """The ``positions`` argument of ``get_codebook_indices``: int [B, K] on the images' device, token indices in
+    raster order, negative entries padding (``beit.masking.mask_to_index``'s -1). Returned as int64. An index of
+    ``num_tokens`` or more fails in the gather that reads it (no host sync here)."""
+    if not isinstance(positions, torch.Tensor) or positions.dtype not in (torch.int32, torch.int64):
+        raise TypeError("positions must be an int32 or int64 tensor [B, K]")
+    if positions.dim() != 2 or positions.shape[0] != batch:
+        raise ValueError(f"positions must be [{batch}, K], got shape {tuple(positions.shape)}")
+    if positions.shape[1] > num_tokens:
+        raise ValueError(f"positions lists {positions.shape[1]} tokens of an image that has {num_tokens}")
+    if positions.device != device:
+        raise ValueError(f"positions are on {positions.device} but the images are on {device}")
+    return positions.long()
+
+
+def scatter_positions(ids: torch.Tensor, positions: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """ids [B, K] of the tokens at ``positions`` [B, K] (negative: padding) -> [B, num_tokens] int64, -1 where no
+    id was computed. Padding rows land in a spare column, so they cannot overwrite a real position."""
+    B = ids.shape[0]
+    out = torch.full((B, num_tokens + 1), -1, dtype=torch.int64, device=ids.device)
+    index = torch.where(positions >= 0, positions, num_tokens)
+    out.scatter_(1, index, ids.long())
+    return out[:, :num_tokens].contiguous()
+
+
 def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
     """[B, C, H, W] -> [B, (H/p)*(W/p), C*p*p]: patches in raster order (as the dVAE's flattened logits), each
     flattened channel-major (c, row, column)."""
@@ -84,7 +109,9 @@ def sniff_weights_file(path: Path, expected: str) -> None:
 
 class VisualTokenizer(nn.Module):
     """The interface the trainer relies on: ``vocab_size``, ``input_size`` (the side of the view it tokenizes),
-    ``patch_size`` (pixels per token side) and ``get_codebook_indices``."""
+    ``patch_size`` (pixels per token side) and ``get_codebook_indices(images, positions=None)``: int64
+    [B, (H/8)*(W/8)] token ids in raster order; given ``positions`` [B, K] (the masked patches, -1 padding), only
+    those ids need be computed, and the others are -1 (BEiT's loss reads the masked patches' tokens alone)."""
 
     vocab_size: int
     input_size: int

@@ -41,7 +41,16 @@ import numpy as np
 import torch
 
 from beit.data import random_resized_crop_box
-from beit.tokenizer.common import VisualTokenizer, as_path, check_images, map_pixels, patchify, sniff_weights_file
+from beit.tokenizer.common import (
+    VisualTokenizer,
+    as_path,
+    check_images,
+    check_positions,
+    map_pixels,
+    patchify,
+    scatter_positions,
+    sniff_weights_file,
+)
 
 FORMAT = "beit-kmeans-tokenizer"
 FORMAT_VERSION = "1"
@@ -170,16 +179,23 @@ class KMeansTokenizer(VisualTokenizer):
         self.chunk_rows = 8192
 
     @torch.no_grad()
-    def get_codebook_indices(self, images: torch.Tensor) -> torch.Tensor:
+    def get_codebook_indices(self, images: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """Token ids [B, (H/8)*(W/8)] (int64, raster order) of images [B, 3, H, W] passed through map_pixels.
-        Distances are computed in fp32 whatever the input dtype (about 1 % of the dVAE's work)."""
+        Distances are computed in fp32 whatever the input dtype (about 1 % of the dVAE's work). With
+        ``positions`` [B, K] (-1 padding) the ids elsewhere are -1, as the interface says (all are computed: the
+        search is cheap)."""
         check_images(images, self.in_channels, self.patch_size, self.check_range)
         self.check_device(images)
         b = images.shape[0]
         x = patchify(images.float(), self.patch_size)  # B, N, D
         n = x.shape[1]
+        if positions is not None:
+            positions = check_positions(positions, b, n, images.device)
         idx, _ = nearest_centroid(x.reshape(b * n, -1), self.codebook, self.codebook_sq, self.chunk_rows)
-        return idx.view(b, n)
+        idx = idx.view(b, n)
+        if positions is None:
+            return idx
+        return scatter_positions(idx.gather(1, positions.clamp(min=0)), positions, n)
 
     @torch.no_grad()
     def quantization_error(self, images: torch.Tensor) -> float:

@@ -194,14 +194,25 @@ def test_fused_glue_on_gpu_bf16_and_captured():
     assert (got - r).abs().max() <= 2 * (base - r).abs().max() + 1e-4 * r.abs().max()
     ids = fused.get_codebook_indices(x)
     assert (ids == plain.get_codebook_indices(x)).float().mean() >= 0.99
+    positions = torch.stack([torch.randperm(196, generator=torch.Generator().manual_seed(b))[:75].sort().values
+                             for b in range(5)]).cuda()  # fmt: skip
+    positions[1, 70:] = -1  # padding
     with no_host_sync():
         fused.get_codebook_indices(x)
+        masked = fused.get_codebook_indices(x, positions=positions)
+    picked = positions >= 0
+    assert (masked == -1).sum() == 5 * 196 - picked.sum()
+    # The output convolution on 370 rows instead of 5 x 196 positions: cuDNN may pick another algorithm.
+    assert (masked.gather(1, positions.clamp(min=0)) == ids.gather(1, positions.clamp(min=0)))[
+        picked
+    ].float().mean() >= 0.99
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         captured = fused.get_codebook_indices(x)
+        captured_masked = fused.get_codebook_indices(x, positions=positions)
     graph.replay()
     torch.cuda.synchronize()
-    assert torch.equal(captured, ids)
+    assert torch.equal(captured, ids) and torch.equal(captured_masked, masked)
 
 
 def test_probs_and_input_checks(official):
@@ -428,6 +439,49 @@ def test_kmeans_indices_are_nearest_centroids(h, w):
     tok.check_range = False
     with pytest.raises(ValueError, match="images are on meta"):
         tok.get_codebook_indices(x.to("meta"))
+
+
+def positions_case(n=16):
+    """Padded positions [3, 5] of an n-token grid: an unpadded row, a padded row whose padding must not overwrite
+    its position 0, and a row of padding only."""
+    return torch.tensor([[0, 3, 4, 9, n - 1], [0, 2, 7, -1, -1], [-1, -1, -1, -1, -1]])
+
+
+def check_positions_result(got, full, positions):
+    assert got.shape == full.shape and got.dtype == torch.int64
+    for b in range(full.shape[0]):
+        keep = positions[b][positions[b] >= 0]
+        want = torch.full_like(full[b], -1)
+        want[keep] = full[b, keep]
+        assert torch.equal(got[b], want), (b, got[b], want)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_dalle_positions_compute_only_the_masked_tokens(fused):
+    torch.manual_seed(6)
+    enc = DalleEncoder(**SMALL).configure(channels_last=True, fused=fused, check_range=False)
+    x = mapped_images(3, 32, seed=5)
+    positions = positions_case(16)
+    check_positions_result(enc.get_codebook_indices(x, positions=positions), enc.get_codebook_indices(x), positions)
+    logits = enc._logits(x, positions)  # the output convolution ran on B K rows only
+    assert logits.shape == (3 * 5, 512, 1, 1)
+
+
+def test_kmeans_positions_and_bad_positions():
+    tok = KMeansTokenizer(torch.rand(37, 192) * 0.8 + 0.1)
+    x = map_pixels(torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(2)))
+    positions = positions_case(16)
+    check_positions_result(tok.get_codebook_indices(x, positions=positions), tok.get_codebook_indices(x), positions)
+    enc = DalleEncoder(**SMALL)
+    for t in (tok, enc):
+        with pytest.raises(TypeError, match="int32 or int64"):
+            t.get_codebook_indices(x, positions=positions.float())
+        with pytest.raises(ValueError, match=r"\[3, K\]"):
+            t.get_codebook_indices(x, positions=positions[:2])
+        with pytest.raises(ValueError, match="lists 17 tokens"):
+            t.get_codebook_indices(x, positions=torch.zeros(3, 17, dtype=torch.int64))
+        with pytest.raises(ValueError, match="positions are on meta"):
+            t.get_codebook_indices(x, positions=positions.to("meta"))
 
 
 def test_patchify_layout():
