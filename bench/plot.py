@@ -14,7 +14,7 @@ from summarize import _key, first_rows
 
 def _baseline(by_provider: dict) -> str | None:
     """The provider the others are divided by: ours, the triton training step, or our tokenizer's default."""
-    for name in ("ours", "triton", "ours-bf16-cl"):
+    for name in ("ours", "triton", "ours-bf16-cl-fused", "ours-bf16-cl"):
         if name in by_provider:
             return name
     return None

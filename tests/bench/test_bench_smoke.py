@@ -264,3 +264,19 @@ def test_count_traffic_tokenizer_fused_moves_less_and_counts_exactly(capsys):
     per = count_traffic.per_image(prepare, run, (1, 2), 4096)
     assert per["argmax"][0] == 512 * 4 * 4 * 4
     assert per[count_traffic.BIAS_ADD][1] == 1  # only the output convolution keeps its bias
+
+
+def test_tokenizer_bench_quick_run(tmp_path):
+    """bench_tokenizer.py on CPU: every provider timed, the masked-only provider agreeing at its positions."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("CPU smoke run needs the Triton interpreter")
+    import bench_tokenizer
+
+    out = tmp_path / "tokenizer.json"
+    assert bench_tokenizer.main(["--quick", "--rep-ms", "1", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    timed = {r["provider"] for r in rows if r["metric"] == "time"}
+    assert {"ours-bf16-cl-fused", "ours-bf16-cl-fused-masked", "ours-bf16-cl", "ours-fp32", "kmeans"} <= timed
+    agree = {r["provider"]: r["p50"] for r in rows if r["metric"] == "agreement_with_ours-fp32"}
+    # At these tiny sizes the bf16 tokens match the fp32 ones everywhere (a deterministic CPU run).
+    assert agree["ours-bf16-cl-fused"] == agree["ours-bf16-cl-fused-masked"] == 1.0
