@@ -12,6 +12,8 @@ Each kernel file keeps one fixed tile choice (``layer_norm._tile``, ``bias_gelu.
     epi       conv_epilogue, a block's tail (two biases, residual, ReLU), (widest BLOCK_C, elements a program,
               num_warps), at the DALL-E encoder's first group: 256 channels at 112 px
     epi_pool  the same with the 2x2 max-pool that ends a group
+    lce       linear_cross_entropy_fwd (the MIM head with its gradients), (rows per chunk,): bigger chunks make
+              bigger cuBLAS products and fewer launches, and hold more logits
 
 The inputs are the model's under bf16 autocast: an fp32 residual stream, a bf16 branch with layer scale and drop
 path, bf16 fc1 output with an fp32 bias; bf16 maps with fp32 biases for the tokenizer. Each candidate's outputs
@@ -38,6 +40,7 @@ import torch  # noqa: E402
 ln = importlib.import_module("beit_kernels.layer_norm")
 bg = importlib.import_module("beit_kernels.bias_gelu")
 ce = importlib.import_module("beit_kernels.conv_epilogue")
+lce = importlib.import_module("beit_kernels.linear_cross_entropy")
 backend = importlib.import_module("beit_kernels.backend")
 
 CANDIDATES = {
@@ -47,9 +50,11 @@ CANDIDATES = {
     "gelu_bwd": [(16, 256, 8), (8, 256, 4), (32, 256, 8), (16, 512, 8), (8, 512, 8), (32, 128, 4), (16, 256, 4)],
     "epi": [(128, 4096, 8), (64, 4096, 8), (256, 4096, 8), (128, 2048, 4), (128, 8192, 8), (256, 8192, 16)],
     "epi_pool": [(128, 4096, 8), (64, 4096, 8), (256, 4096, 8), (128, 2048, 4), (64, 2048, 4), (128, 8192, 8)],
+    "lce": [(2048,), (1024,), (4096,), (8192,), (19200,)],
 }
 QUICK = {"ln_fwd": [(4, 4), (2, 4)], "ln_bwd": [(2, 4, 4), (1, 4, 8)], "gelu_fwd": [(4, 32, 4)],
-         "gelu_bwd": [(4, 32, 4)], "epi": [(16, 256, 4), (8, 128, 4)], "epi_pool": [(16, 256, 4)]}  # fmt: skip
+         "gelu_bwd": [(4, 32, 4)], "epi": [(16, 256, 4), (8, 128, 4)], "epi_pool": [(16, 256, 4)],
+         "lce": [(8,), (32,)]}  # fmt: skip
 
 
 def _ln_tile(cand, backward_only: bool):
@@ -75,7 +80,7 @@ def _epi_tile(cand):
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    kinds = "ln_fwd,ln_bwd,gelu_fwd,gelu_bwd,epi,epi_pool"
+    kinds = "ln_fwd,ln_bwd,gelu_fwd,gelu_bwd,epi,epi_pool,lce"
     args = harness.sweep_parser(__doc__.splitlines()[0], kinds).parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     B, N, D, F = (3, 7, 24, 40) if args.quick else (256, 197, 768, 3072)
@@ -100,6 +105,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     block_in = torch.randn(TB, TC, TS, TS, generator=g).to(device=device, dtype=act).contiguous(memory_format=cl)
     conv_bias, id_bias = (torch.randn(TC, generator=g).to(device) for _ in range(2))
 
+    # The MIM head: B K masked rows of width D against the 8192-code vocabulary, bf16 under autocast.
+    V, K = (64, 5) if args.quick else (8192, 75)
+    head_x = torch.randn(B * K, D, generator=g).to(device=device, dtype=act)
+    head_w = (torch.randn(V, D, generator=g) * 0.02).to(device=device, dtype=act)
+    head_b = torch.zeros(V, device=device, dtype=act)
+    head_t = torch.randint(0, V, (B * K,), generator=g).to(device)
+
+    def head():
+        chunk = lce.default_chunk_size(B * K, V, D)
+        return lce.linear_cross_entropy_fwd(head_x, head_w, head_b, head_t, -100, True, True, True, True, chunk)
+
     def epi(pool):
         return ce.conv_epilogue(conv_out, conv_bias, residual=block_in, residual_bias=id_bias, gain=1 / 64, pool=pool)
 
@@ -118,6 +134,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "gelu_bwd": (lambda: bg.bias_gelu_bwd(grad_gelu, fc1, fc1_bias), {"shape": dict(B=B, N=N, D=F)}),
         "epi": (lambda: epi(False), {"shape": dict(B=TB, C=TC, H=TS, W=TS)}),
         "epi_pool": (lambda: epi(True), {"shape": dict(B=TB, C=TC, H=TS, W=TS)}),
+        "lce": (head, {"shape": dict(M=B * K, D=D, V=V)}),
     }
 
     def patch(kind, cand):
@@ -128,6 +145,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             return harness.patched_globals(ln, _tile=_ln_tile(cand, True), persistent_programs=programs)
         if kind.startswith("epi"):
             return harness.patched_globals(ce, _tile=_epi_tile(cand))
+        if kind == "lce":
+            return harness.patched_globals(lce, default_chunk_size=lambda M, V, D, c=cand[0]: c)
         return harness.patched_globals(bg, **{"_FWD_TILE" if kind == "gelu_fwd" else "_BWD_TILE": tuple(cand)})
 
     def outputs(out):

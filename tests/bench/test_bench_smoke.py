@@ -239,11 +239,16 @@ def test_tune_glue_quick_run_times_every_kind_and_restores_the_tiles():
     ln = importlib.import_module("beit_kernels.layer_norm")
     bg = importlib.import_module("beit_kernels.bias_gelu")
     ce = importlib.import_module("beit_kernels.conv_epilogue")
-    before = (ln._tile, ln.persistent_programs, bg._FWD_TILE, bg._BWD_TILE, ce._tile)
+    lce = importlib.import_module("beit_kernels.linear_cross_entropy")
+
+    def current():
+        return ln._tile, ln.persistent_programs, bg._FWD_TILE, bg._BWD_TILE, ce._tile, lce.default_chunk_size
+
+    before = current()
     rows = tune_glue.main(["--quick", "--rep-ms", "1"])
     assert not [r for r in rows if r["metric"] == "error"], rows
-    assert {r["mode"] for r in rows} == {"ln_fwd", "ln_bwd", "gelu_fwd", "gelu_bwd", "epi", "epi_pool"}
-    assert (ln._tile, ln.persistent_programs, bg._FWD_TILE, bg._BWD_TILE, ce._tile) == before
+    assert {r["mode"] for r in rows} == {"ln_fwd", "ln_bwd", "gelu_fwd", "gelu_bwd", "epi", "epi_pool", "lce"}
+    assert current() == before
 
 
 def test_count_traffic_tokenizer_fused_moves_less_and_counts_exactly(capsys):
