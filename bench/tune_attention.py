@@ -8,6 +8,8 @@ the candidates that table could hold, so the table is chosen from timings rather
     dq     the whole backward (dq then dk/dv kernels, bias gradient on), the dq kernel's candidates, dk/dv default
     dkdv   the same with the dk/dv kernel's candidates, the dq kernel default; ``groups`` scales the number of
            batch groups (programs and partial bias buffers) that ``_num_groups`` picks
+    dkdv_allq  the same with the all-queries dk/dv kernel switched on (``DKDV_ALL_QUERIES``, off by default until
+           timed), its (BLOCK_N, num_warps, num_stages) candidates (BLOCK_M is N's power of two), and group scales
 
 Every row is checked against the default configuration's outputs first (a candidate that changes the result is
 reported as an error row, not timed). Rows are the harness's long format; the table prints the fastest first.
@@ -39,18 +41,23 @@ CANDIDATES = {
            (64, 32, 4, 3), (64, 32, 2, 2)],
     "dkdv": [(64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2), (64, 32, 8, 2), (32, 32, 4, 2),
              (128, 64, 8, 2), (64, 128, 8, 2), (64, 64, 4, 1)],
+    # BLOCK_M is set by the launcher (N's power of two); the 0 only fills the tuple.
+    "dkdv_allq": [(0, 16, 8, 2), (0, 16, 8, 1), (0, 32, 8, 2), (0, 32, 16, 1), (0, 16, 4, 1), (0, 64, 16, 1)],
 }
 GROUP_SCALES = (1, 2, 4, 8)
-QUICK = {"fwd": [(16, 16, 4, 1), (32, 16, 4, 1)], "dq": [(16, 16, 4, 1)], "dkdv": [(16, 16, 4, 1)]}
+QUICK = {"fwd": [(16, 16, 4, 1), (32, 16, 4, 1)], "dq": [(16, 16, 4, 1)], "dkdv": [(16, 16, 4, 1)],
+         "dkdv_allq": [(0, 16, 4, 1)]}
 
 
 def _config(c):
+    if c[0] == 0:  # the all-queries kernel: no BLOCK_M here
+        return dict(BLOCK_N=c[1], num_warps=c[2], num_stages=c[3])
     return dict(BLOCK_M=c[0], BLOCK_N=c[1], num_warps=c[2], num_stages=c[3])
 
 
 def _patched(kind: str | None, cand, group_scale: int = 1):
-    """A context that makes ``_block_config`` return ``cand`` for ``kind`` (others unchanged) and scales the
-    dk/dv kernel's batch groups."""
+    """A context that makes ``_block_config`` return ``cand`` for ``kind`` (others unchanged), scales the dk/dv
+    kernel's batch groups, and switches the all-queries dk/dv kernel on for its kind."""
     base_config, base_groups = attn._block_config, attn._num_groups
 
     def config(k, head_dim, dtype, shared):
@@ -62,17 +69,20 @@ def _patched(kind: str | None, cand, group_scale: int = 1):
         g = base_groups(B, H, n_blocks, device, batch_broadcast)
         return g if not batch_broadcast else max(1, min(g * group_scale, B // 2))
 
-    return harness.patched_globals(attn, _block_config=config, _num_groups=groups)
+    return harness.patched_globals(attn, _block_config=config, _num_groups=groups,
+                                   DKDV_ALL_QUERIES=kind == "dkdv_allq")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    p = harness.sweep_parser(__doc__.splitlines()[0], "fwd,dq,dkdv")
+    p = harness.sweep_parser(__doc__.splitlines()[0], "fwd,dq,dkdv,dkdv_allq")
     p.add_argument("--shape", default="256,12,197,64", help="B,H,N,D")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     B, H, N, D = (3, 2, 37, 16) if args.quick else (int(s) for s in args.shape.split(","))
-    dtype = torch.float32 if args.quick else getattr(torch, args.dtype)
+    # fp16 in the interpreter (its bf16 dot is wrong, and fp32 takes neither the half-precision tiles nor the
+    # all-queries kernel).
+    dtype = torch.float16 if args.quick else getattr(torch, args.dtype)
     candidates = QUICK if args.quick else CANDIDATES
     env = harness.env_info(device)
     shape = dict(B=B, H=H, N=N, D=D)
@@ -114,11 +124,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if "dq" in kinds:
         for cand in candidates["dq"]:
             record("dq", cand, 1, bwd, bwd_close)
-    if "dkdv" in kinds:
-        for cand in candidates["dkdv"]:
-            record("dkdv", cand, 1, bwd, bwd_close)
+    for kind in ("dkdv", "dkdv_allq"):
+        if kind not in kinds:
+            continue
+        for cand in candidates[kind]:
+            record(kind, cand, 1, bwd, bwd_close)
         for gs in GROUP_SCALES[1:] if not args.quick else (2,):
-            record("dkdv", candidates["dkdv"][0], gs, bwd, bwd_close)
+            record(kind, candidates[kind][0], gs, bwd, bwd_close)
 
     return harness.finish_sweep(rows, args.out)
 

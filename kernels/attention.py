@@ -32,6 +32,10 @@ Design:
         element has one writer and a fixed summation order, so results are bitwise reproducible for a given
         device, batch size and dtype (there is no ``deterministic`` switch because there is nothing to switch).
         When the bias is broadcast over the batch, G <= B // 2: no [B, H, N, N] tensor is ever allocated.
+      _attn_bwd_dkdv_allq_kernel (``DKDV_ALL_QUERIES``, N <= 256, half precision, D <= 64; off by default until
+        timed): the same with every query in one tile, so each program keeps its columns of the bias gradient in
+        registers across the group's batches and stores them once, where the other reads, adds and writes them
+        back (with a barrier) for every batch and query block.
     fp32 inputs use IEEE fp32 dot products (not TF32), so fp32 results match PyTorch's fp32 math.
 
 Limits: self-attention only (q, k, v share N); no dropout and no causal mask (BEiT needs neither); a bias that
@@ -252,6 +256,68 @@ def _attn_bwd_dkdv_kernel(
         )
 
 
+@triton.jit
+def _attn_bwd_dkdv_allq_kernel(
+    Q, K, V, BIAS, DO, LSE, DELTA, DK, DV, DBIAS,  #
+    stride_qb, stride_qh, stride_qn,  #
+    stride_kb, stride_kh, stride_kn,  #
+    stride_vb, stride_vh, stride_vn,  #
+    stride_bb, stride_bh, stride_bm, stride_bn,  #
+    stride_dob, stride_doh, stride_don,  #
+    stride_dkb, stride_dkh, stride_dkn,  #
+    stride_dvb, stride_dvh, stride_dvn,  #
+    stride_dbg, stride_dbh, stride_dbm,  #
+    B, H, N, D, batches_per_group, qk_scale, sm_scale,  #
+    HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, IEEE: tl.constexpr,  #
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,  #
+):  # fmt: skip
+    """``_attn_bwd_dkdv_kernel`` for N <= BLOCK_M: every query in one tile, so a batch is one step and the bias
+    gradient of this program's [N, BLOCK_N] columns sums over the group's batches in registers, stored once at
+    the end: no read-add-write of the partial buffer, and no barrier, per step."""
+    pid_n = tl.program_id(0)
+    h = tl.program_id(1)
+    g = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_n = offs_n < N
+    mask_m = offs_m < N
+    mask_mn = mask_m[:, None] & mask_n[None, :]
+    mask_nd = mask_n[:, None] & (offs_d < D)[None, :]
+    b_start = g * batches_per_group
+    b_end = tl.minimum(b_start + batches_per_group, B)
+    dbias = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for b in range(b_start, b_end):
+        k = _load_rows(K + b * stride_kb + h * stride_kh, offs_n, stride_kn, offs_d, mask_n, D)
+        v = _load_rows(V + b * stride_vb + h * stride_vh, offs_n, stride_vn, offs_d, mask_n, D)
+        q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qn, offs_d, mask_m, D)
+        do = _load_rows(DO + b * stride_dob + h * stride_doh, offs_m, stride_don, offs_d, mask_m, D)
+        row = (b * H + h) * N
+        lse = tl.load(LSE + row + offs_m, mask=mask_m, other=0.0)
+        delta = tl.load(DELTA + row + offs_m, mask=mask_m, other=0.0)
+        s = _scores(q, k, BIAS + b * stride_bb + h * stride_bh, offs_m, offs_n, mask_m, mask_n, stride_bm, stride_bn,
+                    qk_scale, HAS_BIAS, IEEE)  # fmt: skip
+        p = tl.where(mask_mn, tl.exp2(s - lse[:, None]), 0.0)  # [BLOCK_M, BLOCK_N]
+        dv = _dot(tl.trans(p), do, IEEE)
+        ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])
+        dk = _dot(tl.trans(ds), q, IEEE)
+        if BIAS_GRAD:
+            dbias += ds
+        tl.store(
+            DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
+            (dk * sm_scale).to(DK.dtype.element_ty),
+            mask=mask_nd,
+        )
+        tl.store(
+            DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
+            dv.to(DV.dtype.element_ty),
+            mask=mask_nd,
+        )
+    if BIAS_GRAD:
+        dbias_ptrs = DBIAS + g * stride_dbg + h * stride_dbh + offs_m[:, None] * stride_dbm + offs_n[None, :]
+        tl.store(dbias_ptrs, dbias, mask=mask_mn)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Host launchers
 
@@ -274,6 +340,11 @@ def _block_config(kind: str, head_dim: int, dtype: torch.dtype, shared: int) -> 
     backward 1.39 ms with a 64 x 32 dq tile against 1.53 at 64 x 64; 64 x 64 stayed the fastest dk/dv tile. The
     other entries are untimed. Known spills: the half-precision dk/dv kernel at 255 registers, about 350 bytes a
     thread on sm80 to sm89 and 30 on sm90."""
+    if kind == "dkdv_allq":
+        # BLOCK_M is N's power of two, set by the launcher. Untimed (2026-11-26), from ptxas with Triton 3.6 at
+        # N = 197, D = 64, bf16: 16 keys, 8 warps and two stages fit sm90 in 229 registers without spills, where
+        # 32 keys spill 120 to 324 bytes a thread (sm80 spills 460 bytes at best; the kernel is off by default).
+        return dict(BLOCK_N=16, num_warps=8, num_stages=1 if interpreting() else 2)
     if interpreting():
         return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1)
     if dtype == torch.float32:
@@ -378,6 +449,17 @@ def attention_fwd(q, k, v, bias, scale: float) -> tuple[torch.Tensor, torch.Tens
     return o, lse
 
 
+# The all-queries dk/dv kernel (``_attn_bwd_dkdv_allq_kernel``) for sequences of at most this many tokens, in half
+# precision at D <= 64. Off until a GPU has timed it against the measured default (written 2026-11-26 without one;
+# ``bench/tune_attention.py --kinds dkdv_allq`` times both); tests switch it on to check it.
+DKDV_ALL_QUERIES = False
+ALL_QUERIES_MAX_N = 256
+
+
+def _all_queries(N: int, D: int, dtype: torch.dtype) -> bool:
+    return DKDV_ALL_QUERIES and N <= ALL_QUERIES_MAX_N and D <= 64 and dtype != torch.float32
+
+
 def _num_groups(B: int, H: int, n_blocks: int, device: torch.device, batch_broadcast: bool) -> int:
     """How many batch groups the dk/dv kernel uses: enough programs to fill the GPU, few enough partial bias
     buffers to stay far below [B, H, N, N]."""
@@ -425,17 +507,23 @@ def attention_bwd(do, q, k, v, bias, o, lse, scale: float, bias_grad: bool, pack
         HAS_BIAS=bias is not None, IEEE=ieee, BLOCK_D=block_d, **cfg,
     )  # fmt: skip
 
-    cfg = _block_config("dkdv", D, q.dtype, shared)
+    all_queries = _all_queries(N, D, q.dtype)
+    cfg = _block_config("dkdv_allq" if all_queries else "dkdv", D, q.dtype, shared)
+    if all_queries:
+        cfg["BLOCK_M"] = max(16, triton.next_power_of_2(N))
     n_blocks = triton.cdiv(N, cfg["BLOCK_N"])
     batch_broadcast = bias is not None and sb[0] == 0
     groups = _num_groups(B, H, n_blocks, q.device, batch_broadcast) if bias_grad else B
     per_group = math.ceil(B / groups)
     groups = math.ceil(B / per_group)
     if bias_grad:
-        dbias_partial = torch.zeros((groups, H, N, N), device=q.device, dtype=torch.float32)
+        # The all-queries kernel stores every element of its partial once; the other adds into it.
+        alloc = torch.empty if all_queries else torch.zeros
+        dbias_partial = alloc((groups, H, N, N), device=q.device, dtype=torch.float32)
     else:
         dbias_partial = torch.empty((1, 1, 1, 1), device=q.device, dtype=torch.float32)
-    _attn_bwd_dkdv_kernel[(n_blocks, H, groups)](
+    kernel = _attn_bwd_dkdv_allq_kernel if all_queries else _attn_bwd_dkdv_kernel
+    kernel[(n_blocks, H, groups)](
         q, k, v, bias_v, do, lse, delta, dk, dv, dbias_partial,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),

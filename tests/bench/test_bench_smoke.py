@@ -179,13 +179,21 @@ def test_tune_attention_quick_run_times_every_kind(tmp_path):
     import tune_attention
 
     attn = tune_attention.attn
-    before = (attn._block_config, attn._num_groups)
+    before = (attn._block_config, attn._num_groups, attn.DKDV_ALL_QUERIES)
     out = tmp_path / "tune.json"
-    rows = tune_attention.main(["--quick", "--rep-ms", "1", "--out", str(out)])
-    assert (attn._block_config, attn._num_groups) == before
+    launched = []
+    real = attn._attn_bwd_dkdv_allq_kernel
+    attn._attn_bwd_dkdv_allq_kernel = type("Spy", (), {"__getitem__": lambda s, g: launched.append(g) or real[g]})()
+    try:
+        rows = tune_attention.main(["--quick", "--rep-ms", "1", "--out", str(out)])
+    finally:
+        attn._attn_bwd_dkdv_allq_kernel = real
+    assert (attn._block_config, attn._num_groups, attn.DKDV_ALL_QUERIES) == before
+    assert launched  # the dkdv_allq kind ran the all-queries kernel
     assert not [r for r in rows if r["metric"] == "error"], rows
-    assert {r["mode"] for r in rows if r["metric"] == "time"} == {"fwd", "dq", "dkdv"}
-    assert all(r["p50"] > 0 and r["config"]["BLOCK_M"] for r in rows)
+    assert {r["mode"] for r in rows if r["metric"] == "time"} == {"fwd", "dq", "dkdv", "dkdv_allq"}
+    assert all(r["p50"] > 0 and r["config"]["BLOCK_N"] for r in rows)
+    assert all("BLOCK_M" in r["config"] for r in rows if r["mode"] != "dkdv_allq")
     assert json.loads(out.read_text()) == rows
 
 

@@ -124,6 +124,26 @@ def test_bias_without_gradient(bias_kind):
     assert grads[3] is None
 
 
+@pytest.mark.parametrize("shape", [(3, 2, 50, 64), (2, 3, 7, 32), (5, 1, 33, 16)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("bias_kind", ["none", "HNN", "BHNN"])
+def test_all_queries_dkdv_kernel(monkeypatch, shape, bias_kind):
+    """The all-queries dk/dv kernel (off by default until timed on a GPU), switched on: the same gradients within
+    the error bound, the bias gradient summed over batch groups in registers."""
+    attn_mod = importlib.import_module("beit_kernels.attention")
+    monkeypatch.setattr(attn_mod, "DKDV_ALL_QUERIES", True)
+    B, H, N, D = shape
+    assert attn_mod._all_queries(N, D, torch.float16) and not attn_mod._all_queries(N, D, torch.float32)
+    launched = []
+    real = attn_mod._attn_bwd_dkdv_allq_kernel
+    monkeypatch.setattr(
+        attn_mod,
+        "_attn_bwd_dkdv_allq_kernel",
+        type("Spy", (), {"__getitem__": lambda self, grid: launched.append(grid) or real[grid]})(),
+    )
+    check(*make_inputs(B, H, N, D, torch.float16, bias_shapes(B, H, N)[bias_kind]))
+    assert len(launched) == 1 and launched[0][1] == H
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_strided_views_of_packed_qkv(dtype):
     B, N, H, D = 3, 50, 2, 32
