@@ -61,7 +61,7 @@ stage train_eager 80 python bench/train_throughput.py --impls ref,sdpa,triton,tr
 stage train_compile 120 python bench/train_throughput.py --impls compile,triton+compile --steps 6 --warmup 2 \
     --out "$OUT/train_compile.json"
 stage tune_attention 90 python bench/tune_attention.py --kinds dkdv_allq,dkdv --out "$OUT/tune_attention.json"
-stage tune_glue 90 python bench/tune_glue.py --out "$OUT/tune_glue.json"
+stage tune_glue 150 python bench/tune_glue.py --out "$OUT/tune_glue.json"
 stage profile 150 python bench/train_throughput.py --impls triton,compile --steps 3 --warmup 2 --profile 2 \
     --out "$OUT/train_profile.json"
 stage max_batch 100 python bench/train_throughput.py --impls ref,triton --steps 3 --warmup 1 --max-batch \

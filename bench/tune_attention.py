@@ -108,6 +108,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows.append(harness.sweep_candidate("attention_tune", name, kind, fn, check, _patched(kind, cand, gs),
                                             device=device, rep_ms=args.rep_ms, shape=shape, dtype=dtype, env=env,
                                             config=_config(cand), group_scale=gs))  # fmt: skip
+        if args.out:  # after each candidate: a sweep stopped by its time limit keeps what it timed
+            harness.write_rows(rows, args.out)
 
     kinds = args.kinds.split(",")
     if "fwd" in kinds:

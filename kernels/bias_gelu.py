@@ -42,6 +42,9 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # on a GPU.
 _FWD_TILE = (8, 512, 8)
 _BWD_TILE = (16, 256, 8)
+# Software pipelining of the backward's row-tile loop (``tl.range(num_stages=...)``); None leaves the loop as the
+# compiler builds it by default, as measured on 2026-11-26. bench/tune_glue.py sweeps 2 and 3.
+_BWD_LOOP_STAGES = None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -93,6 +96,7 @@ def _bias_gelu_bwd_kernel(
     HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    LOOP_STAGES: tl.constexpr,
 ):
     cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     grp = tl.program_id(1)
@@ -102,7 +106,8 @@ def _bias_gelu_bwd_kernel(
         bias = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     # Elementwise fp32 accumulator, reduced over rows once at the end: no cross-thread reduction per tile.
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    for tile in range(grp, n_row_tiles, G):
+    # LOOP_STAGES None: the compiler's default for this loop; 2 or more asks it to prefetch later tiles' loads.
+    for tile in tl.range(grp, n_row_tiles, G, num_stages=LOOP_STAGES):
         rows = (tile * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         mask = (rows < M)[:, None] & col_ok[None, :]
         z = tl.load(x_ptr + rows[:, None] * s_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -195,6 +200,7 @@ def bias_gelu_bwd(
             HAS_BIAS=bias is not None,
             BLOCK_M=block_m,
             BLOCK_D=block_d,
+            LOOP_STAGES=_BWD_LOOP_STAGES,
             num_warps=warps,
         )
     # A fixed-order sum over the G partials.

@@ -151,6 +151,7 @@ def _add_ln_bwd_kernel(
     GAMMA_GRAD: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    LOOP_STAGES: tl.constexpr,
 ):
     pid = tl.program_id(0)
     G = tl.num_programs(0)
@@ -167,7 +168,8 @@ def _add_ln_bwd_kernel(
     acc_w = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     acc_b = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     acc_g = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    for tile in range(pid, n_tiles, G):
+    # LOOP_STAGES None: the compiler's default for this loop; 2 or more asks it to prefetch later tiles' loads.
+    for tile in tl.range(pid, n_tiles, G, num_stages=LOOP_STAGES):
         rows = (tile * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         row_ok = rows < R
         mask = row_ok[:, None] & col_ok[None, :]
@@ -213,6 +215,11 @@ def _add_ln_bwd_kernel(
 
 # ----------------------------------------------------------------------------------------------------------------
 # Host launchers
+
+
+# Software pipelining of the backward's row-tile loop (``tl.range(num_stages=...)``); None leaves the loop as the
+# compiler builds it by default, as measured on 2026-11-26. bench/tune_glue.py sweeps 2 and 3.
+_BWD_LOOP_STAGES = None
 
 
 def _tile(D: int, backward: bool) -> tuple[int, int, int]:
@@ -358,6 +365,7 @@ def add_layer_norm_bwd(
             GAMMA_GRAD=gamma_grad,
             BLOCK_M=block_m,
             BLOCK_D=block_d,
+            LOOP_STAGES=_BWD_LOOP_STAGES,
             num_warps=warps,
         )
     else:  # nothing to launch: empty rows, or no incoming gradient at all
