@@ -39,11 +39,13 @@ def train_flops_per_image(config, num_masked: float) -> float:
 
 
 def dalle_encoder_macs(
-    image_size: int, n_hid: int = 256, vocab_size: int = 8192, positions: float | None = None
+    image_size: int, n_hid: int = 256, vocab_size: int = 8192, num_positions: float | None = None
 ) -> float:
     """Forward MACs of the DALL-E dVAE encoder on one ``image_size`` x ``image_size`` image (26.06 G at 112 px);
-    with ``positions``, the output convolution on that many token positions only (``get_codebook_indices(images,
+    with ``num_positions``, the output convolution on that many token positions only (``get_codebook_indices(images,
     positions)``)."""
+    if num_positions is not None and (isinstance(num_positions, (bool, torch.Tensor)) or num_positions < 0):
+        raise TypeError(f"num_positions must be a non-negative number of positions, got {num_positions!r}")
     macs = 0.0
     s = image_size
     macs += s * s * 3 * n_hid * 49  # 7x7 input conv
@@ -58,16 +60,16 @@ def dalle_encoder_macs(
             macs += s * s * (cin * h * 9 + h * h * 9 + h * h * 9 + h * n_out)
         if g < 3:
             s //= 2
-    macs += (s * s if positions is None else positions) * widths[-1] * vocab_size  # 1x1 output conv
+    macs += (s * s if num_positions is None else num_positions) * widths[-1] * vocab_size  # 1x1 output conv
     return macs
 
 
-def tokenizer_flops_per_image(tokenizer, image_size: int, positions: float | None = None) -> float:
+def tokenizer_flops_per_image(tokenizer, image_size: int, num_positions: float | None = None) -> float:
     """Forward FLOPs of ``tokenizer`` on one ``image_size`` view: the DALL-E encoder's, at its own width and
-    vocabulary (its output convolution on ``positions`` token positions when given); 0 for the k-means
+    vocabulary (its output convolution on ``num_positions`` token positions when given); 0 for the k-means
     tokenizer, whose nearest-centroid search is small next to the model."""
     if "dalle" in type(tokenizer).__name__.lower():
-        return 2 * dalle_encoder_macs(image_size, tokenizer.n_hid, tokenizer.vocab_size, positions)
+        return 2 * dalle_encoder_macs(image_size, tokenizer.n_hid, tokenizer.vocab_size, num_positions)
     return 0.0
 
 

@@ -87,6 +87,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument("--data", help="image folder (ImageFolder or flat) or a text file list")
     g.add_argument("--tokenizer", help="visual tokenizer: dalle:PATH (encoder.pkl) or kmeans:PATH (.safetensors)")
+    g.add_argument("--tokenizer-fused", default="auto", choices=("auto", "on", "off"),
+                   help="the DALL-E encoder's glue in beit_kernels.conv_epilogue: auto = on CUDA (sm70+)")  # fmt: skip
     g.add_argument("--loader", default="auto", choices=LOADERS, help="auto: dali-gpu on CUDA, else dali-cpu/reference")
     g.add_argument("--num-workers", type=int, default=8, help="loader threads (DALI) or worker processes")
     g.add_argument("--normalization", default="imagenet", choices=("imagenet", "inception"))
@@ -526,7 +528,8 @@ def train(args: argparse.Namespace, record_samples: bool = False) -> dict:
 
     # check_range=False: its input check costs a host sync per call, and the loader's output is known to be mapped.
     try:
-        tokenizer = load_tokenizer(args.tokenizer, device=d.device, check_range=False)
+        fused = {"auto": "auto", "on": True, "off": False}[args.tokenizer_fused]
+        tokenizer = load_tokenizer(args.tokenizer, device=d.device, check_range=False, fused=fused)
     except (OSError, ValueError) as e:
         raise TrainingError(f"--tokenizer {args.tokenizer}: {e}") from e
     tok_size = args.image_size // 2
@@ -628,7 +631,8 @@ def train(args: argparse.Namespace, record_samples: bool = False) -> dict:
     log_path = out_dir / "log.jsonl"
     history = []
     flops_img = train_flops_per_image(model.config, args.num_mask_patches)
-    tok_flops_img = tokenizer_flops_per_image(tokenizer, tok_size)
+    # The tokenizer computes the masked patches' tokens only (forward_backward passes their index).
+    tok_flops_img = tokenizer_flops_per_image(tokenizer, tok_size, num_positions=args.num_mask_patches)
     peak = peak_flops(d.device)
     bar = _progress(args, d, total_steps, step)
     writer = _tensorboard(out_dir) if d.main else None

@@ -341,10 +341,12 @@ def _block_config(kind: str, head_dim: int, dtype: torch.dtype, shared: int) -> 
     other entries are untimed. Known spills: the half-precision dk/dv kernel at 255 registers, about 350 bytes a
     thread on sm80 to sm89 and 30 on sm90."""
     if kind == "dkdv_allq":
-        # BLOCK_M is N's power of two, set by the launcher. Untimed (2026-11-26), from ptxas with Triton 3.6 at
-        # N = 197, D = 64, bf16: 16 keys, 8 warps and two stages fit sm90 in 229 registers without spills, where
-        # 32 keys spill 120 to 324 bytes a thread (sm80 spills 460 bytes at best; the kernel is off by default).
-        return dict(BLOCK_N=16, num_warps=8, num_stages=1 if interpreting() else 2)
+        # BLOCK_M is N's power of two, set by the launcher. Untimed (2026-11-26), from ptxas at N = 197, D = 64,
+        # bf16: with Triton 3.6, 16 keys, 8 warps and two stages fit sm90 in 229 registers without spills, where
+        # 32 keys spill 120 to 324 bytes a thread; sm80 spills 460 bytes at best. Two stages take 94 KiB of shared
+        # memory: one below 160 KiB (sm86, sm89, sm120: 68 KiB). Off by default until timed.
+        stages = 1 if interpreting() or shared < 160 * 1024 else 2
+        return dict(BLOCK_N=16, num_warps=8, num_stages=stages)
     if interpreting():
         return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1)
     if dtype == torch.float32:

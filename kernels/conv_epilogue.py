@@ -145,7 +145,9 @@ def conv_epilogue_op(
     out: torch.Tensor | None,
     relu_out: torch.Tensor,
 ) -> None:
-    """Writes out (when given) and relu_out, both channels_last of the output size; either may be x itself."""
+    """Writes out (when given) and relu_out, both channels_last of the output size. The public function may pass
+    x itself as either (``inplace``): every program reads its own tile of x before writing it, and under
+    torch.compile the functionalised op writes a copy, so x's aliasing is not declared in the schema."""
     B, C, H, W = x.shape
     OH, OW = relu_out.shape[2], relu_out.shape[3]
     P = B * OH * OW

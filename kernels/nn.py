@@ -139,7 +139,8 @@ class Attention(nn.Module):
             # a BEiT-B block at batch 256 in bf16. unbind's backward is one stack of dq, dk, dv into qkv's layout
             # (0.5 GB), and the triton path's packed attention writes them there itself (2026-11-26; not timed).
             qkv = qkv.reshape(B, N, 3, self.num_heads, -1)  # [B, N, 3, H, hd]
-            q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # [B, H, N, hd] views
+            if impl == "sdpa":
+                q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # [B, H, N, hd] views
 
         table_bias = None
         if self.relative_position_bias_table is not None:

@@ -14,8 +14,9 @@ Two kinds, chosen by a spec string (``load_tokenizer(spec)``, the trainer's ``--
     machines that cannot download the DALL-E weights: tests, demos, throughput work.
 
 Both take images [B, 3, H, W] already passed through :func:`map_pixels` ([0, 1] -> [0.1, 0.9]) and return
-``get_codebook_indices(images)`` as int64 [B, (H/8)*(W/8)] in raster order; both expose ``vocab_size`` and
-``input_size`` (112).
+``get_codebook_indices(images)`` as int64 [B, (H/8)*(W/8)] in raster order (``get_codebook_indices(images,
+positions)`` computes the tokens at positions [B, K] only, -1 elsewhere: the trainer passes the masked patches'
+index); both expose ``vocab_size`` and ``input_size`` (112).
 
 Command line::
 
@@ -71,11 +72,13 @@ def load_tokenizer(
     channels_last: bool | None = None,
     compile: bool | dict = False,
     check_range: bool = True,
+    fused: bool | str = "auto",
 ) -> VisualTokenizer:
     """A frozen tokenizer from ``"dalle:PATH"`` or ``"kmeans:PATH"``, on ``device`` (CPU when None).
 
     ``precision`` ("auto": bf16 on a CUDA device that supports it, else fp32), ``channels_last`` (None: on CUDA
-    only) and ``compile`` apply to the DALL-E encoder; the k-means tokenizer always computes distances in fp32.
+    only), ``compile`` and ``fused`` (the glue in ``beit_kernels.conv_epilogue``: "auto", True or False; see
+    ``DalleEncoder.configure``) apply to the DALL-E encoder; the k-means tokenizer always computes distances in fp32.
     ``check_range`` makes every call verify that its input went through map_pixels (one host sync per call)."""
     if not isinstance(spec, str) or ":" not in spec:
         raise ValueError(f"tokenizer spec must be 'dalle:PATH' or 'kmeans:PATH', got {spec!r}")
@@ -96,6 +99,7 @@ def load_tokenizer(
             channels_last=channels_last,
             compile=compile,
             check_range=check_range,
+            fused=fused,
         )
     tok = KMeansTokenizer.load(path, device=device)
     tok.check_range = check_range

@@ -59,8 +59,8 @@ def check_images(images: torch.Tensor, channels: int, patch_size: int, check_ran
 
 def check_positions(positions: torch.Tensor, batch: int, num_tokens: int, device: torch.device) -> torch.Tensor:
     """The ``positions`` argument of ``get_codebook_indices``: int [B, K] on the images' device, token indices in
-    raster order, negative entries padding (``beit.masking.mask_to_index``'s -1). Returned as int64. An index of
-    ``num_tokens`` or more fails in the gather that reads it (no host sync here)."""
+    raster order, -1 padding (``beit.masking.mask_to_index``'s). Returned as int64. The values are checked on the
+    device (``torch._assert_async``: no host sync; on CUDA a bad value fails at the next synchronisation)."""
     if not isinstance(positions, torch.Tensor) or positions.dtype not in (torch.int32, torch.int64):
         raise TypeError("positions must be an int32 or int64 tensor [B, K]")
     if positions.dim() != 2 or positions.shape[0] != batch:
@@ -69,6 +69,11 @@ def check_positions(positions: torch.Tensor, batch: int, num_tokens: int, device
         raise ValueError(f"positions lists {positions.shape[1]} tokens of an image that has {num_tokens}")
     if positions.device != device:
         raise ValueError(f"positions are on {positions.device} but the images are on {device}")
+    if positions.numel():
+        torch._assert_async(
+            ((positions >= -1) & (positions < num_tokens)).all(),
+            f"positions must be -1 (padding) or token indices in [0, {num_tokens})",
+        )
     return positions.long()
 
 

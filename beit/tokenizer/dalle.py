@@ -209,32 +209,38 @@ class DalleEncoder(VisualTokenizer):
         """Set the inference mode; ``None`` keeps a setting. ``precision`` "auto" is bf16 on a CUDA device that
         supports it, else fp32. ``compile`` is True or a dict of ``torch.compile`` keyword arguments. ``fused``
         True runs the glue in ``beit_kernels.conv_epilogue`` (channels_last only: Triton on CUDA, its interpreter
-        on CPU), False in PyTorch ops, "auto" (the default) fused for CUDA inputs when channels_last is on."""
+        on CPU), False in PyTorch ops, "auto" (the default) fused for CUDA inputs (sm70 and newer: the kernel is
+        elementwise, no tensor-core dot) when channels_last is on. Every argument is checked before any setting
+        changes."""
+        if precision == "auto":
+            p = self.blocks.input.w
+            bf16_ok = p.device.type == "cuda" and torch.cuda.is_bf16_supported()
+            precision = "bf16" if bf16_ok else "fp32"
+        if precision is not None and precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)} or 'auto', got {precision!r}")
+        if fused is not None and not (isinstance(fused, bool) or fused == "auto"):
+            raise ValueError(f"fused must be True, False or 'auto', got {fused!r}")
+        new_cl = self.channels_last if channels_last is None else bool(channels_last)
+        new_fused = self.fused if fused is None else fused
+        if new_fused is True and not new_cl:
+            raise ValueError(
+                "fused=True needs channels_last=True (the fused glue reads channels_last maps); pass fused=False or "
+                "'auto' with channels_last=False"
+            )
+        if fused is True and not triton_available():
+            raise ValueError("fused=True needs the triton package, which is not installed")
+        if compile is not None and not isinstance(compile, (bool, dict)):
+            raise TypeError(f"compile must be True, False or a dict of torch.compile arguments, got {compile!r}")
         if precision is not None:
-            if precision == "auto":
-                p = self.blocks.input.w
-                bf16_ok = p.device.type == "cuda" and torch.cuda.is_bf16_supported()
-                precision = "bf16" if bf16_ok else "fp32"
-            if precision not in PRECISIONS:
-                raise ValueError(f"precision must be one of {', '.join(PRECISIONS)} or 'auto', got {precision!r}")
             self.precision = precision
         if channels_last is not None:
-            self.channels_last = bool(channels_last)
-            self.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+            self.channels_last = new_cl
+            self.to(memory_format=torch.channels_last if new_cl else torch.contiguous_format)
+        self.fused = new_fused
         if fp32_logits is not None:
             self.fp32_logits = bool(fp32_logits)
         if check_range is not None:
             self.check_range = bool(check_range)
-        if fused is not None:
-            if fused not in (True, False, "auto"):
-                raise ValueError(f"fused must be True, False or 'auto', got {fused!r}")
-            if fused is True and not self.channels_last:
-                raise ValueError("fused=True needs channels_last=True (the fused glue reads channels_last maps)")
-            if fused is True and not triton_available():
-                raise ValueError("fused=True needs the triton package, which is not installed")
-            self.fused = fused
-        elif channels_last is False and self.fused is True:
-            raise ValueError("channels_last=False with fused=True: pass fused=False (or 'auto') as well")
         if compile is not None:
             if compile is False:
                 self._compiled = None
@@ -246,7 +252,12 @@ class DalleEncoder(VisualTokenizer):
     def uses_fused(self, device: torch.device) -> bool:
         """Whether inputs on ``device`` take the fused glue."""
         if self.fused == "auto":
-            return self.channels_last and device.type == "cuda" and triton_available()
+            return (
+                self.channels_last
+                and device.type == "cuda"
+                and triton_available()
+                and torch.cuda.get_device_capability(device)[0] >= 7  # Triton's oldest GPU
+            )
         return bool(self.fused)
 
     def _logits(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:

@@ -24,8 +24,10 @@ def test_dalle_encoder_macs():
     assert dalle_encoder_macs(112) / 1e9 == pytest.approx(26.06, abs=0.01)
     assert dalle_encoder_macs(224) == pytest.approx(4 * dalle_encoder_macs(112))
     # The output convolution (2048 -> 8192 at 14 x 14) on the 75 masked positions only.
-    assert dalle_encoder_macs(112, positions=196) == dalle_encoder_macs(112)
-    assert dalle_encoder_macs(112) - dalle_encoder_macs(112, positions=75) == (196 - 75) * 2048 * 8192
+    assert dalle_encoder_macs(112, num_positions=196) == dalle_encoder_macs(112)
+    assert dalle_encoder_macs(112) - dalle_encoder_macs(112, num_positions=75) == (196 - 75) * 2048 * 8192
+    with pytest.raises(TypeError, match="num_positions"):
+        dalle_encoder_macs(112, num_positions=torch.zeros(2, 75))  # the index itself, not its width
 
 
 def test_no_peak_on_cpu():

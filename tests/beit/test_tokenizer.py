@@ -166,15 +166,27 @@ def test_fused_glue_half_error_within_twice_pytorch():
 
 
 def test_fused_glue_settings():
+    """Bad settings are refused before anything changes."""
     enc = DalleEncoder(**SMALL)
     assert enc.fused == "auto" and not enc.uses_fused(torch.device("cpu"))
+
+    def state():
+        return enc.fused, enc.channels_last, enc.precision, enc.blocks.input.w.is_contiguous()
+
+    before = state()
     with pytest.raises(ValueError, match="needs channels_last"):
         enc.configure(fused=True)
-    with pytest.raises(ValueError, match="True, False or 'auto'"):
-        enc.configure(channels_last=True, fused="yes")
+    for bad in ("yes", 1, 0):
+        with pytest.raises(ValueError, match="True, False or 'auto'"):
+            enc.configure(channels_last=True, fused=bad)
+    with pytest.raises(ValueError, match="precision"):
+        enc.configure(channels_last=True, precision="fp8")
+    assert state() == before
     enc.configure(channels_last=True, fused=True)
+    before = state()
     with pytest.raises(ValueError, match="fused=False"):
         enc.configure(channels_last=False)
+    assert state() == before and not enc.blocks.input.w.is_contiguous()  # still channels_last
     assert enc.configure(channels_last=False, fused="auto").fused == "auto"
 
 
@@ -482,6 +494,9 @@ def test_kmeans_positions_and_bad_positions():
             t.get_codebook_indices(x, positions=torch.zeros(3, 17, dtype=torch.int64))
         with pytest.raises(ValueError, match="positions are on meta"):
             t.get_codebook_indices(x, positions=positions.to("meta"))
+        for bad in (-2, 16):  # checked on the device: on CPU the assertion raises at once
+            with pytest.raises(RuntimeError, match=r"-1 \(padding\) or token indices in \[0, 16\)"):
+                t.get_codebook_indices(x, positions=torch.full((3, 2), bad))
 
 
 def test_patchify_layout():

@@ -124,7 +124,9 @@ def test_bias_without_gradient(bias_kind):
     assert grads[3] is None
 
 
-@pytest.mark.parametrize("shape", [(3, 2, 50, 64), (2, 3, 7, 32), (5, 1, 33, 16)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize(
+    "shape", [(3, 2, 50, 64), (2, 3, 7, 32), (5, 1, 33, 16), (6, 2, 19, 32)], ids=lambda s: "x".join(map(str, s))
+)
 @pytest.mark.parametrize("bias_kind", ["none", "HNN", "BHNN"])
 def test_all_queries_dkdv_kernel(monkeypatch, shape, bias_kind):
     """The all-queries dk/dv kernel (off by default until timed on a GPU), switched on: the same gradients within
@@ -190,7 +192,7 @@ def test_qkvpacked_equals_split_attention_and_reference(dtype, bias_kind):
 
     packed, packed_g, packed_out = grads(beit_kernels.attention_qkvpacked, dtype)
     assert packed.shape == (B, N, H, D) and packed_out.is_contiguous()
-    assert "UnbindBackward0" not in {type(f).__name__ for f, _ in packed_out.grad_fn.next_functions if f}
+    assert type(packed_out.grad_fn).__name__ == "AttentionPackedFunctionBackward"
     plain, plain_g, _ = grads(split, dtype)
     assert torch.equal(packed, plain)
     for a, b in zip(packed_g, plain_g):

@@ -93,6 +93,17 @@ def test_nan_propagates_through_pool_and_relu():
     assert torch.equal(relu.nan_to_num(7.0), ref_relu.nan_to_num(7.0))
 
 
+def test_custom_op_passes_opcheck():
+    x, res = make((2, 5, 6, 6), torch.float32, 0), make((2, 5, 6, 6), torch.float32, 1)
+    bias, rbias = make((5,), torch.float32, 2), make((5,), torch.float32, 3)
+    for pool in (False, True):
+        shape = (2, 5, 3, 3) if pool else (2, 5, 6, 6)
+        out = torch.empty(shape, device=DEVICE).contiguous(memory_format=CL)
+        relu = torch.empty(shape, device=DEVICE).contiguous(memory_format=CL)
+        args = (x, bias, res, rbias, 0.5, pool, out, relu)
+        torch.library.opcheck(torch.ops.beit_kernels.conv_epilogue.default, args)
+
+
 def test_empty_batch():
     x = make((0, 4, 6, 6), torch.float32, 0)
     out, relu = beit_kernels.conv_epilogue(x, None, pool=True)
