@@ -165,6 +165,19 @@ def test_fused_glue_half_error_within_twice_pytorch():
     assert err_fused <= 2 * err_plain + 1e-4 * r.abs().max().item(), (err_fused, err_plain)
 
 
+def test_load_tokenizer_passes_fused_on(tmp_path):
+    from beit.tokenizer import load_tokenizer
+
+    torch.manual_seed(0)
+    path = tmp_path / "enc.pt"
+    torch.save(DalleEncoder(**SMALL).state_dict(), path)
+    assert load_tokenizer(f"dalle:{path}").fused == "auto"
+    assert load_tokenizer(f"dalle:{path}", channels_last=True, fused=False).fused is False
+    assert load_tokenizer(f"dalle:{path}", channels_last=True, fused=True).uses_fused(torch.device("cpu"))
+    with pytest.raises(ValueError, match="needs channels_last"):
+        load_tokenizer(f"dalle:{path}", fused=True)  # channels_last defaults to CUDA only
+
+
 def test_fused_glue_settings():
     """Bad settings are refused before anything changes."""
     enc = DalleEncoder(**SMALL)

@@ -284,6 +284,10 @@ def test_precision_and_argument_checks():
     with pytest.raises(SystemExit):
         parse_args([])  # neither --data/--tokenizer nor --demo
     assert parse_args(["--data", "d", "--tokenizer", "kmeans:t", "--image-size", "208"]).image_size == 208
+    assert parse_args(["--data", "d", "--tokenizer", "kmeans:t"]).tokenizer_fused == "auto"
+    assert parse_args(["--data", "d", "--tokenizer", "kmeans:t", "--tokenizer-fused", "off"]).tokenizer_fused == "off"
+    with pytest.raises(SystemExit):
+        parse_args(["--data", "d", "--tokenizer", "kmeans:t", "--tokenizer-fused", "yes"])
 
 
 def test_yaml_config_sets_defaults_and_the_command_line_wins(tmp_path):
