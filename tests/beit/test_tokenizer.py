@@ -152,6 +152,18 @@ def test_fused_glue_matches_pytorch_glue_fp32(fp32_logits):
     assert torch.equal(fused.get_codebook_indices(x), plain.get_codebook_indices(x))
 
 
+def test_fused_glue_traces_as_one_graph():
+    """Dynamo captures the fused forward whole (conv_epilogue is a custom op that writes into its out arguments),
+    masked positions included; the eager backend keeps this fast on CPU."""
+    fused, plain = fused_pair("fp32")
+    x = mapped_images(3, 32, seed=7)
+    positions = positions_case(16)
+    want, want_masked = plain.get_codebook_indices(x), plain.get_codebook_indices(x, positions=positions)
+    fused.configure(compile={"backend": "eager", "fullgraph": True})
+    assert torch.equal(fused.get_codebook_indices(x), want)
+    assert torch.equal(fused.get_codebook_indices(x, positions=positions), want_masked)
+
+
 def test_fused_glue_half_error_within_twice_pytorch():
     """fp16 autocast: the fused glue's error against the fp32 encoder at most twice that of PyTorch's fp16 glue.
     (bf16 is tested on the GPU: Triton's interpreter truncates fp32 to bf16 where GPUs round to nearest, and the
