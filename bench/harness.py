@@ -67,6 +67,8 @@ def env_info(device: torch.device | str | None = None) -> dict:
         "python": platform.python_version(),
         "git_sha": git_sha(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        # Kernel switches read from the environment at import, so a row says which kernels it timed.
+        "env_flags": {k: v for k, v in os.environ.items() if k.startswith("BEIT_KERNELS_")},
     }
 
 

@@ -45,6 +45,7 @@ broadcasts over heads but not over the batch gets a [B, H, N, N] fp32 partial gr
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -456,8 +457,9 @@ def attention_fwd(q, k, v, bias, scale: float) -> tuple[torch.Tensor, torch.Tens
 
 # The all-queries dk/dv kernel (``_attn_bwd_dkdv_allq_kernel``) for sequences of at most this many tokens, in half
 # precision at D <= 64. Off until a GPU has timed it against the measured default (written 2026-11-26 without one;
-# ``bench/tune_attention.py --kinds dkdv_allq`` times both); tests switch it on to check it.
-DKDV_ALL_QUERIES = False
+# ``bench/tune_attention.py --kinds dkdv_allq`` times both); tests switch it on to check it, and
+# BEIT_KERNELS_DKDV_ALL_QUERIES=1 in the environment switches it on for a whole run (a training-step benchmark).
+DKDV_ALL_QUERIES = os.environ.get("BEIT_KERNELS_DKDV_ALL_QUERIES", "0") == "1"
 ALL_QUERIES_MAX_N = 256
 
 
