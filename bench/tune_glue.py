@@ -6,11 +6,11 @@ Each kernel file keeps one fixed tile choice (``layer_norm._tile``, ``bias_gelu.
 ``tune_attention.py`` does for attention:
 
     ln_fwd    add_layer_norm_fwd, (BLOCK_M, num_warps) candidates (BLOCK_D is the row, padded to a power of two)
-    ln_bwd    add_layer_norm_bwd, (BLOCK_M, num_warps, programs per SM[, loop stages])
+    ln_bwd    add_layer_norm_bwd, (BLOCK_M, num_warps, programs per SM[, loop stages[, joint row sums]])
     gelu_fwd  bias_gelu_fwd, (BLOCK_M, BLOCK_D, num_warps)
     gelu_bwd  bias_gelu_bwd, (BLOCK_M, BLOCK_D, num_warps[, loop stages])
-              (loop stages: ``tl.range(num_stages=...)`` on the backward's row-tile loop, ``_BWD_LOOP_STAGES``;
-              without it, the compiler's default)
+              (loop stages: ``tl.range(num_stages=...)`` on the backward's row-tile loop, ``_BWD_LOOP_STAGES``,
+              0 or absent the compiler's default; joint row sums: ``layer_norm._BWD_JOINT_SUMS``)
     epi       conv_epilogue, a block's tail (two biases, residual, ReLU), (widest BLOCK_C, elements a program,
               num_warps), at the DALL-E encoder's first group: 256 channels at 112 px
     epi_pool  the same with the 2x2 max-pool that ends a group
@@ -48,7 +48,8 @@ backend = importlib.import_module("beit_kernels.backend")
 CANDIDATES = {
     "ln_fwd": [(4, 8), (2, 4), (4, 4), (8, 8), (8, 16), (1, 4)],
     "ln_bwd": [(2, 8, 4), (1, 4, 4), (1, 4, 8), (2, 4, 4), (2, 8, 8), (4, 8, 4), (4, 16, 4), (2, 8, 2), (1, 8, 4),
-               (2, 8, 4, 2), (2, 8, 4, 3), (1, 4, 8, 2), (2, 8, 2, 3)],
+               (2, 8, 4, 2), (2, 8, 4, 3), (1, 4, 8, 2), (2, 8, 2, 3), (2, 8, 4, 0, 1), (1, 4, 8, 0, 1),
+               (2, 8, 4, 2, 1)],
     "gelu_fwd": [(8, 512, 8), (4, 1024, 8), (16, 256, 8), (8, 512, 4), (16, 512, 8), (4, 512, 4)],
     "gelu_bwd": [(16, 256, 8), (8, 256, 4), (32, 256, 8), (16, 512, 8), (8, 512, 8), (32, 128, 4), (16, 256, 4),
                  (16, 256, 8, 2), (16, 256, 8, 3), (8, 256, 4, 3), (32, 256, 8, 2)],
@@ -56,7 +57,7 @@ CANDIDATES = {
     "epi_pool": [(128, 4096, 8), (64, 4096, 8), (256, 4096, 8), (128, 2048, 4), (64, 2048, 4), (128, 8192, 8)],
     "lce": [(2048,), (1024,), (4096,), (8192,), (19200,)],
 }
-QUICK = {"ln_fwd": [(4, 4), (2, 4)], "ln_bwd": [(2, 4, 4), (1, 4, 8, 2)], "gelu_fwd": [(4, 32, 4)],
+QUICK = {"ln_fwd": [(4, 4), (2, 4)], "ln_bwd": [(2, 4, 4), (1, 4, 8, 2), (2, 4, 4, 0, 1)], "gelu_fwd": [(4, 32, 4)],
          "gelu_bwd": [(4, 32, 4, 2)], "epi": [(16, 256, 4), (8, 128, 4)], "epi_pool": [(16, 256, 4)],
          "lce": [(8,), (32,)]}  # fmt: skip
 
@@ -144,11 +145,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     def patch(kind, cand):
         if kind == "ln_fwd":
             return harness.patched_globals(ln, _tile=_ln_tile(cand, False))
-        stages = cand[3] if len(cand) > 3 else None
+        stages = cand[3] if len(cand) > 3 and cand[3] else None
         if kind == "ln_bwd":
             programs = functools.partial(backend.persistent_programs, per_sm=cand[2])
+            joint = len(cand) > 4 and bool(cand[4])
             return harness.patched_globals(ln, _tile=_ln_tile(cand, True), persistent_programs=programs,
-                                           _BWD_LOOP_STAGES=stages)  # fmt: skip
+                                           _BWD_LOOP_STAGES=stages, _BWD_JOINT_SUMS=joint)  # fmt: skip
         if kind == "gelu_bwd":
             return harness.patched_globals(bg, _BWD_TILE=tuple(cand[:3]), _BWD_LOOP_STAGES=stages)
         if kind.startswith("epi"):

@@ -117,6 +117,11 @@ def _add_ln_fwd_kernel(
 
 
 @triton.jit
+def _add_pair(a0, a1, b0, b1):
+    return a0 + b0, a1 + b1
+
+
+@triton.jit
 def _add_ln_bwd_kernel(
     dh_ptr,  # [R, D] contiguous
     dy_ptr,  # [R, D] contiguous
@@ -152,6 +157,7 @@ def _add_ln_bwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
     LOOP_STAGES: tl.constexpr,
+    JOINT_SUMS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     G = tl.num_programs(0)
@@ -186,8 +192,14 @@ def _add_ln_bwd_kernel(
             wdy = dy
             if HAS_W:
                 wdy = dy * w[None, :]
-            c1 = tl.sum(xhat * wdy, axis=1) / D
-            c2 = tl.sum(wdy, axis=1) / D
+            if JOINT_SUMS:
+                # Both row sums in one reduction: one exchange between warps (and its barriers) instead of two.
+                s1, s2 = tl.reduce((xhat * wdy, wdy), 1, _add_pair)
+                c1 = s1 / D
+                c2 = s2 / D
+            else:
+                c1 = tl.sum(xhat * wdy, axis=1) / D
+                c2 = tl.sum(wdy, axis=1) / D
             dh = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
             acc_w += dy * xhat  # dy and xhat are 0 outside the mask
             acc_b += dy
@@ -220,6 +232,9 @@ def _add_ln_bwd_kernel(
 # Software pipelining of the backward's row-tile loop (``tl.range(num_stages=...)``); None leaves the loop as the
 # compiler builds it by default, as measured on 2026-11-26. bench/tune_glue.py sweeps 2 and 3.
 _BWD_LOOP_STAGES = None
+# The backward's two row sums (of xhat * w dy and of w dy) as one two-operand reduction. Off, the measured form,
+# until bench/tune_glue.py has timed it (2026-11-26).
+_BWD_JOINT_SUMS = False
 
 
 def _tile(D: int, backward: bool) -> tuple[int, int, int]:
@@ -366,6 +381,7 @@ def add_layer_norm_bwd(
             BLOCK_M=block_m,
             BLOCK_D=block_d,
             LOOP_STAGES=_BWD_LOOP_STAGES,
+            JOINT_SUMS=_BWD_JOINT_SUMS,
             num_warps=warps,
         )
     else:  # nothing to launch: empty rows, or no incoming gradient at all

@@ -250,8 +250,8 @@ def test_tune_glue_quick_run_times_every_kind_and_restores_the_tiles():
     lce = importlib.import_module("beit_kernels.linear_cross_entropy")
 
     def current():
-        return (ln._tile, ln.persistent_programs, ln._BWD_LOOP_STAGES, bg._FWD_TILE, bg._BWD_TILE,
-                bg._BWD_LOOP_STAGES, ce._tile, lce.default_chunk_size)  # fmt: skip
+        return (ln._tile, ln.persistent_programs, ln._BWD_LOOP_STAGES, ln._BWD_JOINT_SUMS, bg._FWD_TILE,
+                bg._BWD_TILE, bg._BWD_LOOP_STAGES, ce._tile, lce.default_chunk_size)  # fmt: skip
 
     before = current()
     rows = tune_glue.main(["--quick", "--rep-ms", "1"])

@@ -1,5 +1,7 @@
 """add_layer_norm: the residual add (layer scale, drop path) fused with LayerNorm, against its float64 reference."""
 
+import importlib
+
 import pytest
 import torch
 from _testutil import check_close, no_host_sync
@@ -47,7 +49,12 @@ CASES = [
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("B,N,D,parts,drop,grads", CASES)
-def test_add_layer_norm_matches_reference(dtype, B, N, D, parts, drop, grads):
+@pytest.mark.parametrize("variant", ["default", "joint_sums_loop_stages"])
+def test_add_layer_norm_matches_reference(monkeypatch, dtype, B, N, D, parts, drop, grads, variant):
+    if variant != "default":  # the backward's untimed alternatives (bench/tune_glue.py sweeps them)
+        ln = importlib.import_module("beit_kernels.layer_norm")
+        monkeypatch.setattr(ln, "_BWD_JOINT_SUMS", True)
+        monkeypatch.setattr(ln, "_BWD_LOOP_STAGES", 2)
     g = torch.Generator().manual_seed(1)
     tensors = make_inputs(B, N, D, parts, g)
     grad_h = torch.randn(B, N, D, dtype=torch.float64, generator=g) if "h" in grads else None
