@@ -338,6 +338,15 @@ def test_gpu_real_shapes(dtype, heads, bias_kind):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("bias_kind", ["HNN", "BHNN"])
+def test_gpu_all_queries_dkdv_kernel_real_shape(monkeypatch, bias_kind):
+    """The all-queries dk/dv kernel (off by default), compiled for this GPU, at BEiT-B's shape in bf16."""
+    monkeypatch.setattr(importlib.import_module("beit_kernels.attention"), "DKDV_ALL_QUERIES", True)
+    B, H, N, D = 8, 12, 197, 64
+    check(*make_inputs(B, H, N, D, torch.bfloat16, bias_shapes(B, H, N)[bias_kind]))
+
+
+@pytest.mark.gpu
 def test_gpu_qkvpacked_bf16_equals_split():
     B, N, H, D = 8, 197, 12, 64
     g = torch.Generator().manual_seed(5)
