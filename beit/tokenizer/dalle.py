@@ -185,6 +185,10 @@ class DalleEncoder(VisualTokenizer):
         self.fp32_logits = True
         self.channels_last = False
         self.fused: bool | str = "auto"
+        # The fused path pads the 3 image channels with zeros to this multiple for the 7x7 input convolution: cuDNN
+        # runs half-precision convolutions on tensor cores when the channels divide by 8 (NVIDIA's convolution
+        # performance guide), and the zero channels add exact zeros. 0 or 1: no padding. Untimed (2026-11-26).
+        self.pad_input_channels = 8
         self._compiled = None
 
     @property
@@ -323,7 +327,7 @@ class DalleEncoder(VisualTokenizer):
         relu_dtype = torch.float32 if dtype is None or self.fp32_logits else dtype
         with torch.autocast(x.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             # h: a block's input (for its identity path), r = relu(h) (for its residual path).
-            h, r = conv_epilogue(conv(x, blocks.input), blocks.input.b, inplace=True)
+            h, r = conv_epilogue(self._input_conv(x), blocks.input.b, inplace=True)
             for gi, group in enumerate(groups):
                 members = [m for name, m in group.named_children() if name != "pool"]
                 pool = "pool" in group._modules
@@ -347,6 +351,22 @@ class DalleEncoder(VisualTokenizer):
                     else:
                         h, r = conv_epilogue(c4, rp.conv_4.b, inplace=True, **tail)
         return r
+
+    def _input_conv(self, x: torch.Tensor) -> torch.Tensor:
+        """The 7x7 input convolution without its bias, channels_last, on x zero-padded to a multiple of
+        ``pad_input_channels`` channels (the weight padded alike)."""
+        m = self.blocks.input
+        w = m.w
+        multiple = max(1, self.pad_input_channels)
+        pad = -x.shape[1] % multiple
+        if pad:
+            B, C, H, W = x.shape
+            padded = torch.empty((B, C + pad, H, W), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+            padded[:, C:] = 0
+            padded[:, :C] = x
+            x = padded
+            w = F.pad(w, (0, 0, 0, 0, 0, pad)).contiguous(memory_format=torch.channels_last)  # [out, C + pad, 7, 7]
+        return F.conv2d(x, w, None, padding=m.padding).contiguous(memory_format=torch.channels_last)
 
     def _check_shape(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.in_channels:

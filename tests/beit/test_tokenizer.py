@@ -140,10 +140,12 @@ def fused_pair(precision, fp32_logits=True, seed=5, device="cpu"):
     return fused.configure(fused=True, **kw), plain.configure(fused=False, **kw)
 
 
-@pytest.mark.parametrize("fp32_logits", [True, False])
-def test_fused_glue_matches_pytorch_glue_fp32(fp32_logits):
-    """fp32, Triton's interpreter on CPU: the same logits up to fp32 rounding, the same tokens."""
+@pytest.mark.parametrize("fp32_logits,pad", [(True, 8), (False, 8), (True, 0)])
+def test_fused_glue_matches_pytorch_glue_fp32(fp32_logits, pad):
+    """fp32, Triton's interpreter on CPU: the same logits up to fp32 rounding, the same tokens (the input
+    convolution on zero-padded channels, or on the 3 image channels)."""
     fused, plain = fused_pair("fp32", fp32_logits)
+    fused.pad_input_channels = pad
     assert fused.uses_fused(torch.device("cpu")) and not plain.uses_fused(torch.device("cpu"))
     x = mapped_images(3, 40, seed=2)  # 40 px: odd 5x5 maps after the three pools
     got, ref = fused(x), plain(x)
