@@ -7,8 +7,8 @@ Providers (same random weights for every DALL-E variant: the official module dra
                          beit_kernels.conv_epilogue (the default on CUDA)
     ours-bf16-cl-fused-masked  the same, tokens of the masked patches only (``positions``: 75 of 196 at 112 px,
                          the official blockwise masks), as beit-pretrain calls it
-    ours-bf16-cl-fused-nopad   ours-bf16-cl-fused with the input convolution on the 3 image channels (the
-                         default pads them to 8 with zeros, for tensor cores)
+    ours-bf16-cl-fused-pad8    ours-bf16-cl-fused with the input convolution's 3 image channels zero-padded to 8
+                         (``pad_input_channels=8``: NVIDIA's guide advises channel counts divisible by 8)
     ours-bf16-cl         the same with the glue in PyTorch ops (fused=False)
     ours-bf16-cl-bf16out the same with the output conv in bf16 too
     ours-fp32            DalleEncoder in fp32 (cuDNN's TF32 setting as torch leaves it, recorded in the rows)
@@ -77,9 +77,8 @@ def build_providers(args, device: torch.device, positions: torch.Tensor) -> dict
     enc = ours(precision=low, channels_last=True, fp32_logits=True, fused=True)
     providers[f"ours-{low}-cl-fused"] = (enc.get_codebook_indices, f"{low} (fp32 output conv)", {})
     masked = functools.partial(enc.get_codebook_indices, positions=positions)
-    enc_nopad = ours(precision=low, channels_last=True, fp32_logits=True, fused=True)
-    enc_nopad.pad_input_channels = 0
-    providers[f"ours-{low}-cl-fused-nopad"] = (enc_nopad.get_codebook_indices, f"{low} (fp32 output conv)", {})
+    enc_pad = ours(precision=low, channels_last=True, fp32_logits=True, fused=True, pad_input_channels=8)
+    providers[f"ours-{low}-cl-fused-pad8"] = (enc_pad.get_codebook_indices, f"{low} (fp32 output conv)", {})
     providers[f"ours-{low}-cl-fused-masked"] = (masked, f"{low} (fp32 output conv)", {"positions": positions.shape[1]})
     enc = ours(precision=low, channels_last=True, fp32_logits=True, fused=False)
     providers[f"ours-{low}-cl"] = (enc.get_codebook_indices, f"{low} (fp32 output conv)", {})

@@ -67,9 +67,21 @@ def env_info(device: torch.device | str | None = None) -> dict:
         "python": platform.python_version(),
         "git_sha": git_sha(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        # Kernel switches read from the environment at import, so a row says which kernels it timed.
-        "env_flags": {k: v for k, v in os.environ.items() if k.startswith("BEIT_KERNELS_")},
+        # Kernel switches, as the kernels read them at import: a row says which kernels it timed.
+        "kernel_switches": kernel_switches(),
     }
+
+
+def kernel_switches() -> dict:
+    """The effective values of the kernels' run-wide switches (empty where beit_kernels does not import)."""
+    import importlib
+
+    try:
+        # The module, not the function of the same name that the package exports.
+        attention = importlib.import_module("beit_kernels.attention")
+    except Exception:  # noqa: BLE001  (no triton: no switches to report)
+        return {}
+    return {"dkdv_all_queries": attention.DKDV_ALL_QUERIES}
 
 
 def time_fn(

@@ -459,7 +459,10 @@ def attention_fwd(q, k, v, bias, scale: float) -> tuple[torch.Tensor, torch.Tens
 # precision at D <= 64. Off until a GPU has timed it against the measured default (written 2026-11-26 without one;
 # ``bench/tune_attention.py --kinds dkdv_allq`` times both); tests switch it on to check it, and
 # BEIT_KERNELS_DKDV_ALL_QUERIES=1 in the environment switches it on for a whole run (a training-step benchmark).
-DKDV_ALL_QUERIES = os.environ.get("BEIT_KERNELS_DKDV_ALL_QUERIES", "0") == "1"
+_ALL_QUERIES_ENV = os.environ.get("BEIT_KERNELS_DKDV_ALL_QUERIES", "0")
+if _ALL_QUERIES_ENV not in ("", "0", "1"):
+    raise ValueError(f"BEIT_KERNELS_DKDV_ALL_QUERIES must be 0 or 1, got {_ALL_QUERIES_ENV!r}")
+DKDV_ALL_QUERIES = _ALL_QUERIES_ENV == "1"
 ALL_QUERIES_MAX_N = 256
 
 

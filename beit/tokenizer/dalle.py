@@ -28,7 +28,7 @@ the hidden 3x3 convolutions, and after the last 1x1 convolution the two biases, 
 where the group ends and the ReLU, writing the block's output and its ReLU. Every step rounds as the unfused
 chain does, so the logits are those of the unfused chain on the same convolution outputs. By count
 (``bench/count_traffic.py tokenizer``: each op's reads and writes, 112 px, bf16), the memory traffic per image
-goes from 414 to 261 MB (input channels padded to 8); bench/bench_tokenizer.py measures what that is worth in time.
+goes from 414 to 259 MB; bench/bench_tokenizer.py measures what that is worth in time.
 
 ``encoder.pkl`` is a whole pickled ``dall_e.encoder.Encoder`` (``torch.save(module)``): plain
 ``torch.load(weights_only=True)`` refuses it and ``weights_only=False`` would import ``dall_e`` and run whatever
@@ -185,10 +185,7 @@ class DalleEncoder(VisualTokenizer):
         self.fp32_logits = True
         self.channels_last = False
         self.fused: bool | str = "auto"
-        # The fused path pads the 3 image channels with zeros to this multiple for the 7x7 input convolution: cuDNN
-        # runs half-precision convolutions on tensor cores when the channels divide by 8 (NVIDIA's convolution
-        # performance guide), and the zero channels add exact zeros. 0 or 1: no padding. Untimed (2026-11-26).
-        self.pad_input_channels = 8
+        self.pad_input_channels = 0
         self._compiled = None
 
     @property
@@ -209,13 +206,17 @@ class DalleEncoder(VisualTokenizer):
         compile: bool | dict | None = None,
         check_range: bool | None = None,
         fused: bool | str | None = None,
+        pad_input_channels: int | None = None,
     ) -> DalleEncoder:
         """Set the inference mode; ``None`` keeps a setting. ``precision`` "auto" is bf16 on a CUDA device that
         supports it, else fp32. ``compile`` is True or a dict of ``torch.compile`` keyword arguments. ``fused``
         True runs the glue in ``beit_kernels.conv_epilogue`` (channels_last only: Triton on CUDA, its interpreter
         on CPU), False in PyTorch ops, "auto" (the default) fused for CUDA inputs (sm70 and newer: the kernel is
-        elementwise, no tensor-core dot) when channels_last is on. Every argument is checked before any setting
-        changes."""
+        elementwise, no tensor-core dot) when channels_last is on. ``pad_input_channels`` (fused path, half
+        precision; 0, the default, or 1: none) zero-pads the image's 3 channels to a multiple of it for the 7x7
+        input convolution, as NVIDIA's convolution guide advises for tensor cores (cuDNN pads internally
+        otherwise); the zeros add exact zeros, but the convolution may round differently. Untimed (2026-11-26):
+        bench_tokenizer.py times it. Every argument is checked before any setting changes."""
         if precision == "auto":
             p = self.blocks.input.w
             bf16_ok = p.device.type == "cuda" and torch.cuda.is_bf16_supported()
@@ -233,6 +234,10 @@ class DalleEncoder(VisualTokenizer):
             )
         if fused is True and not triton_available():
             raise ValueError("fused=True needs the triton package, which is not installed")
+        if pad_input_channels is not None and (
+            not isinstance(pad_input_channels, int) or isinstance(pad_input_channels, bool) or pad_input_channels < 0
+        ):
+            raise ValueError(f"pad_input_channels must be an int >= 0, got {pad_input_channels!r}")
         if compile is not None and not isinstance(compile, (bool, dict)):
             raise TypeError(f"compile must be True, False or a dict of torch.compile arguments, got {compile!r}")
         if precision is not None:
@@ -241,6 +246,8 @@ class DalleEncoder(VisualTokenizer):
             self.channels_last = new_cl
             self.to(memory_format=torch.channels_last if new_cl else torch.contiguous_format)
         self.fused = new_fused
+        if pad_input_channels is not None:
+            self.pad_input_channels = pad_input_channels
         if fp32_logits is not None:
             self.fp32_logits = bool(fp32_logits)
         if check_range is not None:
@@ -353,20 +360,20 @@ class DalleEncoder(VisualTokenizer):
         return r
 
     def _input_conv(self, x: torch.Tensor) -> torch.Tensor:
-        """The 7x7 input convolution without its bias, channels_last, on x zero-padded to a multiple of
-        ``pad_input_channels`` channels (the weight padded alike)."""
+        """The 7x7 input convolution without its bias, channels_last; in half precision with
+        ``pad_input_channels``, on x cast to the compute dtype and zero-padded to a multiple of that many
+        channels (the weight padded alike)."""
         m = self.blocks.input
-        w = m.w
-        multiple = max(1, self.pad_input_channels)
-        pad = -x.shape[1] % multiple
-        if pad:
-            B, C, H, W = x.shape
-            padded = torch.empty((B, C + pad, H, W), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
-            padded[:, C:] = 0
-            padded[:, :C] = x
-            x = padded
-            w = F.pad(w, (0, 0, 0, 0, 0, pad)).contiguous(memory_format=torch.channels_last)  # [out, C + pad, 7, 7]
-        return F.conv2d(x, w, None, padding=m.padding).contiguous(memory_format=torch.channels_last)
+        dtype = PRECISIONS[self.precision]
+        pad = -x.shape[1] % max(1, self.pad_input_channels)
+        if not pad or dtype is None:  # fp32 has no half-precision tensor cores to gain
+            return F.conv2d(x, m.w, None, padding=m.padding).contiguous(memory_format=torch.channels_last)
+        B, C, H, W = x.shape
+        padded = torch.zeros((B, H, W, C + pad), dtype=dtype, device=x.device).permute(0, 3, 1, 2)  # channels_last
+        padded[:, :C] = x
+        w = F.pad(m.w.to(dtype), (0, 0, 0, 0, 0, pad))  # [out, C + pad, 7, 7]
+        w = w.contiguous(memory_format=torch.channels_last)
+        return F.conv2d(padded, w, None, padding=m.padding).contiguous(memory_format=torch.channels_last)
 
     def _check_shape(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.in_channels:

@@ -6,6 +6,7 @@ bf16 in the `gpu` tests. Low-precision results must be within twice plain PyTorc
 """
 
 import importlib
+import os
 
 import pytest
 import torch
@@ -219,6 +220,22 @@ def test_qkvpacked_bad_inputs():
         beit_kernels.attention_qkvpacked(torch.randn(2, 7, 3, 2, 16, 2, device=DEVICE)[..., 0])
 
 
+def test_all_queries_switch_from_the_environment():
+    """BEIT_KERNELS_DKDV_ALL_QUERIES: 1 switches the kernel on for a run, anything but 0 or 1 is refused."""
+    import subprocess
+    import sys
+
+    code = "import importlib; print(importlib.import_module('beit_kernels.attention').DKDV_ALL_QUERIES)"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    for value, out in (("1", "True"), ("0", "False")):
+        run = subprocess.run([sys.executable, "-c", code], env=dict(env, BEIT_KERNELS_DKDV_ALL_QUERIES=value),
+                             capture_output=True, text=True)  # fmt: skip
+        assert run.returncode == 0 and run.stdout.strip() == out, run.stderr[-500:]
+    run = subprocess.run([sys.executable, "-c", code], env=dict(env, BEIT_KERNELS_DKDV_ALL_QUERIES="yes"),
+                         capture_output=True, text=True)  # fmt: skip
+    assert run.returncode != 0 and "must be 0 or 1" in run.stderr
+
+
 def test_head_dim_not_a_power_of_two():
     check(*make_inputs(2, 2, 19, 40, torch.float32, (2, 19, 19)))
 
@@ -341,8 +358,10 @@ def test_gpu_real_shapes(dtype, heads, bias_kind):
 @pytest.mark.parametrize("bias_kind", ["HNN", "BHNN"])
 def test_gpu_all_queries_dkdv_kernel_real_shape(monkeypatch, bias_kind):
     """The all-queries dk/dv kernel (off by default), compiled for this GPU, at BEiT-B's shape in bf16."""
-    monkeypatch.setattr(importlib.import_module("beit_kernels.attention"), "DKDV_ALL_QUERIES", True)
+    attn_mod = importlib.import_module("beit_kernels.attention")
+    monkeypatch.setattr(attn_mod, "DKDV_ALL_QUERIES", True)
     B, H, N, D = 8, 12, 197, 64
+    assert attn_mod._all_queries(N, D, torch.bfloat16)  # the kernel under test, not the default one
     check(*make_inputs(B, H, N, D, torch.bfloat16, bias_shapes(B, H, N)[bias_kind]))
 
 
