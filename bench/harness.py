@@ -213,11 +213,13 @@ def sweep_parser(description: str, kinds: str):
     return p
 
 
-def sweep_candidate(kernel: str, name: str, mode: str, run: Callable[[], object], agrees: Callable[[object], bool],
-                    context, *, device, rep_ms: float, **fields) -> dict:  # fmt: skip
+def sweep_candidate(rows: list[dict], out: str | None, kernel: str, name: str, mode: str, run: Callable[[], object],
+                    agrees: Callable[[object], bool], context, *, device, rep_ms: float, **fields) -> dict:  # fmt: skip
     """One candidate of a tile sweep: inside ``context`` (which installs the candidate), check that ``run()``'s
     output ``agrees`` with the default's, then time it. A failure (a mismatch, a candidate that does not compile
-    or does not fit) is an error row, not an exception: one bad candidate must not stop the sweep."""
+    or does not fit) is an error row, not an exception: one bad candidate must not stop the sweep. The row is
+    appended to ``rows``, which are written to ``out`` (if given) at once: a sweep stopped by its time limit keeps
+    what it timed."""
     try:
         with context:
             if not agrees(run()):
@@ -227,6 +229,9 @@ def sweep_candidate(kernel: str, name: str, mode: str, run: Callable[[], object]
     except Exception as e:  # noqa: BLE001
         r = row(kernel, name, mode, "error", "", None, note=f"{type(e).__name__}: {e}".splitlines()[0][:300], **fields)
     print(f"{name:28s} {r['p50'] if r['p50'] is not None else r['note']}", flush=True)
+    rows.append(r)
+    if out:
+        write_rows(rows, out)
     return r
 
 

@@ -105,11 +105,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     def record(kind, cand, gs, fn, check):
         name = f"{kind}:{'x'.join(map(str, cand))}" + (f":g{gs}" if gs != 1 else "")
-        rows.append(harness.sweep_candidate("attention_tune", name, kind, fn, check, _patched(kind, cand, gs),
-                                            device=device, rep_ms=args.rep_ms, shape=shape, dtype=dtype, env=env,
-                                            config=_config(cand), group_scale=gs))  # fmt: skip
-        if args.out:  # after each candidate: a sweep stopped by its time limit keeps what it timed
-            harness.write_rows(rows, args.out)
+        harness.sweep_candidate(rows, args.out, "attention_tune", name, kind, fn, check, _patched(kind, cand, gs),
+                                device=device, rep_ms=args.rep_ms, shape=shape, dtype=dtype, env=env,
+                                config=_config(cand), group_scale=gs)  # fmt: skip
 
     kinds = args.kinds.split(",")
     if "fwd" in kinds:

@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             return harness.patched_globals(ce, _tile=_epi_tile(cand))
         if kind == "lce":
             return harness.patched_globals(lce, default_chunk_size=lambda M, V, D, c=cand[0]: c)
-        return harness.patched_globals(bg, **{"_FWD_TILE" if kind == "gelu_fwd" else "_BWD_TILE": tuple(cand)})
+        return harness.patched_globals(bg, _FWD_TILE=tuple(cand))  # gelu_fwd
 
     def outputs(out):
         return [t.float() for t in (out if isinstance(out, (tuple, list)) else (out,)) if t is not None]
@@ -169,14 +169,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for cand in candidates[kind]:
             name = f"{kind}:{'x'.join(map(str, cand))}"
             # Orders of summation differ between tiles (the partial column sums): rounding-level tolerance.
-            rows.append(harness.sweep_candidate(
-                "glue_tune", name, kind, fn,
+            harness.sweep_candidate(
+                rows, args.out, "glue_tune", name, kind, fn,
                 lambda out, expected=expected: all(torch.allclose(a, e, rtol=2e-2, atol=2e-2)
                                                    for a, e in zip(outputs(out), expected, strict=True)),
                 patch(kind, cand), device=device, rep_ms=args.rep_ms,
-                shape=meta["shape"], dtype=act, env=env, candidate=list(cand)))  # fmt: skip
-            if args.out:  # after each candidate: a sweep stopped by its time limit keeps what it timed
-                harness.write_rows(rows, args.out)
+                shape=meta["shape"], dtype=act, env=env, candidate=list(cand))  # fmt: skip
     return harness.finish_sweep(rows, args.out)
 
 

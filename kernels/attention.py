@@ -492,11 +492,10 @@ def attention_bwd(do, q, k, v, bias, o, lse, scale: float, bias_grad: bool, pack
         do = do.contiguous()
     if packed:
         dqkv = torch.empty((B, N, 3, H, D), device=q.device, dtype=q.dtype)
-        dq, dk, dv = (t.transpose(1, 2) for t in dqkv.unbind(2))  # [B, H, N, D] views
+        dq, dk, dv = _split_packed(dqkv)  # [B, H, N, D] views
     else:
-        dq = torch.empty((B, N, H, D), device=q.device, dtype=q.dtype).permute(0, 2, 1, 3)
-        dk = torch.empty((B, N, H, D), device=q.device, dtype=q.dtype).permute(0, 2, 1, 3)
-        dv = torch.empty((B, N, H, D), device=q.device, dtype=q.dtype).permute(0, 2, 1, 3)
+        dq, dk, dv = (torch.empty((B, N, H, D), device=q.device, dtype=q.dtype).permute(0, 2, 1, 3)
+                      for _ in range(3))  # fmt: skip
     delta = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
     bias_v, sb = _bias_view(bias, B, H, N, q)
     block_d = max(16, triton.next_power_of_2(D))

@@ -94,6 +94,12 @@ class Conv2d(nn.Module):
         return f"{n_in}, {n_out}, kernel={kw}"
 
 
+def _conv_without_bias(x: torch.Tensor, w: torch.Tensor, padding: int) -> torch.Tensor:
+    """The fused path's convolution: no bias (its epilogue adds it), the output channels_last (cuDNN gives that
+    for channels_last operands already: a no-op then)."""
+    return F.conv2d(x, w, None, padding=padding).contiguous(memory_format=torch.channels_last)
+
+
 class EncoderBlock(nn.Module):
     def __init__(self, n_in: int, n_out: int, n_layers: int, device=None):
         super().__init__()
@@ -326,8 +332,7 @@ class DalleEncoder(VisualTokenizer):
             x = x.float()
 
         def conv(inp: torch.Tensor, m: Conv2d) -> torch.Tensor:
-            # No bias: the epilogue adds it. cuDNN gives channels_last for channels_last operands (a no-op here).
-            return F.conv2d(inp, m.w, None, padding=m.padding).contiguous(memory_format=cl)
+            return _conv_without_bias(inp, m.w, m.padding)  # the epilogue adds the bias
 
         blocks = self.blocks
         groups = [blocks.group_1, blocks.group_2, blocks.group_3, blocks.group_4]
@@ -367,13 +372,12 @@ class DalleEncoder(VisualTokenizer):
         dtype = PRECISIONS[self.precision]
         pad = -x.shape[1] % max(1, self.pad_input_channels)
         if not pad or dtype is None:  # fp32 has no half-precision tensor cores to gain
-            return F.conv2d(x, m.w, None, padding=m.padding).contiguous(memory_format=torch.channels_last)
+            return _conv_without_bias(x, m.w, m.padding)
         B, C, H, W = x.shape
         padded = torch.zeros((B, H, W, C + pad), dtype=dtype, device=x.device).permute(0, 3, 1, 2)  # channels_last
         padded[:, :C] = x
         w = F.pad(m.w.to(dtype), (0, 0, 0, 0, 0, pad))  # [out, C + pad, 7, 7]
-        w = w.contiguous(memory_format=torch.channels_last)
-        return F.conv2d(padded, w, None, padding=m.padding).contiguous(memory_format=torch.channels_last)
+        return _conv_without_bias(padded, w.contiguous(memory_format=torch.channels_last), m.padding)
 
     def _check_shape(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.in_channels:
