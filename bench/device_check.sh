@@ -50,21 +50,32 @@ stage gpu_tests 75 python -m pytest -q -rA -m gpu ${GPU_TEST_PATHS:-tests} -p no
 stage bench_attention 45 python bench/bench_attention.py --out "$OUT/bench_attention.json"
 stage bench_fused_ops 40 python bench/bench_fused_ops.py --no-compile --out "$OUT/bench_fused_ops.json"
 stage bench_tokenizer 40 python bench/bench_tokenizer.py --rep-ms 500 --out "$OUT/bench_tokenizer.json"
+stage tune_attention 90 python bench/tune_attention.py --kinds dkdv_allq,dkdv --rep-ms 50 \
+    --out "$OUT/tune_attention.json"
+stage tune_glue 150 python bench/tune_glue.py --rep-ms 50 --out "$OUT/tune_glue.json"
+# The sweeps' winners (each at least 3% faster than its kernel's default in the same sweep) are installed for the
+# training step in this same call (bench/apply_tuning.py), and its rows record them: the step is timed with the
+# configuration that is then committed. Only when a sweep ran in this call; the default stages run none.
+tuned=()
+for t in tune_attention tune_glue; do
+    case " $STAGES " in *" $t "*) [ -f "$OUT/$t.json" ] && tuned+=("$OUT/$t.json") ;; esac
+done
+tuned_arg=()
+[ ${#tuned[@]} -eq 0 ] || tuned_arg=(--tuned "$(IFS=,; echo "${tuned[*]}")")
 # The step in two stages, so torch.compile's long first compiles cannot starve the eager and graph rows; the
 # compiled stage, two cold BEiT-B compiles, is the slowest here (99 s and 87 s on an H100, 2026-11-26), so it gets
-# the most time and runs the user's alternative (compile) first. Not in the default stages: STAGES=max_batch, the
-# largest-batch search (62 s there); STAGES=tune_attention and STAGES=tune_glue, the tile sweeps
-# (bench/tune_attention.py, bench/tune_glue.py); STAGES=profile, the top GPU kernels of the triton and compile
-# steps, with and without the tokenizer (where their backwards differ, and where the tokenizer's time goes).
+# the most time and runs the user's alternative (compile) first; TRAIN_COMPILE_IMPLS=compile keeps that one only.
+# Not in the default stages: STAGES=max_batch, the largest-batch search (62 s there); STAGES=tune_attention and
+# STAGES=tune_glue, the tile sweeps (bench/tune_attention.py, bench/tune_glue.py), which run before the step;
+# STAGES=profile, the top GPU kernels of the triton and compile steps, with and without the tokenizer (where their
+# backwards differ, and where the tokenizer's time goes).
 stage train_eager 80 python bench/train_throughput.py --impls ref,sdpa,triton,triton+graph --steps 6 --warmup 2 \
-    --out "$OUT/train_eager.json"
-stage train_compile 120 python bench/train_throughput.py --impls compile,triton+compile --steps 6 --warmup 2 \
-    --out "$OUT/train_compile.json"
-stage tune_attention 90 python bench/tune_attention.py --kinds dkdv_allq,dkdv --out "$OUT/tune_attention.json"
-stage tune_glue 150 python bench/tune_glue.py --out "$OUT/tune_glue.json"
+    "${tuned_arg[@]}" --out "$OUT/train_eager.json"
+stage train_compile 120 python bench/train_throughput.py --impls "${TRAIN_COMPILE_IMPLS:-compile,triton+compile}" \
+    --steps 6 --warmup 2 "${tuned_arg[@]}" --out "$OUT/train_compile.json"
 stage profile 150 python bench/train_throughput.py --impls triton,compile --steps 3 --warmup 2 --profile 2 \
-    --out "$OUT/train_profile.json"
-stage max_batch 100 python bench/train_throughput.py --impls ref,triton --steps 3 --warmup 1 --max-batch \
+    "${tuned_arg[@]}" --out "$OUT/train_profile.json"
+stage max_batch 100 python bench/train_throughput.py --impls ref,triton --steps 3 --warmup 1 --max-batch "${tuned_arg[@]}" \
     --out "$OUT/train_max_batch.json"
 
 # The chart (matplotlib is on the device image); its failure must not hide the table. Only files that exist: a

@@ -72,8 +72,13 @@ def env_info(device: torch.device | str | None = None) -> dict:
     }
 
 
+# Sweep winners installed for this process by apply_tuning.py: {family: "mode:candidate"}.
+TUNED: dict[str, str] = {}
+
+
 def kernel_switches() -> dict:
-    """The effective values of the kernels' run-wide switches (empty where beit_kernels does not import)."""
+    """The effective values of the kernels' run-wide switches, and the sweep winners installed in this process
+    (empty where beit_kernels does not import)."""
     import importlib
 
     try:
@@ -81,7 +86,7 @@ def kernel_switches() -> dict:
         attention = importlib.import_module("beit_kernels.attention")
     except Exception:  # noqa: BLE001  (no triton: no switches to report)
         return {}
-    return {"dkdv_all_queries": attention.DKDV_ALL_QUERIES}
+    return {"dkdv_all_queries": attention.DKDV_ALL_QUERIES, "tuned": dict(TUNED)}
 
 
 def time_fn(

@@ -33,6 +33,11 @@ def summarize(rows: list[dict]) -> str:
         r0 = rows[0]
         lines.append(f"device: {r0['device']}; torch {r0['torch']}; triton {r0['triton']}; commit {r0['git_sha']}; "
                      f"{r0['date']}")  # fmt: skip
+        # Which kernels the training step timed: run-wide switches and installed sweep winners (apply_tuning.py).
+        switches = next((r["kernel_switches"] for r in rows if r.get("kernel") == "train_step"
+                         and r.get("kernel_switches")), None)  # fmt: skip
+        if switches:
+            lines.append(f"training-step kernel switches: {json.dumps(switches, sort_keys=True)}")
         lines.append("")
     lines.append("| kernel | shape | dtype | mode | provider | ms (p50) | images/s | peak MiB | time / ours |")
     lines.append("|---|---|---|---|---|---|---|---|---|")

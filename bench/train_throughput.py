@@ -346,6 +346,9 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--profile", type=int, default=0, metavar="STEPS",
                    help="profile STEPS more steps of each mode (eager implementations): the top kernels by GPU time")
     p.add_argument("--quick", action="store_true", help="tiny model and shapes: a CPU smoke run")
+    p.add_argument("--tuned", metavar="JSON[,JSON]",
+                   help="install the winners of these tile sweeps (tune_glue.py, tune_attention.py rows) first: "
+                        "see apply_tuning.py; every row records them under kernel_switches")
     p.add_argument("--out", help="write the rows as JSON here")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -359,6 +362,16 @@ def main(argv=None) -> list[dict]:
         p.error(f"unknown implementation(s) {unknown}: choose from {', '.join(IMPLS + EXTRA_IMPLS)}")
     # As beit-pretrain (and the official script) set it, for every implementation alike.
     torch.backends.cudnn.benchmark = device.type == "cuda"
+    with contextlib.ExitStack() as stack:
+        if args.tuned:
+            import apply_tuning
+
+            stack.callback(harness.TUNED.clear)
+            apply_tuning.apply(args.tuned.split(","), stack)
+        return _run_all(args, impls, device)
+
+
+def _run_all(args, impls: list[str], device) -> list[dict]:
     env = harness.env_info(device)
     rows = []
 

@@ -74,14 +74,36 @@ def _ln_tile(cand, backward_only: bool):
     return tile
 
 
-def _epi_tile(cand):
+def _epi_tile(cand, pool_only: bool):
+    base = ce._tile
     widest, elements, warps = cand
 
-    def tile(C):
+    def tile(C, pool):
+        if pool != pool_only:
+            return base(C, pool)
         block_c = min(widest, ce.triton.next_power_of_2(max(C, 1)))
         return max(1, elements // block_c), block_c, warps
 
     return tile
+
+
+def patch(kind: str, cand):
+    """A context that installs ``cand`` for the sweep mode ``kind`` (``apply_tuning.py`` keeps one entered)."""
+    if kind == "ln_fwd":
+        return harness.patched_globals(ln, _tile=_ln_tile(cand, False))
+    stages = cand[3] if len(cand) > 3 and cand[3] else None
+    if kind == "ln_bwd":
+        programs = functools.partial(backend.persistent_programs, per_sm=cand[2])
+        joint = len(cand) > 4 and bool(cand[4])
+        return harness.patched_globals(ln, _tile=_ln_tile(cand, True), persistent_programs=programs,
+                                       _BWD_LOOP_STAGES=stages, _BWD_JOINT_SUMS=joint)  # fmt: skip
+    if kind == "gelu_bwd":
+        return harness.patched_globals(bg, _BWD_TILE=tuple(cand[:3]), _BWD_LOOP_STAGES=stages)
+    if kind.startswith("epi"):
+        return harness.patched_globals(ce, _tile=_epi_tile(cand, kind == "epi_pool"))
+    if kind == "lce":
+        return harness.patched_globals(lce, default_chunk_size=lambda M, V, D, c=cand[0]: c)
+    return harness.patched_globals(bg, _FWD_TILE=tuple(cand))  # gelu_fwd
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -141,23 +163,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "epi_pool": (lambda: epi(True), {"shape": dict(B=TB, C=TC, H=TS, W=TS)}),
         "lce": (head, {"shape": dict(M=B * K, D=D, V=V)}),
     }
-
-    def patch(kind, cand):
-        if kind == "ln_fwd":
-            return harness.patched_globals(ln, _tile=_ln_tile(cand, False))
-        stages = cand[3] if len(cand) > 3 and cand[3] else None
-        if kind == "ln_bwd":
-            programs = functools.partial(backend.persistent_programs, per_sm=cand[2])
-            joint = len(cand) > 4 and bool(cand[4])
-            return harness.patched_globals(ln, _tile=_ln_tile(cand, True), persistent_programs=programs,
-                                           _BWD_LOOP_STAGES=stages, _BWD_JOINT_SUMS=joint)  # fmt: skip
-        if kind == "gelu_bwd":
-            return harness.patched_globals(bg, _BWD_TILE=tuple(cand[:3]), _BWD_LOOP_STAGES=stages)
-        if kind.startswith("epi"):
-            return harness.patched_globals(ce, _tile=_epi_tile(cand))
-        if kind == "lce":
-            return harness.patched_globals(lce, default_chunk_size=lambda M, V, D, c=cand[0]: c)
-        return harness.patched_globals(bg, _FWD_TILE=tuple(cand))  # gelu_fwd
 
     def outputs(out):
         return [t.float() for t in (out if isinstance(out, (tuple, list)) else (out,)) if t is not None]

@@ -123,9 +123,11 @@ def _conv_epilogue_kernel(
 # Host launchers
 
 
-def _tile(C: int) -> tuple[int, int, int]:
+def _tile(C: int, pool: bool) -> tuple[int, int, int]:
     """(BLOCK_P, BLOCK_C, num_warps): 4096 elements a program, 16 a thread, a row of at most 128 channels (256
-    contiguous bytes in half precision). Chosen without a GPU (2026-11-26); retune on one."""
+    contiguous bytes in half precision). ``pool`` picks the max-pool's tile (its programs read four times the
+    elements they write) apart from the block tail's: ``tune_glue.py`` times them as ``epi_pool`` and ``epi``.
+    Chosen without a GPU (2026-11-26); retune on one."""
     block_c = min(128, triton.next_power_of_2(max(C, 1)))
     return 4096 // block_c, block_c, 8
 
@@ -153,7 +155,7 @@ def conv_epilogue_op(
     P = B * OH * OW
     if P == 0 or C == 0:
         return
-    block_p, block_c, warps = _tile(C)
+    block_p, block_c, warps = _tile(C, pool)
     _conv_epilogue_kernel[(triton.cdiv(P, block_p), triton.cdiv(C, block_c))](
         x,
         bias if bias is not None else x,

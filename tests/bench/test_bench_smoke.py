@@ -1,5 +1,6 @@
 """Tiny CPU runs of the benchmark scripts, so the harness and the scripts cannot rot between GPU runs."""
 
+import inspect
 import json
 import os
 import sys
@@ -169,7 +170,9 @@ def test_device_check_calls_scripts_and_implementations_that_exist():
         for script in scripts:
             assert os.path.isfile(os.path.join(BENCH, "..", script)), script
         if "--impls" in cmd:
-            assert set(cmd[cmd.index("--impls") + 1].split(",")) <= known, cmd
+            impls = cmd[cmd.index("--impls") + 1]
+            impls = re.sub(r"^\$\{\w+:-(.*)\}$", r"\1", impls)  # an overridable default: ${VAR:-a,b}
+            assert set(impls.split(",")) <= known, cmd
 
 
 def test_tune_attention_quick_run_times_every_kind(tmp_path):
@@ -294,3 +297,95 @@ def test_tokenizer_bench_quick_run(tmp_path):
     agree = {r["provider"]: r["p50"] for r in rows if r["metric"] == "agreement_with_ours-fp32"}
     # At these tiny sizes the bf16 tokens match the fp32 ones everywhere (a deterministic CPU run).
     assert agree["ours-bf16-cl-fused"] == agree["ours-bf16-cl-fused-masked"] == 1.0
+
+
+def test_tune_glue_lists_each_kernels_default_first():
+    """apply_tuning.py takes a sweep mode's first candidate as the default it must beat."""
+    import importlib
+
+    import tune_glue
+
+    ln = importlib.import_module("beit_kernels.layer_norm")
+    bg = importlib.import_module("beit_kernels.bias_gelu")
+    ce = importlib.import_module("beit_kernels.conv_epilogue")
+    lce = importlib.import_module("beit_kernels.linear_cross_entropy")
+    be = importlib.import_module("beit_kernels.backend")
+    first = {k: v[0] for k, v in tune_glue.CANDIDATES.items()}
+    assert first["ln_fwd"] == (ln._tile(768, False)[0], ln._tile(768, False)[2])
+    per_sm = inspect.signature(be.persistent_programs).parameters["per_sm"].default
+    assert first["ln_bwd"] == (ln._tile(768, True)[0], ln._tile(768, True)[2], per_sm)
+    assert ln._BWD_LOOP_STAGES is None and not ln._BWD_JOINT_SUMS and bg._BWD_LOOP_STAGES is None
+    assert first["gelu_fwd"] == bg._FWD_TILE and first["gelu_bwd"] == bg._BWD_TILE
+    for mode, pool in (("epi", False), ("epi_pool", True)):
+        block_p, block_c, warps = ce._tile(256, pool)
+        assert first[mode] == (block_c, block_p * block_c, warps)
+    assert first["lce"] == (lce.default_chunk_size(256 * 75, 8192, 768),)
+
+
+def _sweep_row(mode, cand, p50, group_scale=None, metric="time"):
+    r = dict(kernel="glue_tune", provider=f"{mode}:{cand}", mode=mode, metric=metric, p50=p50)
+    if group_scale is None:
+        r["candidate"] = list(cand)
+    else:  # the attention sweep's rows
+        keys = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
+        r.update(config={k: v for k, v in zip(keys, cand, strict=True) if not (k == "BLOCK_M" and v == 0)},
+                 group_scale=group_scale)  # fmt: skip
+    return r
+
+
+def test_apply_tuning_chooses_winners_beyond_the_margin_only():
+    import apply_tuning
+    import tune_attention
+    import tune_glue
+
+    ln0, ln1 = tune_glue.CANDIDATES["ln_bwd"][:2]
+    g0, g1 = tune_glue.CANDIDATES["gelu_bwd"][:2]
+    d0, d1 = tune_attention.CANDIDATES["dkdv"][:2]
+    q0 = tune_attention.CANDIDATES["dkdv_allq"][0]
+    rows = [
+        _sweep_row("ln_bwd", ln0, 1.0), _sweep_row("ln_bwd", ln1, 0.9),  # 10% faster: installed
+        _sweep_row("gelu_bwd", g0, 1.0), _sweep_row("gelu_bwd", g1, 0.99),  # within the margin: default kept
+        _sweep_row("gelu_bwd", g1[:2] + (1,), 0.1, metric="error"),  # an error row never wins
+        _sweep_row("dkdv", d0, 2.0, 1), _sweep_row("dkdv", d1, 1.9, 1), _sweep_row("dkdv", d0, 1.95, 2),
+        _sweep_row("dkdv_allq", q0, 1.5, 1),  # competes with dkdv's default: the family's winner
+        _sweep_row("epi", (1, 2, 3), 0.5),  # a mode without its baseline row: nothing to beat, nothing chosen
+    ]  # fmt: skip
+    chosen = apply_tuning.choose(rows, min_gain=0.03)
+    assert set(chosen) == {"ln_bwd", "dkdv"}
+    assert chosen["ln_bwd"]["candidate"] == list(ln1) and chosen["ln_bwd"]["baseline_p50"] == 1.0
+    assert chosen["dkdv"]["mode"] == "dkdv_allq" and chosen["dkdv"]["baseline_p50"] == 2.0
+
+
+def test_apply_tuning_installs_for_the_run_and_rows_record_it(tmp_path):
+    """train_throughput --tuned: the winners are in place during the run, recorded in every row, gone after."""
+    import contextlib
+    import importlib
+
+    import apply_tuning
+    import train_throughput
+    import tune_attention
+    import tune_glue
+
+    ln = importlib.import_module("beit_kernels.layer_norm")
+    attn = tune_attention.attn
+    with contextlib.ExitStack() as stack:
+        applied = apply_tuning.install(
+            {"ln_bwd": dict(mode="ln_bwd", candidate=[1, 4, 8, 2, 1], group_scale=1),
+             "dkdv": dict(mode="dkdv_allq", candidate=[0, 16, 8, 1], group_scale=2)}, stack)  # fmt: skip
+        assert applied == {"ln_bwd": "ln_bwd:1x4x8x2x1", "dkdv": "dkdv_allq:0x16x8x1:g2"}
+        assert ln._BWD_LOOP_STAGES == 2 and ln._BWD_JOINT_SUMS and ln._tile(768, True)[0] == 1
+        assert attn.DKDV_ALL_QUERIES and harness.kernel_switches()["tuned"] == applied
+        harness.TUNED.clear()
+    assert ln._BWD_LOOP_STAGES is None and not ln._BWD_JOINT_SUMS and not attn.DKDV_ALL_QUERIES
+
+    sweep = tmp_path / "sweep.json"
+    l0, l1 = tune_glue.CANDIDATES["ln_fwd"][:2]
+    sweep.write_text(json.dumps([_sweep_row("ln_fwd", l0, 1.0), _sweep_row("ln_fwd", l1, 0.5)]))
+    before = ln._tile
+    rows = train_throughput.main(["--quick", "--impls", "triton", "--tokenizer", "none", "--tuned", str(sweep)])
+    assert ln._tile is before and not harness.TUNED
+    timed = [r for r in rows if r["metric"] == "throughput"]
+    assert timed and all(r["kernel_switches"]["tuned"] == {"ln_fwd": "ln_fwd:" + "x".join(map(str, l1))}
+                         for r in timed)  # fmt: skip
+    with pytest.raises(FileNotFoundError, match="did the sweep run"):
+        train_throughput.main(["--quick", "--impls", "triton", "--tuned", str(tmp_path / "missing.json")])

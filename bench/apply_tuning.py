@@ -1,0 +1,103 @@
+"""Install the winners of tile sweeps (``tune_glue.py``, ``tune_attention.py`` JSON) for the rest of a process.
+
+A device call is short and its machine goes back seconds after it ends, so a sweep's winners cannot be committed
+and re-measured in a second call. Instead ``train_throughput.py --tuned a.json,b.json`` installs them in the same
+call, and every row it writes records what it installed (``kernel_switches["tuned"]``): the step is measured with
+exactly the configuration that is then committed as the kernels' defaults.
+
+Per sweep mode, the baseline is the mode's first candidate (each sweep lists the kernel's current default first;
+``tests/bench`` checks that for the glue kernels), at group scale 1. The all-queries dk/dv kernel competes with the
+default dk/dv kernel's baseline. A winner replaces the default only when its median is at least ``min_gain``
+faster, so noise cannot change a default; rows that are errors (a mismatch, a candidate that did not compile or
+fit) never win.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import harness  # noqa: E402
+
+# A sweep mode's baseline is another mode's first candidate here.
+_BASELINE_MODE = {"dkdv_allq": "dkdv"}
+# Modes that patch the same launcher compete with each other: one winner per family.
+_FAMILY = {"dkdv_allq": "dkdv"}
+
+
+def _candidate(r: dict) -> tuple:
+    """A row's candidate tuple: the glue sweep records it, the attention sweep records its config and scale."""
+    if "candidate" in r:
+        return tuple(r["candidate"])
+    c = r["config"]
+    return (c.get("BLOCK_M", 0), c["BLOCK_N"], c["num_warps"], c["num_stages"])
+
+
+def choose(rows: list[dict], min_gain: float = 0.03) -> dict[str, dict]:
+    """Per family, the row to install: ``{family: {"mode", "candidate", "group_scale", "p50", "baseline_p50"}}``.
+    Families whose best row is not ``min_gain`` faster than their baseline are absent."""
+    import tune_attention
+    import tune_glue
+
+    firsts = {**{k: (v[0], 1) for k, v in tune_glue.CANDIDATES.items()},
+              **{k: (v[0], 1) for k, v in tune_attention.CANDIDATES.items()}}  # fmt: skip
+    timed = [r for r in rows if r.get("metric") == "time" and r.get("p50") is not None]
+
+    def key(r):
+        return _candidate(r), r.get("group_scale", 1)
+
+    baselines = {}
+    for r in timed:
+        if firsts.get(r["mode"]) == key(r):
+            baselines[r["mode"]] = r["p50"]
+    chosen: dict[str, dict] = {}
+    for r in timed:
+        mode = r["mode"]
+        family = _FAMILY.get(mode, mode)
+        base = baselines.get(_BASELINE_MODE.get(mode, mode))
+        if base is None or r["p50"] > base * (1 - min_gain):
+            continue
+        if family not in chosen or r["p50"] < chosen[family]["p50"]:
+            cand, gs = key(r)
+            chosen[family] = dict(mode=mode, candidate=list(cand), group_scale=gs, p50=r["p50"], baseline_p50=base)
+    return chosen
+
+
+def install(chosen: dict[str, dict], stack: contextlib.ExitStack) -> dict[str, str]:
+    """Enter each winner's patch on ``stack`` (one after another: each patch wraps what the last installed) and
+    record them in the harness's kernel switches. Returns ``{family: "mode:candidate[:g<scale>]"}``."""
+    import tune_attention
+    import tune_glue
+
+    applied = {}
+    for family, c in sorted(chosen.items()):
+        mode, cand, gs = c["mode"], tuple(c["candidate"]), c["group_scale"]
+        if mode in tune_attention.CANDIDATES:
+            stack.enter_context(tune_attention._patched(mode, cand, gs))
+        else:
+            stack.enter_context(tune_glue.patch(mode, cand))
+        applied[family] = f"{mode}:{'x'.join(map(str, cand))}" + (f":g{gs}" if gs != 1 else "")
+    harness.TUNED.update(applied)
+    return applied
+
+
+def apply(paths: list[str], stack: contextlib.ExitStack, min_gain: float = 0.03) -> dict[str, str]:
+    """Read the sweeps' JSON rows from ``paths`` (a missing file is an error: a device script that asked for the
+    winners must not time the defaults unawares), choose and install the winners."""
+    rows = []
+    for p in paths:
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f"tuning rows {p!r} do not exist (did the sweep run?)")
+        with open(p) as f:
+            rows += json.load(f)
+    chosen = choose(rows, min_gain)
+    applied = install(chosen, stack)
+    for family, c in sorted(chosen.items()):
+        print(f"tuned {family}: {applied[family]} {c['p50']:.4g} ms against {c['baseline_p50']:.4g} ms", flush=True)
+    if not chosen:
+        print("tuned: no candidate beat its default by the margin; defaults kept", flush=True)
+    return applied
