@@ -6,8 +6,9 @@ call, and every row it writes records what it installed (``kernel_switches["tune
 exactly the configuration that is then committed as the kernels' defaults.
 
 Per sweep mode, the baseline is the mode's first candidate (each sweep lists the kernel's current default first;
-``tests/bench`` checks that for the glue kernels), at group scale 1. The all-queries dk/dv kernel competes with the
-default dk/dv kernel's baseline. A winner replaces the default only when its median is at least ``min_gain``
+``tests/bench`` checks that for the glue kernels), at group scale 1. The two dk/dv kernels (``dkdv`` and
+``dkdv_allq``) compete as one family, against the first candidate of the one the default takes at the sweep's
+shape on this device. A winner replaces the default only when its median is at least ``min_gain``
 faster, so noise cannot change a default; rows that are errors (a mismatch, a candidate that did not compile or
 fit) never win.
 """
@@ -23,10 +24,21 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import harness  # noqa: E402
 
-# A sweep mode's baseline is another mode's first candidate here.
-_BASELINE_MODE = {"dkdv_allq": "dkdv"}
 # Modes that patch the same launcher compete with each other: one winner per family.
 _FAMILY = {"dkdv_allq": "dkdv"}
+
+
+def _baseline_mode(mode: str, rows: list[dict]) -> str:
+    """The mode whose first candidate is the default that ``mode``'s rows must beat."""
+    if _FAMILY.get(mode, mode) != "dkdv":
+        return mode
+    import torch
+    import tune_attention
+
+    shape, dtype = next((r["shape"], r["dtype"]) for r in rows if r["mode"] == mode)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    allq = tune_attention.attn._all_queries(shape["N"], shape["D"], getattr(torch, dtype), device)
+    return "dkdv_allq" if allq else "dkdv"
 
 
 def _candidate(r: dict) -> tuple:
@@ -58,7 +70,7 @@ def choose(rows: list[dict], min_gain: float = 0.03) -> dict[str, dict]:
     for r in timed:
         mode = r["mode"]
         family = _FAMILY.get(mode, mode)
-        base = baselines.get(_BASELINE_MODE.get(mode, mode))
+        base = baselines.get(_baseline_mode(mode, timed))
         if base is None or r["p50"] > base * (1 - min_gain):
             continue
         if family not in chosen or r["p50"] < chosen[family]["p50"]:

@@ -86,7 +86,11 @@ def kernel_switches() -> dict:
         attention = importlib.import_module("beit_kernels.attention")
     except Exception:  # noqa: BLE001  (no triton: no switches to report)
         return {}
-    return {"dkdv_all_queries": attention.DKDV_ALL_QUERIES, "tuned": dict(TUNED)}
+    flag = attention.DKDV_ALL_QUERIES
+    if flag is None:  # auto: as it resolves here at BEiT's attention shape
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        flag = attention._all_queries(197, 64, torch.bfloat16, device)
+    return {"dkdv_all_queries": flag, "tuned": dict(TUNED)}
 
 
 def time_fn(

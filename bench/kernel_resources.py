@@ -7,7 +7,7 @@ derives from the argument values: 16-byte alignment, integers equal to 1 as cons
 architecture (sm80 to sm120) by Triton's own compiler (ptxas ships in the triton wheel), specialised by Triton's own
 ``native_specialize_impl``, as a launch on that GPU would be. The step's launches are joined by two the step does
 not make: patch embedding from uint8 HWC images with normalisation in the kernel (what DALI hands over),
-attention at head dimensions 128 and 256, the all-queries dk/dv kernel (off by default), and the DALL-E
+attention at head dimensions 128 and 256, the all-queries dk/dv kernel (the default on sm90 only), and the DALL-E
 tokenizer's fused glue (``conv_epilogue``, at every width
 of the full-size encoder, on a small view).
 
@@ -195,7 +195,7 @@ def extra_launches(dtype: torch.dtype, head_dims: list[int]) -> None:
                                        mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375))  # fmt: skip
     out.float().sum().backward()
     attention_module = importlib.import_module("beit_kernels.attention")
-    if dtype != torch.float32:  # the all-queries dk/dv kernel, off by default until timed: compiled all the same
+    if dtype != torch.float32:  # the all-queries dk/dv kernel, the default on sm90 only: compiled for every target
         with contextlib.ExitStack() as stack:
             stack.callback(setattr, attention_module, "DKDV_ALL_QUERIES", attention_module.DKDV_ALL_QUERIES)
             attention_module.DKDV_ALL_QUERIES = True

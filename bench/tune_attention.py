@@ -8,8 +8,9 @@ the candidates that table could hold, so the table is chosen from timings rather
     dq     the whole backward (dq then dk/dv kernels, bias gradient on), the dq kernel's candidates, dk/dv default
     dkdv   the same with the dk/dv kernel's candidates, the dq kernel default; ``groups`` scales the number of
            batch groups (programs and partial bias buffers) that ``_num_groups`` picks
-    dkdv_allq  the same with the all-queries dk/dv kernel switched on (``DKDV_ALL_QUERIES``, off by default until
-           timed), its (BLOCK_N, num_warps, num_stages) candidates (BLOCK_M is N's power of two), and group scales
+    dkdv_allq  the same with the all-queries dk/dv kernel switched on (``DKDV_ALL_QUERIES``, the default on sm90),
+           its (BLOCK_N, num_warps, num_stages) candidates (BLOCK_M is N's power of two), and group scales (on
+           top of its default ``ALL_QUERIES_GROUP_SCALE``); ``dkdv`` switches it off
 
 Every row is checked against the default configuration's outputs first (a candidate that changes the result is
 reported as an error row, not timed). Rows are the harness's long format; the table prints the fastest first.
@@ -65,12 +66,14 @@ def _patched(kind: str | None, cand, group_scale: int = 1):
             return _config(cand)
         return base_config(k, head_dim, dtype, shared)
 
-    def groups(B, H, n_blocks, device, batch_broadcast):
-        g = base_groups(B, H, n_blocks, device, batch_broadcast)
+    def groups(B, H, n_blocks, device, batch_broadcast, scale=1):
+        g = base_groups(B, H, n_blocks, device, batch_broadcast, scale)
         return g if not batch_broadcast else max(1, min(g * group_scale, B // 2))
 
+    # The dk/dv kinds choose their kernel; the others leave the default's choice as it is.
+    all_queries = {"dkdv_allq": True, "dkdv": False}.get(kind, attn.DKDV_ALL_QUERIES)
     return harness.patched_globals(attn, _block_config=config, _num_groups=groups,
-                                   DKDV_ALL_QUERIES=kind == "dkdv_allq")  # fmt: skip
+                                   DKDV_ALL_QUERIES=all_queries)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

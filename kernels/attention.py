@@ -32,10 +32,10 @@ Design:
         element has one writer and a fixed summation order, so results are bitwise reproducible for a given
         device, batch size and dtype (there is no ``deterministic`` switch because there is nothing to switch).
         When the bias is broadcast over the batch, G <= B // 2: no [B, H, N, N] tensor is ever allocated.
-      _attn_bwd_dkdv_allq_kernel (``DKDV_ALL_QUERIES``, N <= 256, half precision, D <= 64; off by default until
-        timed): the same with every query in one tile, so each program keeps its columns of the bias gradient in
-        registers across the group's batches and stores them once, where the other reads, adds and writes them
-        back (with a barrier) for every batch and query block.
+      _attn_bwd_dkdv_allq_kernel (``DKDV_ALL_QUERIES``, N <= 256, half precision, D <= 64; by default on sm90
+        only, where it was timed faster): the same with every query in one tile, so each program keeps its columns
+        of the bias gradient in registers across the group's batches and stores them once, where the other reads,
+        adds and writes them back (with a barrier) for every batch and query block.
     fp32 inputs use IEEE fp32 dot products (not TF32), so fp32 results match PyTorch's fp32 math.
 
 Limits: self-attention only (q, k, v share N); no dropout and no causal mask (BEiT needs neither); a bias that
@@ -345,10 +345,10 @@ def _block_config(kind: str, head_dim: int, dtype: torch.dtype, shared: int) -> 
     other entries are untimed. Known spills: the half-precision dk/dv kernel at 255 registers, about 350 bytes a
     thread on sm80 to sm89 and 30 on sm90."""
     if kind == "dkdv_allq":
-        # BLOCK_M is N's power of two, set by the launcher. Untimed (2026-11-26), from ptxas at N = 197, D = 64,
-        # bf16: with Triton 3.6, 16 keys, 8 warps and two stages fit sm90 in 229 registers without spills, where
-        # 32 keys spill 120 to 324 bytes a thread; sm80 spills 460 bytes at best. Two stages take 94 KiB of shared
-        # memory: one below 160 KiB (sm86, sm89, sm120: 68 KiB). Off by default until timed.
+        # BLOCK_M is N's power of two, set by the launcher. From ptxas at N = 197, D = 64, bf16: with Triton 3.6,
+        # 16 keys, 8 warps and two stages fit sm90 in 229 registers without spills, where 32 keys spill 120 to 324
+        # bytes a thread; sm80 spills 460 bytes at best. Two stages take 94 KiB of shared memory: one below 160 KiB
+        # (sm86, sm89, sm120: 68 KiB). Timed on an H100 (2026-11-26, see ``_all_queries``): the fastest of six.
         stages = 1 if interpreting() or shared < 160 * 1024 else 2
         return dict(BLOCK_N=16, num_warps=8, num_stages=stages)
     if interpreting():
@@ -456,30 +456,39 @@ def attention_fwd(q, k, v, bias, scale: float) -> tuple[torch.Tensor, torch.Tens
 
 
 # The all-queries dk/dv kernel (``_attn_bwd_dkdv_allq_kernel``) for sequences of at most this many tokens, in half
-# precision at D <= 64. Off until a GPU has timed it against the measured default (written 2026-11-26 without one;
-# ``bench/tune_attention.py --kinds dkdv_allq`` times both); tests switch it on to check it, and
-# BEIT_KERNELS_DKDV_ALL_QUERIES=1 in the environment switches it on for a whole run (a training-step benchmark).
-_ALL_QUERIES_ENV = os.environ.get("BEIT_KERNELS_DKDV_ALL_QUERIES", "0")
+# precision at D <= 64. On an H100 (bench/tune_attention.py, 2026-11-26, commit eec3771, Triton 3.6, B=256, H=12,
+# N=197, D=64, bf16, the bias shared over the batch) the whole backward took 1.321 ms with it at four times the
+# default kernel's batch groups (``ALL_QUERIES_GROUP_SCALE``), 1.360 at the same groups, against 1.381 with the
+# default dk/dv kernel at its best tile and groups (1.380). It is on by default on sm90 only (None: auto): it spills
+# on sm80 to sm89 and sm120 (``_block_config``) and was not timed there. BEIT_KERNELS_DKDV_ALL_QUERIES=1 switches
+# it on wherever it applies, 0 off; tests switch it on to check it in the interpreter.
+_ALL_QUERIES_ENV = os.environ.get("BEIT_KERNELS_DKDV_ALL_QUERIES", "")
 if _ALL_QUERIES_ENV not in ("", "0", "1"):
     raise ValueError(f"BEIT_KERNELS_DKDV_ALL_QUERIES must be 0 or 1, got {_ALL_QUERIES_ENV!r}")
-DKDV_ALL_QUERIES = _ALL_QUERIES_ENV == "1"
+DKDV_ALL_QUERIES: bool | None = None if _ALL_QUERIES_ENV == "" else _ALL_QUERIES_ENV == "1"
 ALL_QUERIES_MAX_N = 256
+ALL_QUERIES_GROUP_SCALE = 4
 
 
-def _all_queries(N: int, D: int, dtype: torch.dtype) -> bool:
-    return DKDV_ALL_QUERIES and N <= ALL_QUERIES_MAX_N and D <= 64 and dtype != torch.float32
+def _all_queries(N: int, D: int, dtype: torch.dtype, device: torch.device | None = None) -> bool:
+    """Whether the backward takes the all-queries dk/dv kernel at this shape on ``device``."""
+    if N > ALL_QUERIES_MAX_N or D > 64 or dtype == torch.float32:
+        return False
+    if DKDV_ALL_QUERIES is None:
+        return device is not None and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+    return DKDV_ALL_QUERIES
 
 
-def _num_groups(B: int, H: int, n_blocks: int, device: torch.device, batch_broadcast: bool) -> int:
-    """How many batch groups the dk/dv kernel uses: enough programs to fill the GPU, few enough partial bias
-    buffers to stay far below [B, H, N, N]."""
+def _num_groups(B: int, H: int, n_blocks: int, device: torch.device, batch_broadcast: bool, scale: int = 1) -> int:
+    """How many batch groups the dk/dv kernel uses: enough programs to fill the GPU (times ``scale``), few enough
+    partial bias buffers to stay far below [B, H, N, N]."""
     if not batch_broadcast or B == 1:
         return B
     if device.type == "cuda":
         target = fill_programs(device)
     else:
         target = 2 * n_blocks * H  # the interpreter: two groups, so the grouping path is exercised
-    groups = max(1, math.ceil(target / (n_blocks * H)))
+    groups = max(1, math.ceil(target / (n_blocks * H))) * scale
     return max(1, min(groups, B // 2))
 
 
@@ -516,13 +525,14 @@ def attention_bwd(do, q, k, v, bias, o, lse, scale: float, bias_grad: bool, pack
         HAS_BIAS=bias is not None, IEEE=ieee, BLOCK_D=block_d, **cfg,
     )  # fmt: skip
 
-    all_queries = _all_queries(N, D, q.dtype)
+    all_queries = _all_queries(N, D, q.dtype, q.device)
     cfg = _block_config("dkdv_allq" if all_queries else "dkdv", D, q.dtype, shared)
     if all_queries:
         cfg["BLOCK_M"] = max(16, triton.next_power_of_2(N))
     n_blocks = triton.cdiv(N, cfg["BLOCK_N"])
     batch_broadcast = bias is not None and sb[0] == 0
-    groups = _num_groups(B, H, n_blocks, q.device, batch_broadcast) if bias_grad else B
+    scale_groups = ALL_QUERIES_GROUP_SCALE if all_queries else 1
+    groups = _num_groups(B, H, n_blocks, q.device, batch_broadcast, scale_groups) if bias_grad else B
     per_group = math.ceil(B / groups)
     groups = math.ceil(B / per_group)
     if bias_grad:

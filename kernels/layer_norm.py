@@ -229,21 +229,27 @@ def _add_ln_bwd_kernel(
 # Host launchers
 
 
-# Software pipelining of the backward's row-tile loop (``tl.range(num_stages=...)``); None leaves the loop as the
-# compiler builds it by default, as measured on 2026-11-26. bench/tune_glue.py sweeps 2 and 3.
-_BWD_LOOP_STAGES = None
-# The backward's two row sums (of xhat * w dy and of w dy) as one two-operand reduction. Off, the measured form,
-# until bench/tune_glue.py has timed it (2026-11-26).
+# The backward's tiles, from bench/tune_glue.py on an H100 (2026-11-26, commit eec3771, bf16, B=256, N=197,
+# D=768): one row a program at 4 warps, 8 programs an SM, the row-tile loop software-pipelined over 2 stages
+# (``tl.range(num_stages=...)``) took 0.292 ms a call, against 0.396 ms for the earlier untimed choice (2 rows,
+# 8 warps, 4 programs an SM, no pipelining); the best without pipelining took 0.350 (1 row, 8 warps, 4 an SM).
+_BWD_LOOP_STAGES = 2
+_BWD_PROGRAMS_PER_SM = 8
+# The backward's two row sums (of xhat * w dy and of w dy) as one two-operand reduction: 1% faster in that sweep
+# with the earlier tiles (0.331 ms against 0.335 with 2 stages, 0.392 against 0.396 without), within the 3% that
+# changes a default, and not timed with the winning tile; so off (bench/tune_glue.py now sweeps it there).
 _BWD_JOINT_SUMS = False
 
 
 def _tile(D: int, backward: bool) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_D, num_warps): whole rows, several per program for narrow D. The forward moves 16 elements
-    a thread, the backward (more live tiles) 8. Chosen without a GPU (2026-11-26): ptxas (sm80, sm90a) fits them
-    in 74 to 128 registers without spills for D = 768 and 4096; D = 8192 would spill. Retune on a GPU."""
+    a thread, the backward (more live tiles) 8, over at most 1024 elements a program (one row at D = 768: the
+    fastest backward tile on an H100, see ``_BWD_LOOP_STAGES``). The forward's tile was within 1% of every
+    alternative swept there. ptxas (sm80, sm90a) fits them without spills for D = 768 and 4096; D = 8192 would
+    spill."""
     block_d = triton.next_power_of_2(D)
     per_thread = 8 if backward else 16
-    block_m = max(1, min(16, (2048 if backward else 4096) // block_d))
+    block_m = max(1, min(16, (1024 if backward else 4096) // block_d))
     return block_m, block_d, min(32, max(4, block_m * block_d // (32 * per_thread)))
 
 
@@ -339,7 +345,7 @@ def add_layer_norm_bwd(
     grad_branch = h.new_empty(h.shape if need_branch else (0,), dtype=branch_dtype)
     block_m, block_d, warps = _tile(max(D, 1), backward=True)
     n_tiles = triton.cdiv(R, block_m)
-    programs = persistent_programs(n_tiles, h.device)
+    programs = persistent_programs(n_tiles, h.device, _BWD_PROGRAMS_PER_SM)
     f32 = dict(device=h.device, dtype=torch.float32)
     dg = torch.zeros(programs if gamma_grad else 0, D, **f32)
     dw = torch.zeros(programs if has_dy else 0, D, **f32)

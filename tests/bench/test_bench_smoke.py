@@ -1,6 +1,5 @@
 """Tiny CPU runs of the benchmark scripts, so the harness and the scripts cannot rot between GPU runs."""
 
-import inspect
 import json
 import os
 import sys
@@ -309,13 +308,12 @@ def test_tune_glue_lists_each_kernels_default_first():
     bg = importlib.import_module("beit_kernels.bias_gelu")
     ce = importlib.import_module("beit_kernels.conv_epilogue")
     lce = importlib.import_module("beit_kernels.linear_cross_entropy")
-    be = importlib.import_module("beit_kernels.backend")
     first = {k: v[0] for k, v in tune_glue.CANDIDATES.items()}
     assert first["ln_fwd"] == (ln._tile(768, False)[0], ln._tile(768, False)[2])
-    per_sm = inspect.signature(be.persistent_programs).parameters["per_sm"].default
-    assert first["ln_bwd"] == (ln._tile(768, True)[0], ln._tile(768, True)[2], per_sm)
-    assert ln._BWD_LOOP_STAGES is None and not ln._BWD_JOINT_SUMS and bg._BWD_LOOP_STAGES is None
-    assert first["gelu_fwd"] == bg._FWD_TILE and first["gelu_bwd"] == bg._BWD_TILE
+    tile = ln._tile(768, True)
+    ln_bwd = (tile[0], tile[2], ln._BWD_PROGRAMS_PER_SM, ln._BWD_LOOP_STAGES) + (1,) * ln._BWD_JOINT_SUMS
+    assert first["ln_bwd"] == ln_bwd
+    assert first["gelu_fwd"] == bg._FWD_TILE and first["gelu_bwd"] == bg._BWD_TILE + (bg._BWD_LOOP_STAGES,)
     for mode, pool in (("epi", False), ("epi_pool", True)):
         block_p, block_c, warps = ce._tile(256, pool)
         assert first[mode] == (block_c, block_p * block_c, warps)
@@ -329,11 +327,11 @@ def _sweep_row(mode, cand, p50, group_scale=None, metric="time"):
     else:  # the attention sweep's rows
         keys = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
         r.update(config={k: v for k, v in zip(keys, cand, strict=True) if not (k == "BLOCK_M" and v == 0)},
-                 group_scale=group_scale)  # fmt: skip
+                 group_scale=group_scale, shape=dict(B=3, H=2, N=197, D=64), dtype="bfloat16")  # fmt: skip
     return r
 
 
-def test_apply_tuning_chooses_winners_beyond_the_margin_only():
+def test_apply_tuning_chooses_winners_beyond_the_margin_only(monkeypatch):
     import apply_tuning
     import tune_attention
     import tune_glue
@@ -350,10 +348,15 @@ def test_apply_tuning_chooses_winners_beyond_the_margin_only():
         _sweep_row("dkdv_allq", q0, 1.5, 1),  # competes with dkdv's default: the family's winner
         _sweep_row("epi", (1, 2, 3), 0.5),  # a mode without its baseline row: nothing to beat, nothing chosen
     ]  # fmt: skip
+    # The interpreter's default is the dk/dv kernel: its first candidate is the family's baseline.
+    assert not tune_attention.attn._all_queries(197, 64, torch.bfloat16, torch.device("cpu"))
     chosen = apply_tuning.choose(rows, min_gain=0.03)
     assert set(chosen) == {"ln_bwd", "dkdv"}
     assert chosen["ln_bwd"]["candidate"] == list(ln1) and chosen["ln_bwd"]["baseline_p50"] == 1.0
     assert chosen["dkdv"]["mode"] == "dkdv_allq" and chosen["dkdv"]["baseline_p50"] == 2.0
+    # Where the all-queries kernel is the default (sm90), its first candidate is the baseline: nothing beats 1.5.
+    monkeypatch.setattr(tune_attention.attn, "DKDV_ALL_QUERIES", True)
+    assert set(apply_tuning.choose(rows, min_gain=0.03)) == {"ln_bwd"}
 
 
 def test_apply_tuning_installs_for_the_run_and_rows_record_it(tmp_path):
@@ -370,13 +373,15 @@ def test_apply_tuning_installs_for_the_run_and_rows_record_it(tmp_path):
     attn = tune_attention.attn
     with contextlib.ExitStack() as stack:
         applied = apply_tuning.install(
-            {"ln_bwd": dict(mode="ln_bwd", candidate=[1, 4, 8, 2, 1], group_scale=1),
+            {"ln_bwd": dict(mode="ln_bwd", candidate=[2, 8, 4, 3, 1], group_scale=1),
              "dkdv": dict(mode="dkdv_allq", candidate=[0, 16, 8, 1], group_scale=2)}, stack)  # fmt: skip
-        assert applied == {"ln_bwd": "ln_bwd:1x4x8x2x1", "dkdv": "dkdv_allq:0x16x8x1:g2"}
-        assert ln._BWD_LOOP_STAGES == 2 and ln._BWD_JOINT_SUMS and ln._tile(768, True)[0] == 1
+        assert applied == {"ln_bwd": "ln_bwd:2x8x4x3x1", "dkdv": "dkdv_allq:0x16x8x1:g2"}
+        assert ln._BWD_LOOP_STAGES == 3 and ln._BWD_JOINT_SUMS and ln._tile(768, True)[0] == 2
+        assert ln._BWD_PROGRAMS_PER_SM == 4
         assert attn.DKDV_ALL_QUERIES and harness.kernel_switches()["tuned"] == applied
         harness.TUNED.clear()
-    assert ln._BWD_LOOP_STAGES is None and not ln._BWD_JOINT_SUMS and not attn.DKDV_ALL_QUERIES
+    assert (ln._BWD_LOOP_STAGES, ln._BWD_JOINT_SUMS, ln._BWD_PROGRAMS_PER_SM) == (2, False, 8)
+    assert attn.DKDV_ALL_QUERIES is None
 
     sweep = tmp_path / "sweep.json"
     l0, l1 = tune_glue.CANDIDATES["ln_fwd"][:2]

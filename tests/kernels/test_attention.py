@@ -130,8 +130,8 @@ def test_bias_without_gradient(bias_kind):
 )
 @pytest.mark.parametrize("bias_kind", ["none", "HNN", "BHNN"])
 def test_all_queries_dkdv_kernel(monkeypatch, shape, bias_kind):
-    """The all-queries dk/dv kernel (off by default until timed on a GPU), switched on: the same gradients within
-    the error bound, the bias gradient summed over batch groups in registers."""
+    """The all-queries dk/dv kernel (the default on sm90 only, so not in the interpreter), switched on: the same
+    gradients within the error bound, the bias gradient summed over batch groups in registers."""
     attn_mod = importlib.import_module("beit_kernels.attention")
     monkeypatch.setattr(attn_mod, "DKDV_ALL_QUERIES", True)
     B, H, N, D = shape
@@ -221,13 +221,14 @@ def test_qkvpacked_bad_inputs():
 
 
 def test_all_queries_switch_from_the_environment():
-    """BEIT_KERNELS_DKDV_ALL_QUERIES: 1 switches the kernel on for a run, anything but 0 or 1 is refused."""
+    """BEIT_KERNELS_DKDV_ALL_QUERIES: 1 switches the kernel on for a run, 0 off, unset leaves it to the device
+    (sm90 only), anything else is refused."""
     import subprocess
     import sys
 
     code = "import importlib; print(importlib.import_module('beit_kernels.attention').DKDV_ALL_QUERIES)"
     env = dict(os.environ, TRITON_INTERPRET="1")
-    for value, out in (("1", "True"), ("0", "False")):
+    for value, out in (("1", "True"), ("0", "False"), ("", "None")):
         run = subprocess.run([sys.executable, "-c", code], env=dict(env, BEIT_KERNELS_DKDV_ALL_QUERIES=value),
                              capture_output=True, text=True)  # fmt: skip
         assert run.returncode == 0 and run.stdout.strip() == out, run.stderr[-500:]
@@ -354,14 +355,31 @@ def test_gpu_real_shapes(dtype, heads, bias_kind):
     check(*make_inputs(B, heads, N, D, dtype, bias_shapes(B, heads, N)[bias_kind]))
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("bias_kind", ["HNN", "BHNN"])
-def test_gpu_all_queries_dkdv_kernel_real_shape(monkeypatch, bias_kind):
-    """The all-queries dk/dv kernel (off by default), compiled for this GPU, at BEiT-B's shape in bf16."""
+def test_all_queries_default_is_sm90_only_and_scales_its_groups(monkeypatch):
     attn_mod = importlib.import_module("beit_kernels.attention")
-    monkeypatch.setattr(attn_mod, "DKDV_ALL_QUERIES", True)
+    monkeypatch.setattr(attn_mod, "DKDV_ALL_QUERIES", None)
+    assert not attn_mod._all_queries(197, 64, torch.bfloat16, torch.device("cpu"))
+    monkeypatch.setattr(attn_mod.torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert attn_mod._all_queries(197, 64, torch.bfloat16, torch.device("cuda"))
+    assert not attn_mod._all_queries(197, 64, torch.float32, torch.device("cuda"))
+    assert not attn_mod._all_queries(257, 64, torch.bfloat16, torch.device("cuda"))
+    monkeypatch.setattr(attn_mod.torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert not attn_mod._all_queries(197, 64, torch.bfloat16, torch.device("cuda"))
+    # Groups scale on top of the fill, within B // 2.
+    assert _num_groups(256, 12, 13, torch.device("cpu"), True, scale=4) == 8
+    assert _num_groups(6, 12, 13, torch.device("cpu"), True, scale=4) == 3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("all_queries", [True, False])
+@pytest.mark.parametrize("bias_kind", ["HNN", "BHNN"])
+def test_gpu_dkdv_kernels_real_shape(monkeypatch, bias_kind, all_queries):
+    """Both dk/dv kernels (the all-queries one is the default on sm90, the other elsewhere), compiled for this
+    GPU, at BEiT-B's shape in bf16."""
+    attn_mod = importlib.import_module("beit_kernels.attention")
+    monkeypatch.setattr(attn_mod, "DKDV_ALL_QUERIES", all_queries)
     B, H, N, D = 8, 12, 197, 64
-    assert attn_mod._all_queries(N, D, torch.bfloat16)  # the kernel under test, not the default one
+    assert attn_mod._all_queries(N, D, torch.bfloat16, torch.device(DEVICE)) == all_queries
     check(*make_inputs(B, H, N, D, torch.bfloat16, bias_shapes(B, H, N)[bias_kind]))
 
 
