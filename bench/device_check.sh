@@ -2,7 +2,8 @@
 # One prepared device call: offline install, the `gpu` tests (bf16 included), the kernel benchmarks at real shapes,
 # the end-to-end training-step benchmark, JSON under $OUT, a short table printed last. Budgeted for one call of at
 # most 7 minutes on one H100 (the default stage limits below add up to 400 s, plus the install; the whole default
-# run, install included, took about 260 s on an H100 on 2026-11-26).
+# run, install included, took about 300 s on an H100 at 9d1b66f, 2026-11-26, and 435 s with max_batch and a short
+# glue sweep after it; the sweeps and the step with their winners, at eec3771, 266 s).
 #
 #   device run:  bash bench/device_check.sh     (carry .whl holding the xformers wheel to include xformers)
 #

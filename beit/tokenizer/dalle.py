@@ -221,8 +221,9 @@ class DalleEncoder(VisualTokenizer):
         elementwise, no tensor-core dot) when channels_last is on. ``pad_input_channels`` (fused path, half
         precision; 0, the default, or 1: none) zero-pads the image's 3 channels to a multiple of it for the 7x7
         input convolution, as NVIDIA's convolution guide advises for tensor cores (cuDNN pads internally
-        otherwise); the zeros add exact zeros, but the convolution may round differently. Untimed (2026-11-26):
-        bench_tokenizer.py times it. Every argument is checked before any setting changes."""
+        otherwise); the zeros add exact zeros, but the convolution may round differently. Slower on an H100
+        (bench_tokenizer.py, 2026-11-26, commit 9d1b66f, bf16, 256 images: 44.4 ms against 42.7), so off by
+        default. Every argument is checked before any setting changes."""
         if precision == "auto":
             p = self.blocks.input.w
             bf16_ok = p.device.type == "cuda" and torch.cuda.is_bf16_supported()

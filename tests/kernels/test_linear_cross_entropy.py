@@ -127,10 +127,10 @@ def test_grad_scaler_scale_does_not_overflow_fp16():
         torch.testing.assert_close(gg.float(), rg.float(), rtol=2e-2, atol=2e-3 * rg.float().abs().max().item())
 
 
-def test_default_chunk_size_holds_at_most_2_28_logits():
-    assert default_chunk_size(19200, 8192, 768) == 32768  # BEiT-B, B=256: one chunk
-    assert default_chunk_size(76800, 8192, 768) == 32768  # B=1024: three chunks of at most 2**28 logits
-    assert default_chunk_size(19200, 128256, 4096) == 2048  # a large vocabulary: 2048 * 128256 < 2**28
+def test_default_chunk_size_holds_at_most_2_26_logits():
+    assert default_chunk_size(19200, 8192, 768) == 8192  # BEiT-B, B=256: three chunks
+    assert default_chunk_size(4000, 8192, 768) == 4096  # fewer rows than fit: one chunk
+    assert default_chunk_size(19200, 128256, 4096) == 512  # a large vocabulary: 512 * 128256 < 2**26
     assert default_chunk_size(1, 10, 100) == 1
     assert default_chunk_size(5, 1 << 30, 8) == 1
 
