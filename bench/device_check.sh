@@ -65,7 +65,8 @@ tuned_arg=()
 [ ${#tuned[@]} -eq 0 ] || tuned_arg=(--tuned "$(IFS=,; echo "${tuned[*]}")")
 # The step in two stages, so torch.compile's long first compiles cannot starve the eager and graph rows; the
 # compiled stage, two cold BEiT-B compiles, is the slowest here (99 s and 87 s on an H100, 2026-11-26), so it gets
-# the most time and runs the user's alternative (compile) first; TRAIN_COMPILE_IMPLS=compile keeps that one only.
+# the most time and runs the user's alternative (compile) first; TRAIN_COMPILE_IMPLS=compile keeps that one only,
+# TRAIN_COMPILE_IMPLS=compile,compile+tok adds compile with its tokenizer compiled too (a third cold compile).
 # Not in the default stages: STAGES=max_batch, the largest-batch search (62 s there); STAGES=tune_attention and
 # STAGES=tune_glue, the tile sweeps (bench/tune_attention.py, bench/tune_glue.py), which run before the step;
 # STAGES=profile, the top GPU kernels of the triton and compile steps, with and without the tokenizer (where their

@@ -18,6 +18,9 @@ Implementations:
                     custom ops: no graph break); against "triton" it tells which way of fusing the glue is faster
     triton+graph    the triton path with the whole step captured in one CUDA graph and replayed (beit.graphs, the
                     trainer's --cuda-graph); sdpa+graph on request (--impls)
+    compile+tok     compile with the tokenizer under torch.compile too (on request): inductor fuses its glue, the
+                    peer of our fused tokenizer glue (added 2026-11-26 after an H100 run whose compile row ran
+                    the tokenizer's glue in PyTorch ops; not yet timed)
 Every implementation other than ref runs the tokenizer in bf16 with channels_last, as beit-pretrain does; the
 triton ones with its glue fused by ``beit_kernels.conv_epilogue`` (beit-pretrain's default on CUDA since
 2026-11-26), sdpa and compile with the glue in PyTorch ops (``bench_tokenizer.py`` times both).
@@ -64,12 +67,12 @@ from beit.optim import fused_adamw  # noqa: E402
 from beit.train import Metrics, MIMStep, optimizer_step, record_step  # noqa: E402
 
 IMPLS = ("ref", "sdpa", "compile", "triton", "triton+compile", "triton+graph")  # the default list
-EXTRA_IMPLS = ("sdpa+graph",)
+EXTRA_IMPLS = ("sdpa+graph", "compile+tok")
 GRAPH_SUFFIX = "+graph"
 
 
 def make_tokenizer(kind: str, size: int, device, precision: str, quick: bool, channels_last: bool = True,
-                   fused: bool = False):  # fmt: skip
+                   fused: bool = False, compile: bool = False):  # fmt: skip
     if kind == "none":
         return None
     from beit.tokenizer.dalle import DalleEncoder
@@ -78,7 +81,7 @@ def make_tokenizer(kind: str, size: int, device, precision: str, quick: bool, ch
     # No input range check, as beit-pretrain loads its tokenizer: the check costs a host sync per step, and a
     # CUDA graph cannot capture it.
     cl = channels_last and device.type == "cuda"
-    enc.configure(precision=precision, channels_last=cl, fused=fused and cl, check_range=False)
+    enc.configure(precision=precision, channels_last=cl, fused=fused and cl, check_range=False, compile=compile)
     return enc
 
 
@@ -97,6 +100,8 @@ def run_impl(impl: str, args, device, env, rows: list[dict] | None = None) -> li
     quick = args.quick
     graph = impl.endswith(GRAPH_SUFFIX)
     base = impl[: -len(GRAPH_SUFFIX)] if graph else impl
+    compile_tokenizer = base == "compile+tok"
+    base = "compile" if compile_tokenizer else base
     model_impl = {"compile": "sdpa", "triton+compile": "triton"}.get(base, base)
     # The blocks' glue: our fused kernels in eager mode, inductor's fusions under torch.compile (the two ways the
     # issue allows; this benchmark is what picks one).
@@ -121,7 +126,8 @@ def run_impl(impl: str, args, device, env, rows: list[dict] | None = None) -> li
     tokenizer = make_tokenizer(args.tokenizer, args.image_size // 2, device,
                                "fp16" if impl == "ref" and device.type == "cuda" else
                                ("bf16" if device.type == "cuda" else "fp32"), quick,
-                               channels_last=impl != "ref", fused=base.startswith("triton"))  # fmt: skip
+                               channels_last=impl != "ref", fused=base.startswith("triton"),
+                               compile=compile_tokenizer)  # fmt: skip
     vocab = model.config.vocab_size
     fixed_tokens = torch.randint(0, vocab, (args.batch, grid * grid), device=device)
     metrics = Metrics(device)

@@ -394,3 +394,26 @@ def test_apply_tuning_installs_for_the_run_and_rows_record_it(tmp_path):
                          for r in timed)  # fmt: skip
     with pytest.raises(FileNotFoundError, match="did the sweep run"):
         train_throughput.main(["--quick", "--impls", "triton", "--tuned", str(tmp_path / "missing.json")])
+
+
+def test_train_throughput_compile_tok_compiles_the_model_and_the_tokenizer(monkeypatch):
+    """compile+tok: the compile peer with its tokenizer under torch.compile too (torch.compile replaced by a
+    recorder here: a real compile takes minutes on the CPU)."""
+    import train_throughput
+
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(getattr(fn, "__name__", type(fn).__name__))
+                        or fn)  # fmt: skip
+    rows = train_throughput.main(["--quick", "--impls", "compile+tok"])
+    assert not [r for r in rows if r["metric"] == "error"], rows
+    assert {r["provider"] for r in rows} == {"compile+tok"}
+    assert {r["mode"] for r in rows if r["metric"] == "throughput"} == {"with tokenizer", "model only"}
+    assert compiled == ["MIMStep", "_logits_any"]
+
+
+def test_summary_targets_count_compile_tok_among_the_peers():
+    def r(provider, p50, metric="throughput"):
+        return dict(kernel="train_step", provider=provider, mode="with tokenizer", metric=metric, p50=p50)
+
+    text = summarize.targets([r("ref", 1000.0), r("compile", 1500.0), r("compile+tok", 1700.0), r("triton", 2000.0)])
+    assert "images/s vs compile+tok (best of compile, compile+tok) | 1.18 | >= 1.15 | met" in text
