@@ -67,6 +67,7 @@ tuned_arg=()
 # compiled stage, two cold BEiT-B compiles, is the slowest here (99 s and 87 s on an H100, 2026-11-26), so it gets
 # the most time and runs the user's alternative (compile) first; TRAIN_COMPILE_IMPLS=compile keeps that one only,
 # TRAIN_COMPILE_IMPLS=compile,compile+tok adds compile with its tokenizer compiled too (a third cold compile).
+# The tokenizer one batch ahead on a second stream: `python bench/train_throughput.py --impls triton,triton+overlap`.
 # Not in the default stages: STAGES=max_batch, the largest-batch search (62 s there); STAGES=tune_attention and
 # STAGES=tune_glue, the tile sweeps (bench/tune_attention.py, bench/tune_glue.py), which run before the step;
 # STAGES=profile, the top GPU kernels of the triton and compile steps, with and without the tokenizer (where their

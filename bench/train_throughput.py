@@ -18,6 +18,12 @@ Implementations:
                     custom ops: no graph break); against "triton" it tells which way of fusing the glue is faster
     triton+graph    the triton path with the whole step captured in one CUDA graph and replayed (beit.graphs, the
                     trainer's --cuda-graph); sdpa+graph on request (--impls)
+    triton+overlap  triton with the tokenizer one batch ahead on a second CUDA stream (on request): the tokens of
+                    batch i+1 are computed while batch i's forward, backward and optimizer run, so the tokenizer's
+                    convolutions (compute-bound) can share the GPU with the model's memory-bound kernels. A
+                    trainer would need the next batch a step early (a loader's prefetch). Its peak memory holds
+                    the tokenizer's working memory and the model's at once. Whole step only; with the tokenizer
+                    only; no largest-batch search. Added 2026-11-26 without a GPU: not yet timed
     compile+tok     compile with the tokenizer under torch.compile too (on request): inductor fuses its glue, the
                     peer of our fused tokenizer glue (added 2026-11-26 after an H100 run whose compile row ran
                     the tokenizer's glue in PyTorch ops; not yet timed)
@@ -67,7 +73,8 @@ from beit.optim import fused_adamw  # noqa: E402
 from beit.train import Metrics, MIMStep, optimizer_step, record_step  # noqa: E402
 
 IMPLS = ("ref", "sdpa", "compile", "triton", "triton+compile", "triton+graph")  # the default list
-EXTRA_IMPLS = ("sdpa+graph", "compile+tok")
+EXTRA_IMPLS = ("sdpa+graph", "compile+tok", "triton+overlap")
+OVERLAP = "triton+overlap"
 GRAPH_SUFFIX = "+graph"
 
 
@@ -100,8 +107,8 @@ def run_impl(impl: str, args, device, env, rows: list[dict] | None = None) -> li
     quick = args.quick
     graph = impl.endswith(GRAPH_SUFFIX)
     base = impl[: -len(GRAPH_SUFFIX)] if graph else impl
-    compile_tokenizer = base == "compile+tok"
-    base = "compile" if compile_tokenizer else base
+    compile_tokenizer, overlap = base == "compile+tok", base == OVERLAP
+    base = {"compile+tok": "compile", OVERLAP: "triton"}.get(base, base)
     model_impl = {"compile": "sdpa", "triton+compile": "triton"}.get(base, base)
     # The blocks' glue: our fused kernels in eager mode, inductor's fusions under torch.compile (the two ways the
     # issue allows; this benchmark is what picks one).
@@ -167,6 +174,34 @@ def run_impl(impl: str, args, device, env, rows: list[dict] | None = None) -> li
         t4 = timer()
         return t0, t1, t2, t3, t4
 
+    side = torch.cuda.Stream(device) if overlap and device.type == "cuda" else None
+    ahead = {}  # the next batch's tokens, computed on the side stream
+
+    def tokenize_ahead():
+        main = torch.cuda.current_stream(device) if side is not None else None
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext(), torch.no_grad():
+            if side is not None:
+                side.wait_stream(main)  # the next batch's inputs, as a loader would hand them over on main
+            ahead["tokens"] = tokenizer.get_codebook_indices(tok_images, positions=mask_index).flatten(1) % vocab
+
+    def overlapped_step():
+        """One step on batch i with the tokenizer of batch i+1 running beside it; the events around the main
+        stream's work (which first waits for batch i's tokens) give the whole step."""
+        if "tokens" not in ahead:
+            tokenize_ahead()  # the pipeline's prologue
+        t0 = timer()
+        if side is not None:
+            torch.cuda.current_stream(device).wait_stream(side)
+            ahead["tokens"].record_stream(torch.cuda.current_stream(device))  # made on side, read on main
+        tokens = ahead.pop("tokens")
+        tokenize_ahead()
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss, correct, valid = step_mod(images, bool_masked_pos, mask_index, tokens)
+        scaler.scale(loss).backward()
+        grad_norm = optimizer_step(opt, scaler, 3.0, precision)
+        record_step(metrics, (loss.detach(), correct, valid), grad_norm, 1)
+        return t0, timer()
+
     def graph_steps(with_tokenizer: bool):
         """The captured step: warm-up and capture here, then a callable that replays it."""
         from beit.graphs import CudaGraphStep
@@ -189,7 +224,12 @@ def run_impl(impl: str, args, device, env, rows: list[dict] | None = None) -> li
 
     rows = [] if rows is None else rows
     shape = dict(model=args.model, B=args.batch, image=args.image_size, masked=num_mask)
-    for with_tok in [True, False] if tokenizer is not None else [False]:
+    modes = [True, False] if tokenizer is not None else [False]
+    if overlap:
+        if tokenizer is None:
+            raise ValueError(f"{OVERLAP} overlaps the tokenizer: it needs --tokenizer dalle")
+        modes = [True]  # model only, it is triton
+    for with_tok in modes:
         mode = "with tokenizer" if with_tok else "model only"
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -198,6 +238,15 @@ def run_impl(impl: str, args, device, env, rows: list[dict] | None = None) -> li
             gstep, run_step = graph_steps(with_tok)
             note = ("one CUDA graph replay per step: no per-phase split" if gstep.captured else
                     "not captured (no CUDA device): the captured code run eagerly")  # fmt: skip
+        elif overlap:
+            gstep, run_step = None, overlapped_step
+            note = ("the next batch's tokenizer on a side stream: no per-phase split" if side is not None else
+                    "no CUDA device: the tokenizer one batch ahead, on the one stream")  # fmt: skip
+            for _ in range(args.warmup):
+                overlapped_step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
         else:
             gstep, run_step, note = None, lambda w=with_tok: one_step(w), None
             for _ in range(args.warmup):
@@ -219,7 +268,7 @@ def run_impl(impl: str, args, device, env, rows: list[dict] | None = None) -> li
         extra = dict(note=note) if note else {}
         rows.append(harness.row("train_step", impl, mode, "time", "ms", wall, **common, **extra))
         rows.append(harness.row("train_step", impl, mode, "throughput", "images/s", ips, **common, **extra))
-        if not graph:
+        if not (graph or overlap):
             per = {
                 name: sum(elapsed(p[i], p[i + 1]) for p in phases) / len(phases)
                 for i, name in enumerate(("tokenizer", "forward", "backward", "optimizer"))
@@ -236,7 +285,7 @@ def run_impl(impl: str, args, device, env, rows: list[dict] | None = None) -> li
             # What the caching allocator held at most, a graph's private pool included: what the process needs.
             reserved = torch.cuda.max_memory_reserved() / 2**20
             rows.append(harness.row("train_step", impl, mode, "peak_reserved", "MiB", reserved, **common))
-        if args.profile and not graph:
+        if args.profile and not (graph or overlap):
             rows += profile_kernels(lambda w=with_tok: one_step(w), args.profile, device, impl, mode, common)
         del gstep, run_step  # a graph keeps its memory pool until it is freed: before the next capture
         peak = peak_flops(device)
@@ -387,7 +436,7 @@ def _run_all(args, impls: list[str], device) -> list[dict]:
     for impl in impls:
         try:
             run_impl(impl, args, device, env, rows)
-            if args.max_batch and device.type == "cuda" and not impl.endswith(GRAPH_SUFFIX):
+            if args.max_batch and device.type == "cuda" and not impl.endswith(GRAPH_SUFFIX) and impl != OVERLAP:
                 _release(device)  # nothing of the timed run may count against the searched batches
                 best, capped = largest_batch(impl, args, device)
                 note = dict(note="the search's limit, not memory, stopped it") if capped else {}

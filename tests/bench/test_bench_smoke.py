@@ -417,3 +417,43 @@ def test_summary_targets_count_compile_tok_among_the_peers():
 
     text = summarize.targets([r("ref", 1000.0), r("compile", 1500.0), r("compile+tok", 1700.0), r("triton", 2000.0)])
     assert "images/s vs compile+tok (best of compile, compile+tok) | 1.18 | >= 1.15 | met" in text
+
+
+def test_train_throughput_overlap_runs_the_tokenizer_one_batch_ahead(monkeypatch):
+    """triton+overlap on the CPU (one stream): each step consumes the tokens made during the step before, and
+    makes the next batch's; the rows are the whole step's, with the tokenizer only."""
+    import train_throughput
+
+    from beit.tokenizer.dalle import DalleEncoder
+
+    calls = []
+    real = DalleEncoder.get_codebook_indices
+
+    def spy(self, images, positions=None):
+        calls.append(positions is not None)
+        return real(self, images, positions=positions)
+
+    monkeypatch.setattr(DalleEncoder, "get_codebook_indices", spy)
+    rows = train_throughput.main(["--quick", "--impls", "triton+overlap", "--steps", "2", "--warmup", "1"])
+    assert not [r for r in rows if r["metric"] == "error"], rows
+    assert {r["mode"] for r in rows} == {"with tokenizer"}
+    assert {"time", "throughput", "step_time"} <= {r["metric"] for r in rows}
+    assert not {"tokenizer_time", "forward_time"} & {r["metric"] for r in rows}
+    # The prologue, then one a step (1 warm-up + 2 timed), each on the masked positions only.
+    assert calls == [True] * 4
+    with pytest.raises(SystemExit):
+        train_throughput.main(["--quick", "--impls", "triton+overlap,nope"])
+    rows = train_throughput.main(["--quick", "--impls", "triton+overlap", "--tokenizer", "none"])
+    assert [r["note"] for r in rows if r["metric"] == "error"] == [
+        "ValueError: triton+overlap overlaps the tokenizer: it needs --tokenizer dalle"]
+
+
+@pytest.mark.gpu
+def test_gpu_train_throughput_overlap_on_two_streams():
+    """triton+overlap on a GPU: the side stream's tokens reach the main stream's step (tiny model)."""
+    import train_throughput
+
+    rows = train_throughput.main(["--quick", "--impls", "triton+overlap,triton", "--steps", "3", "--warmup", "1"])
+    assert not [r for r in rows if r["metric"] == "error"], rows
+    notes = {r.get("note") for r in rows if r["provider"] == "triton+overlap" and r["metric"] == "time"}
+    assert notes == {"the next batch's tokenizer on a side stream: no per-phase split"}
