@@ -67,12 +67,14 @@ tuned_arg=()
 # compiled stage, two cold BEiT-B compiles, is the slowest here (99 s and 87 s on an H100, 2026-11-26), so it gets
 # the most time and runs the user's alternative (compile) first; TRAIN_COMPILE_IMPLS=compile keeps that one only,
 # TRAIN_COMPILE_IMPLS=compile,compile+tok adds compile with its tokenizer compiled too (a third cold compile).
-# The tokenizer one batch ahead on a second stream: `python bench/train_throughput.py --impls triton,triton+overlap`.
+# TRAIN_EAGER_IMPLS likewise for the eager stage: ...,triton+overlap adds the tokenizer one batch ahead on a second
+# stream.
 # Not in the default stages: STAGES=max_batch, the largest-batch search (62 s there); STAGES=tune_attention and
 # STAGES=tune_glue, the tile sweeps (bench/tune_attention.py, bench/tune_glue.py), which run before the step;
 # STAGES=profile, the top GPU kernels of the triton and compile steps, with and without the tokenizer (where their
 # backwards differ, and where the tokenizer's time goes).
-stage train_eager 80 python bench/train_throughput.py --impls ref,sdpa,triton,triton+graph --steps 6 --warmup 2 \
+stage train_eager 80 python bench/train_throughput.py --impls "${TRAIN_EAGER_IMPLS:-ref,sdpa,triton,triton+graph}" \
+    --steps 6 --warmup 2 \
     "${tuned_arg[@]}" --out "$OUT/train_eager.json"
 stage train_compile 120 python bench/train_throughput.py --impls "${TRAIN_COMPILE_IMPLS:-compile,triton+compile}" \
     --steps 6 --warmup 2 "${tuned_arg[@]}" --out "$OUT/train_compile.json"
