@@ -62,9 +62,20 @@ def choose(rows: list[dict], min_gain: float = 0.03) -> dict[str, dict]:
     def key(r):
         return _candidate(r), r.get("group_scale", 1)
 
+    def run_of(r):  # rows of one sweep at one shape and dtype: a baseline is only compared within its run
+        return json.dumps(r.get("shape"), sort_keys=True), r.get("dtype")
+
+    runs: dict[str, set] = {}
+    for r in timed:
+        runs.setdefault(r["mode"], set()).add(run_of(r))
+    mixed = sorted(m for m, s in runs.items() if len(s) > 1)
+    if mixed:
+        raise ValueError(f"tuning rows of {mixed} at several shapes or dtypes: pass one sweep's rows per kernel")
     baselines = {}
     for r in timed:
         if firsts.get(r["mode"]) == key(r):
+            if r["mode"] in baselines:
+                raise ValueError(f"two baseline rows for {r['mode']!r}: pass one sweep's rows per kernel")
             baselines[r["mode"]] = r["p50"]
     chosen: dict[str, dict] = {}
     for r in timed:
@@ -86,6 +97,8 @@ def install(chosen: dict[str, dict], stack: contextlib.ExitStack) -> dict[str, s
     import tune_glue
 
     applied = {}
+    saved = dict(harness.TUNED)
+    stack.callback(lambda: (harness.TUNED.clear(), harness.TUNED.update(saved)))  # undone with the patches
     for family, c in sorted(chosen.items()):
         mode, cand, gs = c["mode"], tuple(c["candidate"]), c["group_scale"]
         if mode in tune_attention.CANDIDATES:

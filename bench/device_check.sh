@@ -59,7 +59,16 @@ stage tune_glue 150 python bench/tune_glue.py --rep-ms 50 --out "$OUT/tune_glue.
 # configuration that is then committed. Only when a sweep ran in this call; the default stages run none.
 tuned=()
 for t in tune_attention tune_glue; do
-    case " $STAGES " in *" $t "*) [ -f "$OUT/$t.json" ] && tuned+=("$OUT/$t.json") ;; esac
+    case " $STAGES " in
+    *" $t "*)
+        if [ -f "$OUT/$t.json" ]; then
+            tuned+=("$OUT/$t.json")
+        else  # the step then times that kernel's defaults: say so, here and in the exit status
+            echo "warning: $t ran but wrote no rows: its kernels keep their defaults in the step"
+            status=1
+        fi
+        ;;
+    esac
 done
 tuned_arg=()
 [ ${#tuned[@]} -eq 0 ] || tuned_arg=(--tuned "$(IFS=,; echo "${tuned[*]}")")

@@ -169,9 +169,13 @@ def row(
 
 
 def write_rows(rows: list[dict], path: str | os.PathLike) -> None:
+    """Write ``rows`` as JSON through a temporary file and a rename: a stage stopped by its time limit in the
+    middle of a write leaves the previous complete file, never a truncated one that a later stage cannot read."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(rows, indent=1) + "\n")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(rows, indent=1) + "\n")
+    os.replace(tmp, path)
 
 
 def format_table(rows: list[dict], columns: Iterable[str] = ("kernel", "provider", "mode", "metric", "p50", "unit")):

@@ -421,7 +421,6 @@ def main(argv=None) -> list[dict]:
         if args.tuned:
             import apply_tuning
 
-            stack.callback(harness.TUNED.clear)
             apply_tuning.apply(args.tuned.split(","), stack)
         return _run_all(args, impls, device)
 

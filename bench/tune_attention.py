@@ -45,7 +45,9 @@ CANDIDATES = {
     # BLOCK_M is set by the launcher (N's power of two); the 0 only fills the tuple.
     "dkdv_allq": [(0, 16, 8, 2), (0, 16, 8, 1), (0, 32, 8, 2), (0, 32, 16, 1), (0, 16, 4, 1), (0, 64, 16, 1)],
 }
-GROUP_SCALES = (1, 2, 4, 8)
+# Scales of the batch groups that ``_num_groups`` picks, the first candidate's; the all-queries kernel's default
+# is already 4x the fill (``ALL_QUERIES_GROUP_SCALE``), so its sweep also tries fewer.
+GROUP_SCALES = {"dkdv": (1, 2, 4, 8), "dkdv_allq": (1, 0.25, 0.5, 2)}
 QUICK = {"fwd": [(16, 16, 4, 1), (32, 16, 4, 1)], "dq": [(16, 16, 4, 1)], "dkdv": [(16, 16, 4, 1)],
          "dkdv_allq": [(0, 16, 4, 1)]}
 
@@ -56,7 +58,7 @@ def _config(c):
     return dict(BLOCK_M=c[0], BLOCK_N=c[1], num_warps=c[2], num_stages=c[3])
 
 
-def _patched(kind: str | None, cand, group_scale: int = 1):
+def _patched(kind: str | None, cand, group_scale: float = 1):
     """A context that makes ``_block_config`` return ``cand`` for ``kind`` (others unchanged), scales the dk/dv
     kernel's batch groups, and switches the all-queries dk/dv kernel on for its kind."""
     base_config, base_groups = attn._block_config, attn._num_groups
@@ -68,7 +70,7 @@ def _patched(kind: str | None, cand, group_scale: int = 1):
 
     def groups(B, H, n_blocks, device, batch_broadcast, scale=1):
         g = base_groups(B, H, n_blocks, device, batch_broadcast, scale)
-        return g if not batch_broadcast else max(1, min(g * group_scale, B // 2))
+        return g if not batch_broadcast else max(1, min(int(g * group_scale), B // 2))
 
     # The dk/dv kinds choose their kernel; the others leave the default's choice as it is.
     all_queries = {"dkdv_allq": True, "dkdv": False}.get(kind, attn.DKDV_ALL_QUERIES)
@@ -132,7 +134,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             continue
         for cand in candidates[kind]:
             record(kind, cand, 1, bwd, bwd_close)
-        for gs in GROUP_SCALES[1:] if not args.quick else (2,):
+        for gs in GROUP_SCALES[kind][1:] if not args.quick else (2,):
             record(kind, candidates[kind][0], gs, bwd, bwd_close)
 
     return harness.finish_sweep(rows, args.out)

@@ -107,7 +107,8 @@ def _bias_gelu_bwd_kernel(
         bias = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     # Elementwise fp32 accumulator, reduced over rows once at the end: no cross-thread reduction per tile.
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    # LOOP_STAGES None: the compiler's default for this loop; 2 or more asks it to prefetch later tiles' loads.
+    # LOOP_STAGES None: the loop without the attribute, which the compiler does not pipeline (ptxas shows no
+    # prefetch); 2 or more asks it to prefetch later tiles' loads through shared memory.
     for tile in tl.range(grp, n_row_tiles, G, num_stages=LOOP_STAGES):
         rows = (tile * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         mask = (rows < M)[:, None] & col_ok[None, :]

@@ -174,7 +174,8 @@ def _add_ln_bwd_kernel(
     acc_w = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     acc_b = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     acc_g = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    # LOOP_STAGES None: the compiler's default for this loop; 2 or more asks it to prefetch later tiles' loads.
+    # LOOP_STAGES None: the loop without the attribute, which the compiler does not pipeline (ptxas shows no
+    # prefetch); 2 or more asks it to prefetch later tiles' loads through shared memory.
     for tile in tl.range(pid, n_tiles, G, num_stages=LOOP_STAGES):
         rows = (tile * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         row_ok = rows < R

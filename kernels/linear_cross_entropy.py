@@ -128,7 +128,8 @@ def default_chunk_size(M: int, V: int, D: int) -> int:
     gradients took 1.64 ms in one chunk, 1.69 in chunks of 8192 rows, 1.79 of 4096 and 2.21 of 2048 (Liger's rule,
     M / ceil(V / D) rows, the earlier default). One chunk (315 MB of logits) raised the op's measured peak to
     0.34 of Linear plus CrossEntropy's (bench_fused_ops.py, commit 9d1b66f), above the third that the head's
-    issue set; 8192 rows (134 MB) keep it below, for 0.05 ms more a step. Unlike Liger's rule, it ignores D."""
+    issue set; 8192 rows (134 MB) keep it below by count (about 0.23x; not re-measured yet), for 0.05 ms more a
+    step. Unlike Liger's rule, it ignores D."""
     most = max(1, _CHUNK_LOGITS // max(V, 1))
     most = 1 << (most.bit_length() - 1)  # the power of two at or below
     return max(1, min(triton.next_power_of_2(max(M, 1)), most))

@@ -252,7 +252,7 @@ def test_tune_glue_quick_run_times_every_kind_and_restores_the_tiles():
     lce = importlib.import_module("beit_kernels.linear_cross_entropy")
 
     def current():
-        return (ln._tile, ln.persistent_programs, ln._BWD_LOOP_STAGES, ln._BWD_JOINT_SUMS, bg._FWD_TILE,
+        return (ln._tile, ln._BWD_PROGRAMS_PER_SM, ln._BWD_LOOP_STAGES, ln._BWD_JOINT_SUMS, bg._FWD_TILE,
                 bg._BWD_TILE, bg._BWD_LOOP_STAGES, ce._tile, lce.default_chunk_size)  # fmt: skip
 
     before = current()
@@ -318,6 +318,7 @@ def test_tune_glue_lists_each_kernels_default_first():
         block_p, block_c, warps = ce._tile(256, pool)
         assert first[mode] == (block_c, block_p * block_c, warps)
     assert first["lce"] == (lce.default_chunk_size(256 * 75, 8192, 768),)
+    assert all(c * 8192 <= lce._CHUNK_LOGITS for (c,) in tune_glue.CANDIDATES["lce"])  # within the memory cap
 
 
 def _sweep_row(mode, cand, p50, group_scale=None, metric="time"):
@@ -379,7 +380,7 @@ def test_apply_tuning_installs_for_the_run_and_rows_record_it(tmp_path):
         assert ln._BWD_LOOP_STAGES == 3 and ln._BWD_JOINT_SUMS and ln._tile(768, True)[0] == 2
         assert ln._BWD_PROGRAMS_PER_SM == 4
         assert attn.DKDV_ALL_QUERIES and harness.kernel_switches()["tuned"] == applied
-        harness.TUNED.clear()
+    assert not harness.TUNED
     assert (ln._BWD_LOOP_STAGES, ln._BWD_JOINT_SUMS, ln._BWD_PROGRAMS_PER_SM) == (2, False, 8)
     assert attn.DKDV_ALL_QUERIES is None
 
@@ -457,3 +458,35 @@ def test_gpu_train_throughput_overlap_on_two_streams():
     assert not [r for r in rows if r["metric"] == "error"], rows
     notes = {r.get("note") for r in rows if r["provider"] == "triton+overlap" and r["metric"] == "time"}
     assert notes == {"the next batch's tokenizer on a side stream: no per-phase split"}
+
+
+def test_apply_tuning_refuses_rows_of_mixed_runs():
+    import apply_tuning
+    import tune_glue
+
+    l0, l1 = tune_glue.CANDIDATES["ln_bwd"][:2]
+    rows = [_sweep_row("ln_bwd", l0, 1.0), _sweep_row("ln_bwd", l1, 0.9)]
+    with pytest.raises(ValueError, match="two baseline rows"):
+        apply_tuning.choose(rows + rows)  # the same sweep passed twice
+    other = dict(_sweep_row("ln_bwd", l1, 0.5), dtype="float16")
+    with pytest.raises(ValueError, match="several shapes or dtypes"):
+        apply_tuning.choose(rows + [other])
+
+
+def test_write_rows_replaces_the_file_whole(tmp_path):
+    out = tmp_path / "rows.json"
+    harness.write_rows([{"a": 1}], out)
+    harness.write_rows([{"a": 1}, {"a": 2}], out)
+    assert json.loads(out.read_text()) == [{"a": 1}, {"a": 2}]
+    assert [p.name for p in tmp_path.iterdir()] == ["rows.json"]  # no temporary file left
+
+
+def test_tune_attention_lists_the_sm90_defaults_first(monkeypatch):
+    """apply_tuning.py takes each attention sweep's first candidate as the H100's default (bf16, D=64)."""
+    import tune_attention
+
+    attn = tune_attention.attn
+    monkeypatch.setattr(attn, "interpreting", lambda: False)
+    for kind, cands in tune_attention.CANDIDATES.items():
+        assert tune_attention._config(cands[0]) == attn._block_config(kind, 64, torch.bfloat16, 227 * 1024), kind
+    assert all(scales[0] == 1 for scales in tune_attention.GROUP_SCALES.values())
