@@ -44,7 +44,8 @@ _FWD_TILE = (8, 512, 8)
 _BWD_TILE = (16, 256, 8)
 # Software pipelining of the backward's row-tile loop (``tl.range(num_stages=...)``): 3 stages took 0.346 ms a call
 # on an H100 against 0.399 without (bench/tune_glue.py, 2026-11-26, commit eec3771, bf16, 50432 x 3072; 2 stages
-# took 0.412). The forward's tile was within 3% of every alternative swept there, the backward's tile the fastest.
+# took 0.412). The forward's tile was within 3% of every alternative swept there; a second sweep around these
+# backward settings (commit 9d1b66f) found none 3% faster (16 x 128, 4 warps: 0.342 against 0.348).
 _BWD_LOOP_STAGES = 3
 
 
