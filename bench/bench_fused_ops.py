@@ -11,6 +11,7 @@ training. All providers run in one process on one device, so their ratios are li
 
 Providers:
     ours       beit_kernels.patch_embed / masked_gather / linear_cross_entropy / add_layer_norm / bias_gelu
+    ours-cublas-wgrad  patch_embed with its weight gradient as a cuBLAS GEMM on materialised patches
     reference  the official chains: Conv2d, blend, cat, + pos_embed (with the normalisation for uint8 images);
                LayerNorm of all tokens then boolean indexing ``x[:, 1:][bool_masked_pos]``; Linear then
                CrossEntropy on the full logits; ``x + drop_path(gamma * branch)`` then LayerNorm (the glue of a
@@ -27,6 +28,7 @@ its bias an fp32 parameter that the reference casts to bf16 first, as a Linear u
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import warnings
@@ -177,10 +179,18 @@ def setup_patch_embed(B, img, p, D, device, autocast_dtype, compile_, uint8):
     std = torch.tensor(STD, device=device).view(1, 3, 1, 1) if uint8 else None
     norm = dict(mean=mean.view(3), std=std.view(3)) if uint8 else {}
     grad = torch.randn(B, N + 1, D, generator=g).to(device)
+    pe = importlib.import_module("beit_kernels.patch_embed")  # the module, not the function of the same name
+
+    def ours(weight_grad="triton"):
+        # The weight-gradient GEMM is chosen when the forward runs (patch_embed._BWD_WEIGHT_GRAD).
+        with harness.patched_globals(pe, _BWD_WEIGHT_GRAD=weight_grad):
+            return beit_kernels.patch_embed(images, w, b, mask=mask, mask_token=mt, cls_token=cls, pos_embed=pos,
+                                            **norm)  # fmt: skip
+
     providers = {
-        "ours": lambda: beit_kernels.patch_embed(
-            images, w, b, mask=mask, mask_token=mt, cls_token=cls, pos_embed=pos, **norm
-        ),
+        "ours": ours,
+        # Materialised patches and a cuBLAS weight-gradient GEMM (off by default until timed, 2026-11-27).
+        "ours-cublas-wgrad": lambda: ours("cublas"),
         "reference": lambda: patch_chain(images, w, b, mask, mt, cls, pos, mean, std),
     }
     compiled = maybe_compile(patch_chain, compile_)

@@ -109,6 +109,27 @@ def persistent_programs(n_tiles: int, device: torch.device, per_sm: int = 4) -> 
     return max(1, min(n_tiles, cap))
 
 
+# Whether cuBLAS can return fp32 from bf16/fp16 operands here (aten::addmm.dtype, CUDA builds of recent torch).
+_addmm_fp32_out = hasattr(torch.ops.aten.addmm, "dtype")
+
+
+def add_t_matmul_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """acc (fp32 [M, N]) + a^T @ b for a [R, M], b [R, N]: a weight gradient summed over R rows. Half-precision
+    operands on CUDA go to cuBLAS with an fp32 result (products summed in fp32 and added unrounded); elsewhere, or
+    on a build without that overload, the product is rounded to the operands' dtype once, then added in fp32.
+    Returns acc (updated in place where it can be)."""
+    global _addmm_fp32_out
+    if a.dtype == torch.float32:
+        return acc.addmm_(a.t(), b)
+    if a.is_cuda and _addmm_fp32_out:
+        try:
+            return torch.ops.aten.addmm.dtype(acc, a.t(), b, torch.float32)
+        except (RuntimeError, NotImplementedError):
+            _addmm_fp32_out = False  # a build without it: dispatch refuses before any launch; use the fallback
+    acc += a.t() @ b  # rounded to the operands' dtype once, then summed in fp32
+    return acc
+
+
 # Largest shared memory one block may opt into, KiB, by compute capability (CUDA programming guide), for a torch
 # that does not report it; unknown parts get the smallest figure of the sm80+ family.
 _SHARED_OPTIN_KIB = {(8, 0): 163, (8, 7): 163, (9, 0): 227, (10, 0): 227, (10, 3): 227, (12, 0): 99}

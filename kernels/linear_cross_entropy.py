@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from beit_kernels.backend import check_kernel_device
+from beit_kernels.backend import add_t_matmul_fp32, check_kernel_device
 
 _BLOCK_V = 2048
 _CE_WARPS = 8
@@ -135,24 +135,6 @@ def default_chunk_size(M: int, V: int, D: int) -> int:
     return max(1, min(triton.next_power_of_2(max(M, 1)), most))
 
 
-# Whether cuBLAS can return fp32 from bf16/fp16 operands here (aten::addmm.dtype, CUDA builds of recent torch).
-_addmm_fp32_out = hasattr(torch.ops.aten.addmm, "dtype")
-
-
-def _accumulate_weight_grad(grad_w: torch.Tensor, z: torch.Tensor, xc: torch.Tensor) -> torch.Tensor:
-    """grad_w (fp32 [V, D]) + z^T @ xc, summed in fp32 so that the chunks do not each round to bf16/fp16."""
-    global _addmm_fp32_out
-    if z.dtype == torch.float32:
-        return grad_w.addmm_(z.t(), xc)
-    if z.is_cuda and _addmm_fp32_out:
-        try:
-            return torch.ops.aten.addmm.dtype(grad_w, z.t(), xc, torch.float32)
-        except (RuntimeError, NotImplementedError):
-            _addmm_fp32_out = False  # a build without it: dispatch refuses before any launch; use the fallback
-    grad_w += z.t() @ xc  # [V, D] rounded to the input dtype once per chunk, then summed in fp32
-    return grad_w
-
-
 @torch.library.custom_op("beit_kernels::linear_cross_entropy_fwd", mutates_args=())
 def linear_cross_entropy_fwd(
     x: torch.Tensor,
@@ -213,7 +195,7 @@ def linear_cross_entropy_fwd(
             if need_grad_x:
                 torch.mm(z, weight, out=grad_x[start:end])
             if need_grad_w:
-                grad_w = _accumulate_weight_grad(grad_w, z, xc)
+                grad_w = add_t_matmul_fp32(grad_w, z, xc)
             if need_grad_b:
                 grad_b += z.sum(0, dtype=torch.float32)
         loss = loss_rows.sum()

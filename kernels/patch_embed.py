@@ -34,7 +34,8 @@ Gradients: weight, bias, mask_token, cls_token, pos_embed (in their own dtypes).
 Limits: square patches, 3 channels; H and W multiples of p. fp32 GEMMs follow ``torch.backends.cudnn.allow_tf32``
 (as Conv2d does, TF32 by default on Ampere+); fp16/bf16 GEMMs accumulate in fp32. Mean and std given as Python
 sequences are copied to the device on each call (a host-to-device copy): pass device tensors in a training loop.
-The tiles are untimed (no GPU was available when this was written, 2026-11-26; see the constants).
+The tiles are untimed (no GPU was available when this was written, 2026-11-26; see the constants). The weight
+gradient can also run as a cuBLAS GEMM on materialised patches (``_BWD_WEIGHT_GRAD``, off until timed).
 """
 
 import math
@@ -44,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from beit_kernels.backend import check_kernel_device
+from beit_kernels.backend import add_t_matmul_fp32, check_kernel_device
 
 # Tiles chosen without a GPU (2026-11-26): the largest that ptxas (Triton 3.9's, sm80 and sm90a, bf16 out, fp32
 # and uint8 images) compiles without register spills; the gathered patch tile makes these kernels register-heavy
@@ -54,6 +55,13 @@ _FWD_BLOCK_M, _FWD_BLOCK_N, _FWD_BLOCK_K, _FWD_WARPS, _FWD_STAGES = 64, 128, 64,
 # Weight-gradient tile: output features x pixels, looping over patch rows. Wide D and K tiles, because each
 # program re-reads the image for its D tile and dY for its K tile: at BEiT-B that is 6 passes over each.
 _BWD_BLOCK_M, _BWD_BLOCK_D, _BWD_BLOCK_K, _BWD_WARPS, _BWD_STAGES = 32, 128, 128, 8, 2
+# The weight gradient's GEMM: "triton" (``_patch_embed_bwd_kernel``, the patches recomputed from the image) or
+# "cublas" (the patches materialised in the GEMM dtype, [B N, K]: 77 MB at BEiT-B, B=256, bf16, for the moment of
+# the GEMM at the very end of the backward, then dW = dX_p^T @ P in cuBLAS with an fp32 result). On an H100 the
+# Triton backward took about 2.5 ms (bench_fused_ops, fwd+bwd 3.047 ms less fwd 0.512, commit 9d1b66f), for a
+# 59 GFLOP GEMM (0.1 ms at 600 TFLOP/s) and about 0.3 GB of traffic; "cublas" is untimed (written 2026-11-27 without
+# a GPU; bench_fused_ops.py times it as ours-cublas-wgrad). Read when the forward runs, so a graph keeps its choice.
+_BWD_WEIGHT_GRAD = "triton"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -366,11 +374,20 @@ def patch_embed_bwd(
     scale: torch.Tensor | None,
     shift: torch.Tensor | None,
     has_cls: bool,
+    weight_grad: str = "triton",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """fp32 gradients (weight [D, 3, p, p], bias [D], mask_token [D], cls [D], pos [T, D]) from grad_out [B, T, D]."""
+    """fp32 gradients (weight [D, 3, p, p], bias [D], mask_token [D], cls [D], pos [T, D]) from grad_out [B, T, D];
+    ``weight_grad`` picks the weight gradient's GEMM (see ``_BWD_WEIGHT_GRAD``)."""
     grad_out = grad_out.contiguous()
     B, T, D = grad_out.shape
     p = weight.shape[2]
+    grad_pos = grad_out.sum(0, dtype=torch.float32)  # [T, D]
+    grad_cls = grad_pos[0] if has_cls else grad_pos.new_zeros(D)
+    if weight_grad == "cublas":
+        dw, db, dmt = _weight_grads_cublas(grad_out, images, mask, scale, shift, has_cls, p)
+        return dw, db, dmt, grad_cls.clone(), grad_pos
+    if weight_grad != "triton":
+        raise ValueError(f"weight_grad must be 'triton' or 'cublas', got {weight_grad!r}")
     H, W = _image_hw(images)
     WP = W // p
     N = (H // p) * WP
@@ -422,13 +439,37 @@ def patch_embed_bwd(
             num_warps=_BWD_WARPS,
             num_stages=_BWD_STAGES,
         )
-    grad_pos = grad_out.sum(0, dtype=torch.float32)  # [T, D]
-    grad_cls = grad_pos[0] if has_cls else grad_pos.new_zeros(D)
     return dw.sum(0).view(D, 3, p, p), db.sum(0), dmt.sum(0), grad_cls.clone(), grad_pos
 
 
+def _weight_grads_cublas(grad_out, images, mask, scale, shift, has_cls: bool, p: int):
+    """(weight [D, 3, p, p], bias [D], mask_token [D]) gradients, fp32, with the patches materialised and the
+    weight gradient one GEMM (``backend.add_t_matmul_fp32``); the same math as ``_patch_embed_bwd_kernel``."""
+    B, T, D = grad_out.shape
+    H, W = _image_hw(images)
+    HP, WP = H // p, W // p
+    N = HP * WP
+    pix = images.permute(0, 3, 1, 2) if images.dtype == torch.uint8 else images  # [B, 3, H, W]
+    pix = pix.float()
+    if scale is not None:
+        pix = pix * scale.view(1, 3, 1, 1) + shift.view(1, 3, 1, 1)
+    # [B, 3, HP, p, WP, p] -> [B, HP, WP, 3, p, p] -> [B N, K], K in Conv2d weight order (c, i, j)
+    patches = pix.reshape(B, 3, HP, p, WP, p).permute(0, 2, 4, 1, 3, 5).reshape(B * N, 3 * p * p)
+    patches = patches.to(grad_out.dtype)
+    dy = grad_out[:, int(has_cls) :].reshape(B * N, D)  # [B N, D]: the patch rows
+    if mask is not None:
+        w = mask.reshape(B * N, 1).to(dy.dtype)  # 0 or 1
+        dmt = (dy * w).sum(0, dtype=torch.float32)
+        dy = dy * (1 - w)  # exact: the weight is 0 or 1
+    else:
+        dmt = dy.new_zeros(D, dtype=torch.float32)
+    db = dy.sum(0, dtype=torch.float32)
+    dw = add_t_matmul_fp32(dy.new_zeros(D, 3 * p * p, dtype=torch.float32), dy, patches)
+    return dw.view(D, 3, p, p), db, dmt
+
+
 @patch_embed_bwd.register_fake
-def _(grad_out, images, weight, mask, scale, shift, has_cls):
+def _(grad_out, images, weight, mask, scale, shift, has_cls, weight_grad="triton"):
     B, T, D = grad_out.shape
     f32 = dict(dtype=torch.float32)
     return (
@@ -548,6 +589,7 @@ class PatchEmbedFunction(torch.autograd.Function):
         out = patch_embed_fwd(images, weight, bias, mask, mask_token, cls_token, pos_embed, scale, shift, out_dtype)
         ctx.save_for_backward(images, weight, mask, scale, shift)
         ctx.has = (bias is not None, mask is not None, cls_token is not None, pos_embed is not None)
+        ctx.weight_grad = _BWD_WEIGHT_GRAD
         ctx.meta = tuple(
             (t.dtype, t.shape) if t is not None else None for t in (bias, mask_token, cls_token, pos_embed)
         )
@@ -557,7 +599,8 @@ class PatchEmbedFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         images, weight, mask, scale, shift = ctx.saved_tensors
         has_bias, has_mask, has_cls, has_pos = ctx.has
-        dw, db, dmt, dcls, dpos = patch_embed_bwd(grad_out, images, weight, mask, scale, shift, has_cls)
+        dw, db, dmt, dcls, dpos = patch_embed_bwd(grad_out, images, weight, mask, scale, shift, has_cls,
+                                                  ctx.weight_grad)  # fmt: skip
         need = ctx.needs_input_grad
 
         def cast(g, meta):

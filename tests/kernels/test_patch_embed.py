@@ -1,5 +1,7 @@
 """patch_embed: the fused Triton patch embedding against its float64 reference (outputs and every gradient)."""
 
+import importlib
+
 import pytest
 import torch
 from _testutil import check_close, max_err, no_host_sync
@@ -58,9 +60,11 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("weight_grad", ["triton", "cublas"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("B,H,W,p,D,uint8,cls,pos,norm", CASES)
-def test_patch_embed_matches_reference(dtype, B, H, W, p, D, uint8, cls, pos, norm):
+def test_patch_embed_matches_reference(monkeypatch, dtype, B, H, W, p, D, uint8, cls, pos, norm, weight_grad):
+    monkeypatch.setattr(importlib.import_module("beit_kernels.patch_embed"), "_BWD_WEIGHT_GRAD", weight_grad)
     images, mask, params = make_inputs(B, H, W, p, D, uint8=uint8, cls=cls, pos=pos)
     N = (H // p) * (W // p)
     grad_out = torch.randn(B, N + int(cls), D, dtype=torch.float64)
@@ -206,6 +210,24 @@ def test_opcheck_registrations():
     grad_out = torch.randn(1, 3, 24)
     bwd_args = (grad_out, images, p["weight"], mask, None, None, True)
     torch.library.opcheck(torch.ops.beit_kernels.patch_embed_bwd.default, bwd_args, test_utils=checks)
+    torch.library.opcheck(torch.ops.beit_kernels.patch_embed_bwd.default, (*bwd_args, "cublas"), test_utils=checks)
+    with pytest.raises(ValueError, match="weight_grad must be"):
+        torch.ops.beit_kernels.patch_embed_bwd(*bwd_args, "cudnn")
+
+
+def test_weight_grad_choice_is_read_at_forward_time(monkeypatch):
+    """The backward runs the weight-gradient GEMM chosen when its forward ran (a captured graph keeps it)."""
+    pe = importlib.import_module("beit_kernels.patch_embed")
+    images, mask, params = make_inputs(2, 32, 32, 16, 24, uint8=True)
+    p = cast(params, grad=True)
+    monkeypatch.setattr(pe, "_BWD_WEIGHT_GRAD", "cublas")
+    out = embed(beit_kernels.patch_embed, images, mask, p)
+    called = []
+    real = pe._weight_grads_cublas
+    monkeypatch.setattr(pe, "_weight_grads_cublas", lambda *a: called.append(1) or real(*a))
+    monkeypatch.setattr(pe, "_BWD_WEIGHT_GRAD", "triton")
+    out.sum().backward()
+    assert called == [1]
 
 
 def bad(**over):
@@ -255,7 +277,9 @@ def test_bad_inputs_raise_before_launch(over, err, match):
 
 
 @pytest.mark.gpu
-def test_gpu_bf16_beit_b_matches_reference():
+@pytest.mark.parametrize("weight_grad", ["triton", "cublas"])
+def test_gpu_bf16_beit_b_matches_reference(monkeypatch, weight_grad):
+    monkeypatch.setattr(importlib.import_module("beit_kernels.patch_embed"), "_BWD_WEIGHT_GRAD", weight_grad)
     B, D = 64, 768
     images, mask, params = make_inputs(B, 224, 224, 16, D, uint8=True, device="cuda")
     grad_out = torch.randn(B, 197, D, dtype=torch.float64, device="cuda")
