@@ -139,6 +139,9 @@ def test_summary_checks_the_training_step_targets():
         r("triton", "throughput", 9999.0, mode="model only", unit="images/s"),
         harness.row("train_step", "triton+graph", "-", "error", "", None, shape={}, dtype=None, env=env,
                     note="RuntimeError: capture failed"),
+        # BEiT-L/16 rows (train_large) must not stand in for BEiT-B's.
+        harness.row("train_step", "triton", "with tokenizer", "throughput", "images/s", 500.0, env=env, dtype=None,
+                    shape=dict(model="beit_large_patch16_224", B=128)),
     ]  # fmt: skip
     text = summarize.targets(rows)
     assert "| triton | images/s vs ref | 2.40 | >= 1.8 | met |" in text
