@@ -1,9 +1,10 @@
-"""Tile sweep of the glue kernels at BEiT-B shapes: ``add_layer_norm`` and ``bias_gelu`` forward and backward, and
-the tokenizer's ``conv_epilogue``.
+"""Tile sweep of the glue kernels at BEiT-B shapes: ``add_layer_norm`` and ``bias_gelu`` forward and backward, the
+tokenizer's ``conv_epilogue`` and the MIM head's chunk size.
 
-Each kernel file keeps one fixed tile choice (``layer_norm._tile``, ``bias_gelu._FWD_TILE`` / ``_BWD_TILE``,
-``conv_epilogue._tile``); this script times the candidates it could hold, one launcher at a time, as
-``tune_attention.py`` does for attention:
+Each kernel file keeps one fixed choice (``layer_norm._tile``, ``_BWD_PROGRAMS_PER_SM``, ``_BWD_LOOP_STAGES``,
+``_BWD_JOINT_SUMS``; ``bias_gelu._FWD_TILE``, ``_BWD_TILE``, ``_BWD_LOOP_STAGES``; ``conv_epilogue._tile``;
+``linear_cross_entropy.default_chunk_size``); this script times the candidates they could hold, one launcher at a
+time, as ``tune_attention.py`` does for attention (``patch`` says which constants each candidate sets):
 
     ln_fwd    add_layer_norm_fwd, (BLOCK_M, num_warps) candidates (BLOCK_D is the row, padded to a power of two)
     ln_bwd    add_layer_norm_bwd, (BLOCK_M, num_warps, programs per SM[, loop stages[, joint row sums]])
