@@ -77,11 +77,12 @@ def choose(rows: list[dict], min_gain: float = 0.03) -> dict[str, dict]:
             if r["mode"] in baselines:
                 raise ValueError(f"two baseline rows for {r['mode']!r}: pass one sweep's rows per kernel")
             baselines[r["mode"]] = r["p50"]
+    baseline_of = {mode: baselines.get(_baseline_mode(mode, timed)) for mode in runs}
     chosen: dict[str, dict] = {}
     for r in timed:
         mode = r["mode"]
         family = _FAMILY.get(mode, mode)
-        base = baselines.get(_baseline_mode(mode, timed))
+        base = baseline_of[mode]
         if base is None or r["p50"] > base * (1 - min_gain):
             continue
         if family not in chosen or r["p50"] < chosen[family]["p50"]:
@@ -105,7 +106,7 @@ def install(chosen: dict[str, dict], stack: contextlib.ExitStack) -> dict[str, s
             stack.enter_context(tune_attention._patched(mode, cand, gs))
         else:
             stack.enter_context(tune_glue.patch(mode, cand))
-        applied[family] = f"{mode}:{'x'.join(map(str, cand))}" + (f":g{gs}" if gs != 1 else "")
+        applied[family] = harness.candidate_name(mode, cand, gs)
     harness.TUNED.update(applied)
     return applied
 

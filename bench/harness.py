@@ -214,6 +214,11 @@ def patched_globals(module, **values):
             setattr(module, k, v)
 
 
+def candidate_name(mode: str, cand, group_scale: float = 1) -> str:
+    """A sweep row's provider name, "mode:AxBxC[:g<scale>]": the sweeps write it, apply_tuning.py reports it."""
+    return f"{mode}:{'x'.join(map(str, cand))}" + (f":g{group_scale}" if group_scale != 1 else "")
+
+
 def sweep_parser(description: str, kinds: str):
     """The options every tile sweep takes; a script adds its own."""
     import argparse

@@ -153,16 +153,18 @@ def run_impl(impl: str, args, device, env, rows: list[dict] | None = None) -> li
             return a.elapsed_time(b)
         return (b - a) * 1e3
 
-    def one_step(with_tokenizer: bool):
+    def tokenize():
+        # ref tokenizes every patch, as the official script does; the others the masked ones only, as beit-pretrain
+        # does (-1 elsewhere, never read; % keeps it a valid id all the same).
+        positions = None if impl == "ref" else mask_index
+        with torch.no_grad():
+            return tokenizer.get_codebook_indices(tok_images, positions=positions).flatten(1) % vocab
+
+    def one_step(with_tokenizer: bool, tokens: torch.Tensor | None = None):
+        """One step, its phase boundaries as events; ``tokens`` given: this batch's, made elsewhere (overlap)."""
         t0 = timer()
-        if with_tokenizer and tokenizer is not None:
-            with torch.no_grad():
-                # ref tokenizes every patch, as the official script does; the others the masked ones only, as
-                # beit-pretrain does (-1 elsewhere, never read; % keeps it a valid id all the same).
-                positions = None if impl == "ref" else mask_index
-                tokens = tokenizer.get_codebook_indices(tok_images, positions=positions).flatten(1) % vocab
-        else:
-            tokens = fixed_tokens
+        if tokens is None:
+            tokens = tokenize() if with_tokenizer and tokenizer is not None else fixed_tokens
         t1 = timer()
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             loss, correct, valid = step_mod(images, bool_masked_pos, mask_index, tokens)
@@ -179,10 +181,10 @@ def run_impl(impl: str, args, device, env, rows: list[dict] | None = None) -> li
 
     def tokenize_ahead():
         main = torch.cuda.current_stream(device) if side is not None else None
-        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext(), torch.no_grad():
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
             if side is not None:
                 side.wait_stream(main)  # the next batch's inputs, as a loader would hand them over on main
-            ahead["tokens"] = tokenizer.get_codebook_indices(tok_images, positions=mask_index).flatten(1) % vocab
+            ahead["tokens"] = tokenize()
 
     def overlapped_step():
         """One step on batch i with the tokenizer of batch i+1 running beside it; the events around the main
@@ -195,12 +197,7 @@ def run_impl(impl: str, args, device, env, rows: list[dict] | None = None) -> li
             ahead["tokens"].record_stream(torch.cuda.current_stream(device))  # made on side, read on main
         tokens = ahead.pop("tokens")
         tokenize_ahead()
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            loss, correct, valid = step_mod(images, bool_masked_pos, mask_index, tokens)
-        scaler.scale(loss).backward()
-        grad_norm = optimizer_step(opt, scaler, 3.0, precision)
-        record_step(metrics, (loss.detach(), correct, valid), grad_norm, 1)
-        return t0, timer()
+        return t0, one_step(False, tokens)[-1]
 
     def graph_steps(with_tokenizer: bool):
         """The captured step: warm-up and capture here, then a callable that replays it."""

@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         fn, meta = runs[kind]
         expected = outputs(fn())
         for cand in candidates[kind]:
-            name = f"{kind}:{'x'.join(map(str, cand))}"
+            name = harness.candidate_name(kind, cand)
             # Orders of summation differ between tiles (the partial column sums): rounding-level tolerance.
             harness.sweep_candidate(
                 rows, args.out, "glue_tune", name, kind, fn,

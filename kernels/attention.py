@@ -277,7 +277,7 @@ def _attn_bwd_dkdv_allq_kernel(
     the end: no read-add-write of the partial buffer, and no barrier, per step. The tile's math repeats that
     kernel's on purpose: moving it into a shared helper changed how ptxas allocates the default kernel's registers
     (its sm90 bf16 spills went from 28 to 132 bytes a thread, Triton 3.6, 2026-11-26), and that kernel is the
-    timed one."""
+    default everywhere but sm90."""
     pid_n = tl.program_id(0)
     h = tl.program_id(1)
     g = tl.program_id(2)
