@@ -8,7 +8,8 @@ exactly the configuration that is then committed as the kernels' defaults.
 Per sweep mode, the baseline is the mode's first candidate (each sweep lists the kernel's current default first;
 ``tests/bench`` checks that for the glue kernels), at group scale 1. The two dk/dv kernels (``dkdv`` and
 ``dkdv_allq``) compete as one family, against the first candidate of the one the default takes at the sweep's
-shape on this device. A winner replaces the default only when its median is at least ``min_gain``
+shape on this device. The fused backward (``fused``) competes with them too: every one of those rows times the
+whole backward. A winner replaces the default only when its median is at least ``min_gain``
 faster, so noise cannot change a default; rows that are errors (a mismatch, a candidate that did not compile or
 fit) never win.
 """
@@ -25,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 
 # Modes that patch the same launcher compete with each other: one winner per family.
-_FAMILY = {"dkdv_allq": "dkdv"}
+_FAMILY = {"dkdv_allq": "dkdv", "fused": "dkdv"}
 
 
 def _baseline_mode(mode: str, rows: list[dict]) -> str:
@@ -37,8 +38,10 @@ def _baseline_mode(mode: str, rows: list[dict]) -> str:
 
     shape, dtype = next((r["shape"], r["dtype"]) for r in rows if r["mode"] == mode)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    allq = tune_attention.attn._all_queries(shape["N"], shape["D"], getattr(torch, dtype), device)
-    return "dkdv_allq" if allq else "dkdv"
+    attn, N, D, dt = tune_attention.attn, shape["N"], shape["D"], getattr(torch, dtype)
+    if attn._fused_backward(N, D, dt, device):
+        return "fused"
+    return "dkdv_allq" if attn._all_queries(N, D, dt, device) else "dkdv"
 
 
 def _candidate(r: dict) -> tuple:

@@ -51,8 +51,9 @@ stage gpu_tests 75 python -m pytest -q -rA -m gpu ${GPU_TEST_PATHS:-tests} -p no
 stage bench_attention 45 python bench/bench_attention.py --out "$OUT/bench_attention.json"
 stage bench_fused_ops 40 python bench/bench_fused_ops.py --no-compile --out "$OUT/bench_fused_ops.json"
 stage bench_tokenizer 40 python bench/bench_tokenizer.py --rep-ms 500 --out "$OUT/bench_tokenizer.json"
-stage tune_attention 90 python bench/tune_attention.py --kinds dkdv_allq,dkdv --rep-ms 50 \
-    --out "$OUT/tune_attention.json"
+# TUNE_ATTENTION_KINDS narrows the attention sweep (dkdv_allq,fused: the sm90 default against the fused backward).
+stage tune_attention 90 python bench/tune_attention.py --kinds "${TUNE_ATTENTION_KINDS:-dkdv_allq,dkdv,fused}" \
+    --rep-ms 50 --out "$OUT/tune_attention.json"
 stage tune_glue 150 python bench/tune_glue.py --rep-ms 50 --out "$OUT/tune_glue.json"
 # The sweeps' winners (each at least 3% faster than its kernel's default in the same sweep) are installed for the
 # training step in this same call (bench/apply_tuning.py), and its rows record them: the step is timed with the

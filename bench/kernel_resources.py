@@ -7,7 +7,8 @@ derives from the argument values: 16-byte alignment, integers equal to 1 as cons
 architecture (sm80 to sm120) by Triton's own compiler (ptxas ships in the triton wheel), specialised by Triton's own
 ``native_specialize_impl``, as a launch on that GPU would be. The step's launches are joined by two the step does
 not make: patch embedding from uint8 HWC images with normalisation in the kernel (what DALI hands over),
-attention at head dimensions 128 and 256, the all-queries dk/dv kernel (the default on sm90 only), and the DALL-E
+attention at head dimensions 128 and 256, the all-queries dk/dv kernel (the default on sm90 only), the fused
+attention backward (off by default), and the DALL-E
 tokenizer's fused glue (``conv_epilogue``, at every width
 of the full-size encoder, on a small view).
 
@@ -195,10 +196,12 @@ def extra_launches(dtype: torch.dtype, head_dims: list[int]) -> None:
                                        mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375))  # fmt: skip
     out.float().sum().backward()
     attention_module = importlib.import_module("beit_kernels.attention")
-    if dtype != torch.float32:  # the all-queries dk/dv kernel, the default on sm90 only: compiled for every target
+    # The half-precision backward kernels the default may not take: the all-queries dk/dv kernel (the default on
+    # sm90 only) and the fused backward (off by default), compiled for every target.
+    for switch in ("DKDV_ALL_QUERIES", "BWD_FUSED") if dtype != torch.float32 else ():
         with contextlib.ExitStack() as stack:
-            stack.callback(setattr, attention_module, "DKDV_ALL_QUERIES", attention_module.DKDV_ALL_QUERIES)
-            attention_module.DKDV_ALL_QUERIES = True
+            stack.callback(setattr, attention_module, switch, getattr(attention_module, switch))
+            setattr(attention_module, switch, True)
             H, N = 2, 197
             qkv = torch.randn(B, N, 3, H, 64, dtype=dtype, requires_grad=True)
             bias = torch.zeros(H, N, N, requires_grad=True)

@@ -11,6 +11,9 @@ the candidates that table could hold, so the table is chosen from timings rather
     dkdv_allq  the same with the all-queries dk/dv kernel switched on (``DKDV_ALL_QUERIES``, the default on sm90),
            its (BLOCK_N, num_warps, num_stages) candidates (BLOCK_M is N's power of two), and group scales (on
            top of its default ``ALL_QUERIES_GROUP_SCALE``); ``dkdv`` switches it off
+    fused  the whole backward in the fused kernel (``BWD_FUSED``, off by default), its (BLOCK_N, num_warps,
+           num_stages) candidates and group scales; the other backward kinds switch it off. It competes with the
+           dk/dv kinds for one winner (``apply_tuning.py``): each times the whole backward
 
 Every row is checked against the default configuration's outputs first (a candidate that changes the result is
 reported as an error row, not timed). Rows are the harness's long format; the table prints the fastest first.
@@ -44,12 +47,15 @@ CANDIDATES = {
              (128, 64, 8, 2), (64, 128, 8, 2), (64, 64, 4, 1)],
     # BLOCK_M is set by the launcher (N's power of two); the 0 only fills the tuple.
     "dkdv_allq": [(0, 16, 8, 2), (0, 16, 8, 1), (0, 32, 8, 2), (0, 32, 16, 1), (0, 16, 4, 1), (0, 64, 16, 1)],
+    # From ptxas without a GPU (Triton 3.6, sm90, bf16, D = 64): 16 x 8 x 2 spills 340 bytes a thread, 16 x 16 x 1
+    # 464 (at 128 registers), 32 keys 620 to 780.
+    "fused": [(0, 16, 8, 2), (0, 16, 8, 1), (0, 16, 16, 1), (0, 32, 8, 1), (0, 32, 16, 1)],
 }
 # Scales of the batch groups that ``_num_groups`` picks, the first candidate's; the all-queries kernel's default
 # is already 4x the fill (``ALL_QUERIES_GROUP_SCALE``), so its sweep also tries fewer.
-GROUP_SCALES = {"dkdv": (1, 2, 4, 8), "dkdv_allq": (1, 0.25, 0.5, 2)}
+GROUP_SCALES = {"dkdv": (1, 2, 4, 8), "dkdv_allq": (1, 0.25, 0.5, 2), "fused": (1, 2, 0.5)}
 QUICK = {"fwd": [(16, 16, 4, 1), (32, 16, 4, 1)], "dq": [(16, 16, 4, 1)], "dkdv": [(16, 16, 4, 1)],
-         "dkdv_allq": [(0, 16, 4, 1)]}
+         "dkdv_allq": [(0, 16, 4, 1)], "fused": [(0, 16, 4, 1)]}
 
 
 def _config(c):
@@ -59,8 +65,8 @@ def _config(c):
 
 
 def _patched(kind: str | None, cand, group_scale: float = 1):
-    """A context that makes ``_block_config`` return ``cand`` for ``kind`` (others unchanged), scales the dk/dv
-    kernel's batch groups, and switches the all-queries dk/dv kernel on for its kind."""
+    """A context that makes ``_block_config`` return ``cand`` for ``kind`` (others unchanged), scales the batch
+    groups of the kernel that sums the bias gradient, and switches on the backward kernel its kind times."""
     base_config, base_groups = attn._block_config, attn._num_groups
 
     def config(k, head_dim, dtype, shared):
@@ -68,18 +74,19 @@ def _patched(kind: str | None, cand, group_scale: float = 1):
             return _config(cand)
         return base_config(k, head_dim, dtype, shared)
 
-    def groups(B, H, n_blocks, device, batch_broadcast, scale=1):
-        g = base_groups(B, H, n_blocks, device, batch_broadcast, scale)
+    def groups(B, H, n_blocks, device, batch_broadcast, scale=1, per_sm=4):
+        g = base_groups(B, H, n_blocks, device, batch_broadcast, scale, per_sm)
         return g if not batch_broadcast else max(1, min(int(g * group_scale), B // 2))
 
-    # The dk/dv kinds choose their kernel; the others leave the default's choice as it is.
+    # The backward kinds choose their kernel; the others leave the default's choice as it is.
     all_queries = {"dkdv_allq": True, "dkdv": False}.get(kind, attn.DKDV_ALL_QUERIES)
-    return harness.patched_globals(attn, _block_config=config, _num_groups=groups,
-                                   DKDV_ALL_QUERIES=all_queries)  # fmt: skip
+    fused = {"fused": True, "dkdv_allq": False, "dkdv": False, "dq": False}.get(kind, attn.BWD_FUSED)
+    return harness.patched_globals(attn, _block_config=config, _num_groups=groups, DKDV_ALL_QUERIES=all_queries,
+                                   BWD_FUSED=fused)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    p = harness.sweep_parser(__doc__.splitlines()[0], "fwd,dq,dkdv,dkdv_allq")
+    p = harness.sweep_parser(__doc__.splitlines()[0], "fwd,dq,dkdv,dkdv_allq,fused")
     p.add_argument("--shape", default="256,12,197,64", help="B,H,N,D")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     args = p.parse_args(argv)
@@ -129,7 +136,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if "dq" in kinds:
         for cand in candidates["dq"]:
             record("dq", cand, 1, bwd, bwd_close)
-    for kind in ("dkdv", "dkdv_allq"):
+    for kind in ("dkdv", "dkdv_allq", "fused"):
         if kind not in kinds:
             continue
         for cand in candidates[kind]:

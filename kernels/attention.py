@@ -36,6 +36,10 @@ Design:
         only, where it was timed faster): the same with every query in one tile, so each program keeps its columns
         of the bias gradient in registers across the group's batches and stores them once, where the other reads,
         adds and writes them back (with a barrier) for every batch and query block.
+      _attn_bwd_fused_kernel (``BWD_FUSED``, N <= 256, half precision, D <= 64; off by default, untimed): the
+        whole backward in one kernel, one program per (h, batch group), every query in one tile: per batch it walks
+        the key blocks, computing P, dP, dS once for dq, dk, dv and the bias gradient (five products a tile against
+        the two kernels' seven), dq summed in registers, the bias gradient read, added and written back per tile.
     fp32 inputs use IEEE fp32 dot products (not TF32), so fp32 results match PyTorch's fp32 math.
 
 Limits: self-attention only (q, k, v share N); no dropout and no causal mask (BEiT needs neither); a bias that
@@ -322,6 +326,90 @@ def _attn_bwd_dkdv_allq_kernel(
         tl.store(dbias_ptrs, dbias, mask=mask_mn)
 
 
+@triton.jit
+def _attn_bwd_fused_kernel(
+    Q, K, V, BIAS, O, DO, LSE, DQ, DK, DV, DBIAS,  #
+    stride_qb, stride_qh, stride_qn,  #
+    stride_kb, stride_kh, stride_kn,  #
+    stride_vb, stride_vh, stride_vn,  #
+    stride_bb, stride_bh, stride_bm, stride_bn,  #
+    stride_ob, stride_oh, stride_on,  #
+    stride_dob, stride_doh, stride_don,  #
+    stride_dqb, stride_dqh, stride_dqn,  #
+    stride_dkb, stride_dkh, stride_dkn,  #
+    stride_dvb, stride_dvh, stride_dvn,  #
+    stride_dbg, stride_dbh, stride_dbm,  #
+    B, H, N, D, batches_per_group, qk_scale, sm_scale,  #
+    HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, IEEE: tl.constexpr,  #
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,  #
+):  # fmt: skip
+    """The whole backward in one kernel for N <= BLOCK_M: one program per (h, batch group) walks its batches and,
+    per batch, the key blocks, with every query in one tile. q, dO and O are read once per batch (the two-kernel
+    path reads q and dO once per key block, k and v once per query block) and P, dP, dS are computed once (the
+    dq kernel recomputes them): five products a tile instead of seven. dq sums over the key blocks in registers.
+    The bias gradient of each [N, BLOCK_N] tile adds into the group's fp32 partial buffer: the group's first batch
+    stores it (the buffer needs no zeroing), the others read, add and write it back, then a barrier orders that
+    against the next batch's read, which Triton may lay out across other threads of the block."""
+    h = tl.program_id(0)
+    g = tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < N
+    mask_md = mask_m[:, None] & (offs_d < D)[None, :]
+    b_start = g * batches_per_group
+    b_end = tl.minimum(b_start + batches_per_group, B)
+    dbias_base = DBIAS + g * stride_dbg + h * stride_dbh
+    for b in range(b_start, b_end):
+        q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qn, offs_d, mask_m, D)
+        do = _load_rows(DO + b * stride_dob + h * stride_doh, offs_m, stride_don, offs_d, mask_m, D)
+        o = _load_rows(O + b * stride_ob + h * stride_oh, offs_m, stride_on, offs_d, mask_m, D)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # [BLOCK_M]
+        lse = tl.load(LSE + (b * H + h) * N + offs_m, mask=mask_m, other=0.0)
+        bias_base = BIAS + b * stride_bb + h * stride_bh
+        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for start_n in range(0, N, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < N
+            mask_mn = mask_m[:, None] & mask_n[None, :]
+            mask_dn = (offs_d < D)[:, None] & mask_n[None, :]
+            k = _load_rows(K + b * stride_kb + h * stride_kh, offs_n, stride_kn, offs_d, mask_n, D)
+            v = _load_rows(V + b * stride_vb + h * stride_vh, offs_n, stride_vn, offs_d, mask_n, D)
+            s = _dot(q, tl.trans(k), IEEE) * qk_scale
+            if HAS_BIAS:
+                bias_offs = offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn
+                s += tl.load(bias_base + bias_offs, mask=mask_mn, other=0.0).to(tl.float32) * 1.4426950408889634
+            p = tl.where(mask_mn, tl.exp2(s - lse[:, None]), 0.0)  # [BLOCK_M, BLOCK_N]
+            # dv and dk as their transposes, [BLOCK_D, BLOCK_N] = [D, N] x [N, BLOCK_N]: the loop-invariant dO and q
+            # are then the left operands, which the tensor cores read from shared memory, rather than right
+            # operands of a 16-row product, which Triton keeps in registers across the loop.
+            dv_t = tl.dot(tl.trans(do), p.to(do.dtype))
+            ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])
+            dk_t = tl.dot(tl.trans(q), ds.to(q.dtype))
+            dq = tl.dot(ds.to(k.dtype), k, dq)  # accumulates in place: no second [BLOCK_M, BLOCK_D] fp32 tile
+            tl.store(
+                DK + b * stride_dkb + h * stride_dkh + offs_n[None, :] * stride_dkn + offs_d[:, None],
+                (dk_t * sm_scale).to(DK.dtype.element_ty),
+                mask=mask_dn,
+            )
+            tl.store(
+                DV + b * stride_dvb + h * stride_dvh + offs_n[None, :] * stride_dvn + offs_d[:, None],
+                dv_t.to(DV.dtype.element_ty),
+                mask=mask_dn,
+            )
+            if BIAS_GRAD:
+                dbias_ptrs = dbias_base + (offs_m[:, None] * stride_dbm + offs_n[None, :])
+                # As a [BLOCK_N] vector: the interpreter takes no scalar condition in a mask.
+                not_first = tl.full([BLOCK_N], b, tl.int32) > b_start
+                prev = tl.load(dbias_ptrs, mask=mask_mn & not_first[None, :], other=0.0)
+                tl.store(dbias_ptrs, prev + ds, mask=mask_mn)
+                tl.debug_barrier()
+        tl.store(
+            DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :],
+            (dq * sm_scale).to(DQ.dtype.element_ty),
+            mask=mask_md,
+        )
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Host launchers
 
@@ -344,6 +432,12 @@ def _block_config(kind: str, head_dim: int, dtype: torch.dtype, shared: int) -> 
     backward 1.39 ms with a 64 x 32 dq tile against 1.53 at 64 x 64; 64 x 64 stayed the fastest dk/dv tile. The
     other entries are untimed. Known spills: the half-precision dk/dv kernel at 255 registers, about 350 bytes a
     thread on sm80 to sm89 and 30 on sm90."""
+    if kind == "fused":
+        # BLOCK_M is N's power of two, set by the launcher; only GPUs with 160 KiB of shared memory a block take
+        # this kernel (``_fused_backward``). Untimed (2026-11-27, no GPU): 16 keys and 8 warps, the all-queries
+        # dk/dv kernel's tile; dq's [N, D] fp32 accumulator comes on top, and ptxas (sm90, bf16, D = 64) spills
+        # 340 bytes a thread with Triton 3.6, 224 with 3.9. ``bench/tune_attention.py --kinds fused`` times it.
+        return dict(BLOCK_N=16, num_warps=8, num_stages=1 if interpreting() else 2)
     if kind == "dkdv_allq":
         # BLOCK_M is N's power of two, set by the launcher. From ptxas at N = 197, D = 64, bf16: with Triton 3.6,
         # 16 keys, 8 warps and two stages fit sm90 in 229 registers without spills, where 32 keys spill 120 to 324
@@ -479,17 +573,40 @@ def _all_queries(N: int, D: int, dtype: torch.dtype, device: torch.device | None
     return DKDV_ALL_QUERIES
 
 
-def _num_groups(B: int, H: int, n_blocks: int, device: torch.device, batch_broadcast: bool, scale: int = 1) -> int:
-    """How many batch groups the dk/dv kernel uses: enough programs to fill the GPU (times ``scale``), few enough
-    partial bias buffers to stay far below [B, H, N, N]."""
+def _num_groups(B: int, H: int, n_blocks: int, device: torch.device, batch_broadcast: bool, scale: float = 1,
+                per_sm: int = 4) -> int:  # fmt: skip
+    """How many batch groups the dk/dv kernel uses: enough programs to fill the GPU (``per_sm`` a multiprocessor,
+    times ``scale``), few enough partial bias buffers to stay far below [B, H, N, N]."""
     if not batch_broadcast or B == 1:
         return B
     if device.type == "cuda":
-        target = fill_programs(device)
+        target = fill_programs(device, per_sm)
     else:
         target = 2 * n_blocks * H  # the interpreter: two groups, so the grouping path is exercised
-    groups = max(1, math.ceil(target / (n_blocks * H))) * scale
+    groups = round(max(1, math.ceil(target / (n_blocks * H))) * scale)
     return max(1, min(groups, B // 2))
+
+
+# The fused backward (``_attn_bwd_fused_kernel``: dq, dk, dv and the bias gradient in one kernel) for sequences of at
+# most this many tokens, in half precision at D <= 64. Off by default: it is untimed (written 2026-11-27 without a
+# GPU; ``bench/tune_attention.py --kinds fused`` times it against the default, and ``train_throughput.py --tuned``
+# installs it where it wins). BEIT_KERNELS_ATTN_BWD_FUSED=1 switches it on wherever it applies. Its programs are
+# large (an [N, D] fp32 accumulator and [N, 16] tiles at 8 warps), so it fills the GPU with one per multiprocessor.
+_FUSED_ENV = os.environ.get("BEIT_KERNELS_ATTN_BWD_FUSED", "")
+if _FUSED_ENV not in ("", "0", "1"):
+    raise ValueError(f"BEIT_KERNELS_ATTN_BWD_FUSED must be 0 or 1, got {_FUSED_ENV!r}")
+BWD_FUSED: bool = _FUSED_ENV == "1"
+FUSED_MAX_N = 256
+FUSED_PROGRAMS_PER_SM = 1
+
+
+def _fused_backward(N: int, D: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the backward takes the fused kernel at this shape on ``device``. It asks for 146 KiB of shared
+    memory a block on sm80, sm86, sm89 and sm120 (``bench/kernel_resources.py``, Triton 3.6 and 3.9): GPUs with
+    less (sm86, sm89, sm120: 99 KiB) keep the two kernels."""
+    if not (BWD_FUSED and N <= FUSED_MAX_N and D <= 64 and dtype != torch.float32):
+        return False
+    return block_shared_memory(device) >= 160 * 1024  # unbounded in the interpreter
 
 
 def attention_bwd(do, q, k, v, bias, o, lse, scale: float, bias_grad: bool, packed: bool = False):
@@ -505,12 +622,74 @@ def attention_bwd(do, q, k, v, bias, o, lse, scale: float, bias_grad: bool, pack
     else:
         dq, dk, dv = (torch.empty((B, N, H, D), device=q.device, dtype=q.dtype).permute(0, 2, 1, 3)
                       for _ in range(3))  # fmt: skip
-    delta = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
+    launch = _launch_fused_bwd if _fused_backward(N, D, q.dtype, q.device) else _launch_two_kernel_bwd
+    dbias_partial = launch(do, q, k, v, bias, o, lse, dq, dk, dv, scale, bias_grad)
+    grads = (dqkv,) if packed else (dq, dk, dv)
+    if not bias_grad:
+        return *grads, torch.empty(0, device=q.device, dtype=q.dtype)
+    if _batch_broadcast(bias, B, H, N):
+        dbias = dbias_partial.sum(0, keepdim=True)  # [G, H, N, N] -> [1, H, N, N], in a fixed order
+    else:
+        dbias = dbias_partial  # G == B: one partial per batch, already [B, H, N, N]
+    return *grads, dbias.sum_to_size(bias.shape).to(bias.dtype)
+
+
+def _partial_bias_grad(groups: int, H: int, N: int, bias_grad: bool, zeroed: bool, device) -> torch.Tensor:
+    """The fp32 [G, H, N, N] buffer the dk/dv kernels sum the bias gradient into (a dummy without one)."""
+    if not bias_grad:
+        return torch.empty((1, 1, 1, 1), device=device, dtype=torch.float32)
+    return (torch.zeros if zeroed else torch.empty)((groups, H, N, N), device=device, dtype=torch.float32)
+
+
+def _group_sizes(B: int, groups: int) -> tuple[int, int]:
+    """(batches per group, groups) with no empty group."""
+    per_group = math.ceil(B / groups)
+    return per_group, math.ceil(B / per_group)
+
+
+def _batch_broadcast(bias: torch.Tensor | None, B: int, H: int, N: int) -> bool:
+    """Whether the bias is shared over the batch, so its gradient sums over batch groups."""
+    return bias is not None and bias.expand(B, H, N, N).stride(0) == 0
+
+
+def _launch_fused_bwd(do, q, k, v, bias, o, lse, dq, dk, dv, scale, bias_grad) -> torch.Tensor:
+    """``_attn_bwd_fused_kernel`` on a (H, groups) grid; returns the bias gradient's [G, H, N, N] partials."""
+    B, H, N, D = q.shape
+    bias_v, sb = _bias_view(bias, B, H, N, q)
+    cfg = _block_config("fused", D, q.dtype, block_shared_memory(q.device))
+    cfg["BLOCK_M"] = max(16, triton.next_power_of_2(N))
+    broadcast = _batch_broadcast(bias, B, H, N)
+    groups = _num_groups(B, H, 1, q.device, broadcast, per_sm=FUSED_PROGRAMS_PER_SM) if bias_grad else B
+    per_group, groups = _group_sizes(B, groups)
+    # Every element of a group's partial is stored by its first batch: no zeroing.
+    dbias_partial = _partial_bias_grad(groups, H, N, bias_grad, False, q.device)
+    _attn_bwd_fused_kernel[(H, groups)](
+        q, k, v, bias_v, o, do, lse, dq, dk, dv, dbias_partial,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        *sb,
+        o.stride(0), o.stride(1), o.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2),
+        dv.stride(0), dv.stride(1), dv.stride(2),
+        dbias_partial.stride(0), dbias_partial.stride(1), dbias_partial.stride(2),
+        B, H, N, D, per_group, scale * LOG2E, scale,
+        HAS_BIAS=bias is not None, BIAS_GRAD=bias_grad, IEEE=False, BLOCK_D=max(16, triton.next_power_of_2(D)),
+        **cfg,
+    )  # fmt: skip
+    return dbias_partial
+
+
+def _launch_two_kernel_bwd(do, q, k, v, bias, o, lse, dq, dk, dv, scale, bias_grad) -> torch.Tensor:
+    """The dq kernel, then a dk/dv kernel; returns the bias gradient's [G, H, N, N] partials."""
+    B, H, N, D = q.shape
     bias_v, sb = _bias_view(bias, B, H, N, q)
     block_d = max(16, triton.next_power_of_2(D))
     ieee = q.dtype == torch.float32
-
     shared = block_shared_memory(q.device)
+    delta = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
     cfg = _block_config("dq", D, q.dtype, shared)
     _attn_bwd_dq_kernel[(triton.cdiv(N, cfg["BLOCK_M"]), B * H)](
         q, k, v, bias_v, o, do, lse, delta, dq,
@@ -530,17 +709,12 @@ def attention_bwd(do, q, k, v, bias, o, lse, scale: float, bias_grad: bool, pack
     if all_queries:
         cfg["BLOCK_M"] = max(16, triton.next_power_of_2(N))
     n_blocks = triton.cdiv(N, cfg["BLOCK_N"])
-    batch_broadcast = bias is not None and sb[0] == 0
     scale_groups = ALL_QUERIES_GROUP_SCALE if all_queries else 1
-    groups = _num_groups(B, H, n_blocks, q.device, batch_broadcast, scale_groups) if bias_grad else B
-    per_group = math.ceil(B / groups)
-    groups = math.ceil(B / per_group)
-    if bias_grad:
-        # The all-queries kernel stores every element of its partial once; the other adds into it.
-        alloc = torch.empty if all_queries else torch.zeros
-        dbias_partial = alloc((groups, H, N, N), device=q.device, dtype=torch.float32)
-    else:
-        dbias_partial = torch.empty((1, 1, 1, 1), device=q.device, dtype=torch.float32)
+    broadcast = _batch_broadcast(bias, B, H, N)
+    groups = _num_groups(B, H, n_blocks, q.device, broadcast, scale_groups) if bias_grad else B
+    per_group, groups = _group_sizes(B, groups)
+    # The all-queries kernel stores every element of its partial once; the other adds into it.
+    dbias_partial = _partial_bias_grad(groups, H, N, bias_grad, not all_queries, q.device)
     kernel = _attn_bwd_dkdv_allq_kernel if all_queries else _attn_bwd_dkdv_kernel
     kernel[(n_blocks, H, groups)](
         q, k, v, bias_v, do, lse, delta, dk, dv, dbias_partial,
@@ -555,15 +729,7 @@ def attention_bwd(do, q, k, v, bias, o, lse, scale: float, bias_grad: bool, pack
         B, H, N, D, per_group, scale * LOG2E, scale,
         HAS_BIAS=bias is not None, BIAS_GRAD=bias_grad, IEEE=ieee, BLOCK_D=block_d, **cfg,
     )  # fmt: skip
-
-    grads = (dqkv,) if packed else (dq, dk, dv)
-    if not bias_grad:
-        return *grads, torch.empty(0, device=q.device, dtype=q.dtype)
-    if batch_broadcast:
-        dbias = dbias_partial.sum(0, keepdim=True)  # [G, H, N, N] -> [1, H, N, N], in a fixed order
-    else:
-        dbias = dbias_partial  # G == B: one partial per batch, already [B, H, N, N]
-    return *grads, dbias.sum_to_size(bias.shape).to(bias.dtype)
+    return dbias_partial
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -184,21 +184,27 @@ def test_tune_attention_quick_run_times_every_kind(tmp_path):
     import tune_attention
 
     attn = tune_attention.attn
-    before = (attn._block_config, attn._num_groups, attn.DKDV_ALL_QUERIES)
+    before = (attn._block_config, attn._num_groups, attn.DKDV_ALL_QUERIES, attn.BWD_FUSED)
     out = tmp_path / "tune.json"
-    launched = []
-    real = attn._attn_bwd_dkdv_allq_kernel
-    attn._attn_bwd_dkdv_allq_kernel = type("Spy", (), {"__getitem__": lambda s, g: launched.append(g) or real[g]})()
+    launched = {"_attn_bwd_dkdv_allq_kernel": [], "_attn_bwd_fused_kernel": []}
+    real = {name: getattr(attn, name) for name in launched}
+
+    def spy(name):
+        return type("Spy", (), {"__getitem__": lambda s, g: launched[name].append(g) or real[name][g]})()
+
+    for name in launched:
+        setattr(attn, name, spy(name))
     try:
         rows = tune_attention.main(["--quick", "--rep-ms", "1", "--out", str(out)])
     finally:
-        attn._attn_bwd_dkdv_allq_kernel = real
-    assert (attn._block_config, attn._num_groups, attn.DKDV_ALL_QUERIES) == before
-    assert launched  # the dkdv_allq kind ran the all-queries kernel
+        for name, fn in real.items():
+            setattr(attn, name, fn)
+    assert (attn._block_config, attn._num_groups, attn.DKDV_ALL_QUERIES, attn.BWD_FUSED) == before
+    assert all(launched.values())  # the dkdv_allq and fused kinds ran their kernels
     assert not [r for r in rows if r["metric"] == "error"], rows
-    assert {r["mode"] for r in rows if r["metric"] == "time"} == {"fwd", "dq", "dkdv", "dkdv_allq"}
+    assert {r["mode"] for r in rows if r["metric"] == "time"} == {"fwd", "dq", "dkdv", "dkdv_allq", "fused"}
     assert all(r["p50"] > 0 and r["config"]["BLOCK_N"] for r in rows)
-    assert all("BLOCK_M" in r["config"] for r in rows if r["mode"] != "dkdv_allq")
+    assert all("BLOCK_M" in r["config"] for r in rows if r["mode"] not in ("dkdv_allq", "fused"))
     assert json.loads(out.read_text()) == rows
 
 
@@ -360,6 +366,13 @@ def test_apply_tuning_chooses_winners_beyond_the_margin_only(monkeypatch):
     assert chosen["dkdv"]["mode"] == "dkdv_allq" and chosen["dkdv"]["baseline_p50"] == 2.0
     # Where the all-queries kernel is the default (sm90), its first candidate is the baseline: nothing beats 1.5.
     monkeypatch.setattr(tune_attention.attn, "DKDV_ALL_QUERIES", True)
+    assert set(apply_tuning.choose(rows, min_gain=0.03)) == {"ln_bwd"}
+    # The fused backward competes in the same family; where it is the default, its first candidate is the baseline.
+    f0, f1 = tune_attention.CANDIDATES["fused"][:2]
+    rows += [_sweep_row("fused", f0, 1.4, 1), _sweep_row("fused", f1, 1.45, 1)]
+    chosen = apply_tuning.choose(rows, min_gain=0.03)
+    assert chosen["dkdv"]["mode"] == "fused" and chosen["dkdv"]["baseline_p50"] == 1.5
+    monkeypatch.setattr(tune_attention.attn, "BWD_FUSED", True)
     assert set(apply_tuning.choose(rows, min_gain=0.03)) == {"ln_bwd"}
 
 

@@ -147,6 +147,56 @@ def test_all_queries_dkdv_kernel(monkeypatch, shape, bias_kind):
     assert len(launched) == 1 and launched[0][1] == H
 
 
+@pytest.mark.parametrize(
+    "shape", [(3, 2, 50, 64), (2, 3, 7, 32), (5, 1, 33, 16), (6, 2, 19, 32)], ids=lambda s: "x".join(map(str, s))
+)
+@pytest.mark.parametrize("bias_kind", ["none", "HNN", "1HNN", "BHNN"])
+def test_fused_backward_kernel(monkeypatch, shape, bias_kind):
+    """The fused backward (off by default), switched on: one launch on an (H, groups) grid gives the gradients
+    within the error bound. Its partial bias buffer is not zeroed: here it starts as NaN, so a partial element
+    that a group's first batch did not store would reach the gradient."""
+    attn_mod = importlib.import_module("beit_kernels.attention")
+    monkeypatch.setattr(attn_mod, "BWD_FUSED", True)
+    B, H, N, D = shape
+    cpu = torch.device("cpu")
+    assert attn_mod._fused_backward(N, D, torch.float16, cpu) and not attn_mod._fused_backward(N, D, torch.float32, cpu)
+    assert not attn_mod._fused_backward(257, 64, torch.float16, cpu)
+    assert not attn_mod._fused_backward(N, 128, torch.float16, cpu)
+    # Where a block gets under 160 KiB of shared memory (sm86, sm89, sm120), the two kernels stay.
+    for shared, fused in ((99 * 1024, False), (163 * 1024, True), (227 * 1024, True)):
+        with monkeypatch.context() as m:
+            m.setattr(attn_mod, "block_shared_memory", lambda device, shared=shared: shared)
+            assert attn_mod._fused_backward(N, D, torch.float16, cpu) == fused
+    launched, partials = [], []
+    real = attn_mod._attn_bwd_fused_kernel
+    monkeypatch.setattr(
+        attn_mod,
+        "_attn_bwd_fused_kernel",
+        type("Spy", (), {"__getitem__": lambda self, grid: launched.append(grid) or real[grid]})(),
+    )
+    real_partial = attn_mod._partial_bias_grad
+
+    def nan_partial(groups, H, N, bias_grad, zeroed, device):
+        buf = real_partial(groups, H, N, bias_grad, zeroed, device)
+        partials.append(buf.shape)
+        return buf if zeroed else buf.fill_(float("nan"))
+
+    monkeypatch.setattr(attn_mod, "_partial_bias_grad", nan_partial)
+    for name in ("_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dkdv_allq_kernel"):
+        monkeypatch.setattr(attn_mod, name, None)  # the two-kernel path must not run
+    check(*make_inputs(B, H, N, D, torch.float16, bias_shapes(B, H, N)[bias_kind]))
+    groups = {"none": B, "HNN": min(2, max(1, B // 2)), "1HNN": min(2, max(1, B // 2)), "BHNN": B}[bias_kind]
+    assert launched == [(H, groups)]
+    if bias_kind != "none":
+        assert partials == [(groups, H, N, N)]
+
+
+def test_fused_backward_at_beit_length(monkeypatch):
+    """N = 197: every query in one 256-row tile, the last key block partial."""
+    monkeypatch.setattr(importlib.import_module("beit_kernels.attention"), "BWD_FUSED", True)
+    check(*make_inputs(3, 2, 197, 64, torch.float16, (2, 197, 197)))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_strided_views_of_packed_qkv(dtype):
     B, N, H, D = 3, 50, 2, 32
@@ -220,19 +270,26 @@ def test_qkvpacked_bad_inputs():
         beit_kernels.attention_qkvpacked(torch.randn(2, 7, 3, 2, 16, 2, device=DEVICE)[..., 0])
 
 
-def test_all_queries_switch_from_the_environment():
-    """BEIT_KERNELS_DKDV_ALL_QUERIES: 1 switches the kernel on for a run, 0 off, unset leaves it to the device
-    (sm90 only), anything else is refused."""
+@pytest.mark.parametrize(
+    "variable, attribute, unset",
+    [
+        ("BEIT_KERNELS_DKDV_ALL_QUERIES", "DKDV_ALL_QUERIES", "None"),
+        ("BEIT_KERNELS_ATTN_BWD_FUSED", "BWD_FUSED", "False"),
+    ],
+)
+def test_backward_switches_from_the_environment(variable, attribute, unset):
+    """1 switches the kernel on for a run, 0 off, unset leaves the default (the all-queries kernel: the device's,
+    sm90 only; the fused backward: off), anything else is refused."""
     import subprocess
     import sys
 
-    code = "import importlib; print(importlib.import_module('beit_kernels.attention').DKDV_ALL_QUERIES)"
+    code = f"import importlib; print(importlib.import_module('beit_kernels.attention').{attribute})"
     env = dict(os.environ, TRITON_INTERPRET="1")
-    for value, out in (("1", "True"), ("0", "False"), ("", "None")):
-        run = subprocess.run([sys.executable, "-c", code], env=dict(env, BEIT_KERNELS_DKDV_ALL_QUERIES=value),
+    for value, out in (("1", "True"), ("0", "False"), ("", unset)):
+        run = subprocess.run([sys.executable, "-c", code], env=dict(env, **{variable: value}),
                              capture_output=True, text=True)  # fmt: skip
         assert run.returncode == 0 and run.stdout.strip() == out, run.stderr[-500:]
-    run = subprocess.run([sys.executable, "-c", code], env=dict(env, BEIT_KERNELS_DKDV_ALL_QUERIES="yes"),
+    run = subprocess.run([sys.executable, "-c", code], env=dict(env, **{variable: "yes"}),
                          capture_output=True, text=True)  # fmt: skip
     assert run.returncode != 0 and "must be 0 or 1" in run.stderr
 
@@ -371,15 +428,17 @@ def test_all_queries_default_is_sm90_only_and_scales_its_groups(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("all_queries", [True, False])
+@pytest.mark.parametrize("kernel", ["all_queries", "dkdv", "fused"])
 @pytest.mark.parametrize("bias_kind", ["HNN", "BHNN"])
-def test_gpu_dkdv_kernels_real_shape(monkeypatch, bias_kind, all_queries):
-    """Both dk/dv kernels (the all-queries one is the default on sm90, the other elsewhere), compiled for this
-    GPU, at BEiT-B's shape in bf16."""
+def test_gpu_backward_kernels_real_shape(monkeypatch, bias_kind, kernel):
+    """Every backward (the all-queries dk/dv kernel is the default on sm90, the other elsewhere; the fused one is
+    off by default), compiled for this GPU, at BEiT-B's shape in bf16."""
     attn_mod = importlib.import_module("beit_kernels.attention")
-    monkeypatch.setattr(attn_mod, "DKDV_ALL_QUERIES", all_queries)
+    monkeypatch.setattr(attn_mod, "DKDV_ALL_QUERIES", kernel == "all_queries")
+    monkeypatch.setattr(attn_mod, "BWD_FUSED", kernel == "fused")
     B, H, N, D = 8, 12, 197, 64
-    assert attn_mod._all_queries(N, D, torch.bfloat16, torch.device(DEVICE)) == all_queries
+    assert attn_mod._all_queries(N, D, torch.bfloat16, torch.device(DEVICE)) == (kernel == "all_queries")
+    assert attn_mod._fused_backward(N, D, torch.bfloat16, torch.device(DEVICE)) == (kernel == "fused")
     check(*make_inputs(B, H, N, D, torch.bfloat16, bias_shapes(B, H, N)[bias_kind]))
 
 
