@@ -49,7 +49,8 @@ def _candidate(r: dict) -> tuple:
     if "candidate" in r:
         return tuple(r["candidate"])
     c = r["config"]
-    return (c.get("BLOCK_M", 0), c["BLOCK_N"], c["num_warps"], c["num_stages"])
+    cand = (c.get("BLOCK_M", 0), c["BLOCK_N"], c["num_warps"], c["num_stages"])
+    return cand + ((int(c["DKDV_T"]),) if "DKDV_T" in c else ())  # the fused backward's switch
 
 
 def choose(rows: list[dict], min_gain: float = 0.03) -> dict[str, dict]:

@@ -12,7 +12,7 @@ the candidates that table could hold, so the table is chosen from timings rather
            its (BLOCK_N, num_warps, num_stages) candidates (BLOCK_M is N's power of two), and group scales (on
            top of its default ``ALL_QUERIES_GROUP_SCALE``); ``dkdv`` switches it off
     fused  the whole backward in the fused kernel (``BWD_FUSED``, off by default), its (BLOCK_N, num_warps,
-           num_stages) candidates and group scales; the other backward kinds switch it off. It competes with the
+           num_stages, DKDV_T) candidates and group scales; the other backward kinds switch it off. It competes with the
            dk/dv kinds for one winner (``apply_tuning.py``): each times the whole backward
 
 Every row is checked against the default configuration's outputs first (a candidate that changes the result is
@@ -47,18 +47,21 @@ CANDIDATES = {
              (128, 64, 8, 2), (64, 128, 8, 2), (64, 64, 4, 1)],
     # BLOCK_M is set by the launcher (N's power of two); the 0 only fills the tuple.
     "dkdv_allq": [(0, 16, 8, 2), (0, 16, 8, 1), (0, 32, 8, 2), (0, 32, 16, 1), (0, 16, 4, 1), (0, 64, 16, 1)],
-    # From ptxas without a GPU (Triton 3.6, sm90, bf16, D = 64): 16 x 8 x 2 spills 340 bytes a thread, 16 x 16 x 1
-    # 464 (at 128 registers), 32 keys 620 to 780.
-    "fused": [(0, 16, 8, 2), (0, 16, 8, 1), (0, 16, 16, 1), (0, 32, 8, 1), (0, 32, 16, 1)],
+    # A fifth entry, DKDV_T: dk and dv as transposed products. From ptxas without a GPU (Triton 3.6, sm90, bf16,
+    # D = 64), bytes a thread spilled: 16 x 8 x 2 176, with DKDV_T 340; 16 x 16 x 1 184 (at 128 registers).
+    "fused": [(0, 16, 8, 2, 0), (0, 16, 8, 2, 1), (0, 16, 8, 1, 0), (0, 16, 16, 1, 0), (0, 16, 16, 1, 1),
+              (0, 32, 8, 1, 0)],
 }
 # Scales of the batch groups that ``_num_groups`` picks, the first candidate's; the all-queries kernel's default
 # is already 4x the fill (``ALL_QUERIES_GROUP_SCALE``), so its sweep also tries fewer.
 GROUP_SCALES = {"dkdv": (1, 2, 4, 8), "dkdv_allq": (1, 0.25, 0.5, 2), "fused": (1, 2, 0.5)}
 QUICK = {"fwd": [(16, 16, 4, 1), (32, 16, 4, 1)], "dq": [(16, 16, 4, 1)], "dkdv": [(16, 16, 4, 1)],
-         "dkdv_allq": [(0, 16, 4, 1)], "fused": [(0, 16, 4, 1)]}
+         "dkdv_allq": [(0, 16, 4, 1)], "fused": [(0, 16, 4, 1, 0), (0, 16, 4, 1, 1)]}
 
 
 def _config(c):
+    if len(c) == 5:  # the fused backward: no BLOCK_M here, and its DKDV_T switch
+        return dict(BLOCK_N=c[1], num_warps=c[2], num_stages=c[3], DKDV_T=bool(c[4]))
     if c[0] == 0:  # the all-queries kernel: no BLOCK_M here
         return dict(BLOCK_N=c[1], num_warps=c[2], num_stages=c[3])
     return dict(BLOCK_M=c[0], BLOCK_N=c[1], num_warps=c[2], num_stages=c[3])

@@ -341,7 +341,7 @@ def _attn_bwd_fused_kernel(
     stride_dbg, stride_dbh, stride_dbm,  #
     B, H, N, D, batches_per_group, qk_scale, sm_scale,  #
     HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, IEEE: tl.constexpr,  #
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,  #
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DKDV_T: tl.constexpr,  #
 ):  # fmt: skip
     """The whole backward in one kernel for N <= BLOCK_M: one program per (h, batch group) walks its batches and,
     per batch, the key blocks, with every query in one tile. q, dO and O are read once per batch (the two-kernel
@@ -371,31 +371,53 @@ def _attn_bwd_fused_kernel(
             offs_n = start_n + tl.arange(0, BLOCK_N)
             mask_n = offs_n < N
             mask_mn = mask_m[:, None] & mask_n[None, :]
-            mask_dn = (offs_d < D)[:, None] & mask_n[None, :]
             k = _load_rows(K + b * stride_kb + h * stride_kh, offs_n, stride_kn, offs_d, mask_n, D)
             v = _load_rows(V + b * stride_vb + h * stride_vh, offs_n, stride_vn, offs_d, mask_n, D)
             s = _dot(q, tl.trans(k), IEEE) * qk_scale
             if HAS_BIAS:
+                # Offsets in 32 bits, then one pointer add (here and for the bias gradient): a [BLOCK_M, BLOCK_N]
+                # tile of 64-bit pointers cost ptxas about 200 more bytes of spills a thread (sm90, 2026-11-27).
                 bias_offs = offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn
                 s += tl.load(bias_base + bias_offs, mask=mask_mn, other=0.0).to(tl.float32) * 1.4426950408889634
             p = tl.where(mask_mn, tl.exp2(s - lse[:, None]), 0.0)  # [BLOCK_M, BLOCK_N]
-            # dv and dk as their transposes, [BLOCK_D, BLOCK_N] = [D, N] x [N, BLOCK_N]: the loop-invariant dO and q
-            # are then the left operands, which the tensor cores read from shared memory, rather than right
-            # operands of a 16-row product, which Triton keeps in registers across the loop.
-            dv_t = tl.dot(tl.trans(do), p.to(do.dtype))
+            # With DKDV_T, dv and dk as their transposes, [BLOCK_D, BLOCK_N] = [D, N] x [N, BLOCK_N]: dO and q are
+            # then left operands, which Hopper's tensor cores read from shared memory, rather than right operands of
+            # a 16-row product, which Triton keeps in registers across the key loop. Products in this order: p dies
+            # before dq's product (ptxas spilled 100 bytes a thread more with dq's first, sm90, 2026-11-27).
+            if DKDV_T:
+                dv_t = tl.dot(tl.trans(do), p.to(do.dtype))
+            else:
+                dv = _dot(tl.trans(p), do, IEEE)
             ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])
-            dk_t = tl.dot(tl.trans(q), ds.to(q.dtype))
+            if DKDV_T:
+                dk_t = tl.dot(tl.trans(q), ds.to(q.dtype))
+            else:
+                dk = _dot(tl.trans(ds), q, IEEE)
             dq = tl.dot(ds.to(k.dtype), k, dq)  # accumulates in place: no second [BLOCK_M, BLOCK_D] fp32 tile
-            tl.store(
-                DK + b * stride_dkb + h * stride_dkh + offs_n[None, :] * stride_dkn + offs_d[:, None],
-                (dk_t * sm_scale).to(DK.dtype.element_ty),
-                mask=mask_dn,
-            )
-            tl.store(
-                DV + b * stride_dvb + h * stride_dvh + offs_n[None, :] * stride_dvn + offs_d[:, None],
-                dv_t.to(DV.dtype.element_ty),
-                mask=mask_dn,
-            )
+            if DKDV_T:
+                mask_dn = (offs_d < D)[:, None] & mask_n[None, :]
+                tl.store(
+                    DK + b * stride_dkb + h * stride_dkh + offs_n[None, :] * stride_dkn + offs_d[:, None],
+                    (dk_t * sm_scale).to(DK.dtype.element_ty),
+                    mask=mask_dn,
+                )
+                tl.store(
+                    DV + b * stride_dvb + h * stride_dvh + offs_n[None, :] * stride_dvn + offs_d[:, None],
+                    dv_t.to(DV.dtype.element_ty),
+                    mask=mask_dn,
+                )
+            else:
+                mask_nd = mask_n[:, None] & (offs_d < D)[None, :]
+                tl.store(
+                    DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
+                    (dk * sm_scale).to(DK.dtype.element_ty),
+                    mask=mask_nd,
+                )
+                tl.store(
+                    DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
+                    dv.to(DV.dtype.element_ty),
+                    mask=mask_nd,
+                )
             if BIAS_GRAD:
                 dbias_ptrs = dbias_base + (offs_m[:, None] * stride_dbm + offs_n[None, :])
                 # As a [BLOCK_N] vector: the interpreter takes no scalar condition in a mask.
@@ -435,9 +457,11 @@ def _block_config(kind: str, head_dim: int, dtype: torch.dtype, shared: int) -> 
     if kind == "fused":
         # BLOCK_M is N's power of two, set by the launcher; only GPUs with 160 KiB of shared memory a block take
         # this kernel (``_fused_backward``). Untimed (2026-11-27, no GPU): 16 keys and 8 warps, the all-queries
-        # dk/dv kernel's tile; dq's [N, D] fp32 accumulator comes on top, and ptxas (sm90, bf16, D = 64) spills
-        # 340 bytes a thread with Triton 3.6, 224 with 3.9. ``bench/tune_attention.py --kinds fused`` times it.
-        return dict(BLOCK_N=16, num_warps=8, num_stages=1 if interpreting() else 2)
+        # dk/dv kernel's tile; dq's [N, D] fp32 accumulator comes on top. ptxas (sm90, bf16, D = 64, Triton 3.6 /
+        # 3.9) spills 176 / 168 bytes a thread with 148 KiB of shared memory; DKDV_T (dk and dv as transposed
+        # products, all on Hopper's shared-memory tensor-core path) 340 / 224 with 84 KiB.
+        # ``bench/tune_attention.py --kinds fused`` times both.
+        return dict(BLOCK_N=16, num_warps=8, num_stages=1 if interpreting() else 2, DKDV_T=False)
     if kind == "dkdv_allq":
         # BLOCK_M is N's power of two, set by the launcher. From ptxas at N = 197, D = 64, bf16: with Triton 3.6,
         # 16 keys, 8 warps and two stages fit sm90 in 229 registers without spills, where 32 keys spill 120 to 324

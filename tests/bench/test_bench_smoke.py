@@ -334,10 +334,11 @@ def _sweep_row(mode, cand, p50, group_scale=None, metric="time"):
     r = dict(kernel="glue_tune", provider=f"{mode}:{cand}", mode=mode, metric=metric, p50=p50)
     if group_scale is None:
         r["candidate"] = list(cand)
-    else:  # the attention sweep's rows
-        keys = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
-        r.update(config={k: v for k, v in zip(keys, cand, strict=True) if not (k == "BLOCK_M" and v == 0)},
-                 group_scale=group_scale, shape=dict(B=3, H=2, N=197, D=64), dtype="bfloat16")  # fmt: skip
+    else:  # the attention sweep's rows, as tune_attention._config writes their configs
+        import tune_attention
+
+        r.update(config=tune_attention._config(cand), group_scale=group_scale, shape=dict(B=3, H=2, N=197, D=64),
+                 dtype="bfloat16")  # fmt: skip
     return r
 
 

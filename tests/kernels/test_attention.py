@@ -147,16 +147,29 @@ def test_all_queries_dkdv_kernel(monkeypatch, shape, bias_kind):
     assert len(launched) == 1 and launched[0][1] == H
 
 
+def _set_dkdv_t(monkeypatch, attn_mod, value: bool):
+    """The fused backward's tile, with dk and dv as transposed products (``DKDV_T``) or not."""
+    base_config = attn_mod._block_config
+
+    def config(kind, *args):
+        cfg = base_config(kind, *args)
+        return dict(cfg, DKDV_T=value) if kind == "fused" else cfg
+
+    monkeypatch.setattr(attn_mod, "_block_config", config)
+
+
 @pytest.mark.parametrize(
     "shape", [(3, 2, 50, 64), (2, 3, 7, 32), (5, 1, 33, 16), (6, 2, 19, 32)], ids=lambda s: "x".join(map(str, s))
 )
 @pytest.mark.parametrize("bias_kind", ["none", "HNN", "1HNN", "BHNN"])
-def test_fused_backward_kernel(monkeypatch, shape, bias_kind):
-    """The fused backward (off by default), switched on: one launch on an (H, groups) grid gives the gradients
-    within the error bound. Its partial bias buffer is not zeroed: here it starts as NaN, so a partial element
-    that a group's first batch did not store would reach the gradient."""
+@pytest.mark.parametrize("dkdv_t", [False, True], ids=["dkdv", "dkdv_t"])
+def test_fused_backward_kernel(monkeypatch, shape, bias_kind, dkdv_t):
+    """The fused backward (off by default), switched on, with dk and dv as plain or transposed products: one launch
+    on an (H, groups) grid gives the gradients within the error bound. Its partial bias buffer is not zeroed: here
+    it starts as NaN, so a partial element that a group's first batch did not store would reach the gradient."""
     attn_mod = importlib.import_module("beit_kernels.attention")
     monkeypatch.setattr(attn_mod, "BWD_FUSED", True)
+    _set_dkdv_t(monkeypatch, attn_mod, dkdv_t)
     B, H, N, D = shape
     cpu = torch.device("cpu")
     assert attn_mod._fused_backward(N, D, torch.float16, cpu) and not attn_mod._fused_backward(N, D, torch.float32, cpu)
@@ -192,9 +205,24 @@ def test_fused_backward_kernel(monkeypatch, shape, bias_kind):
 
 
 def test_fused_backward_at_beit_length(monkeypatch):
-    """N = 197: every query in one 256-row tile, the last key block partial."""
-    monkeypatch.setattr(importlib.import_module("beit_kernels.attention"), "BWD_FUSED", True)
-    check(*make_inputs(3, 2, 197, 64, torch.float16, (2, 197, 197)))
+    """N = 197 (every query in one 256-row tile, the last key block partial), on the model's packed qkv: the fused
+    backward's dqkv and bias gradient against the two kernels'."""
+    attn_mod = importlib.import_module("beit_kernels.attention")
+    B, N, H, D = 3, 197, 2, 64
+    g = torch.Generator().manual_seed(3)
+    qkv = torch.randn(B, N, 3, H, D, generator=g).to(DEVICE, torch.float16).requires_grad_()
+    bias = torch.randn(H, N, N, generator=g).to(DEVICE).requires_grad_()
+    do = torch.randn(B, N, H, D, generator=g).to(DEVICE, torch.float16)
+    grads = {}
+    for fused in (False, True):
+        monkeypatch.setattr(attn_mod, "BWD_FUSED", fused)
+        beit_kernels.attention_qkvpacked(qkv, bias).backward(do)
+        grads[fused] = (qkv.grad, bias.grad)
+        qkv.grad = bias.grad = None
+    for a, b in zip(grads[True], grads[False], strict=True):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+    q, k, v = (t.detach().requires_grad_() for t in qkv.detach().permute(2, 0, 3, 1, 4).unbind(0))
+    check(q, k, v, bias, do.transpose(1, 2))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -428,17 +456,22 @@ def test_all_queries_default_is_sm90_only_and_scales_its_groups(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kernel", ["all_queries", "dkdv", "fused"])
+@pytest.mark.parametrize("kernel", ["all_queries", "dkdv", "fused", "fused_t"])
 @pytest.mark.parametrize("bias_kind", ["HNN", "BHNN"])
 def test_gpu_backward_kernels_real_shape(monkeypatch, bias_kind, kernel):
-    """Every backward (the all-queries dk/dv kernel is the default on sm90, the other elsewhere; the fused one is
-    off by default), compiled for this GPU, at BEiT-B's shape in bf16."""
+    """Every backward (the all-queries dk/dv kernel is the default on sm90, the other elsewhere; the fused one, with
+    dk and dv as plain or transposed products, is off by default), compiled for this GPU, at BEiT-B's shape in
+    bf16."""
     attn_mod = importlib.import_module("beit_kernels.attention")
+    fused = kernel.startswith("fused")
+    if fused and attn_mod.block_shared_memory(torch.device(DEVICE)) < 160 * 1024:
+        pytest.skip("the fused backward needs 160 KiB of shared memory a block")
     monkeypatch.setattr(attn_mod, "DKDV_ALL_QUERIES", kernel == "all_queries")
-    monkeypatch.setattr(attn_mod, "BWD_FUSED", kernel == "fused")
+    monkeypatch.setattr(attn_mod, "BWD_FUSED", fused)
+    _set_dkdv_t(monkeypatch, attn_mod, kernel == "fused_t")
     B, H, N, D = 8, 12, 197, 64
     assert attn_mod._all_queries(N, D, torch.bfloat16, torch.device(DEVICE)) == (kernel == "all_queries")
-    assert attn_mod._fused_backward(N, D, torch.bfloat16, torch.device(DEVICE)) == (kernel == "fused")
+    assert attn_mod._fused_backward(N, D, torch.bfloat16, torch.device(DEVICE)) == fused
     check(*make_inputs(B, H, N, D, torch.bfloat16, bias_shapes(B, H, N)[bias_kind]))
 
 
