@@ -400,6 +400,14 @@ def test_apply_tuning_installs_for_the_run_and_rows_record_it(tmp_path):
     assert not harness.TUNED
     assert (ln._BWD_LOOP_STAGES, ln._BWD_JOINT_SUMS, ln._BWD_PROGRAMS_PER_SM) == (2, False, 8)
     assert attn.DKDV_ALL_QUERIES is None
+    # The fused backward as the dk/dv family's winner: switched on with its tile.
+    with contextlib.ExitStack() as stack:
+        applied = apply_tuning.install({"dkdv": dict(mode="fused", candidate=[0, 16, 8, 2, 1], group_scale=2)}, stack)
+        assert applied == {"dkdv": "fused:0x16x8x2x1:g2"}
+        assert attn.BWD_FUSED and attn.DKDV_ALL_QUERIES is None  # unused while the fused kernel runs
+        cfg = attn._block_config("fused", 64, torch.bfloat16, 227 * 1024)
+        assert cfg == dict(BLOCK_N=16, num_warps=8, num_stages=2, DKDV_T=True)
+    assert attn.BWD_FUSED is False and attn.DKDV_ALL_QUERIES is None
 
     sweep = tmp_path / "sweep.json"
     l0, l1 = tune_glue.CANDIDATES["ln_fwd"][:2]
