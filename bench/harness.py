@@ -86,11 +86,12 @@ def kernel_switches() -> dict:
         attention = importlib.import_module("beit_kernels.attention")
     except Exception:  # noqa: BLE001  (no triton: no switches to report)
         return {}
-    flag = attention.DKDV_ALL_QUERIES
-    if flag is None:  # auto: as it resolves here at BEiT's attention shape
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        flag = attention._all_queries(197, 64, torch.bfloat16, device)
-    return {"dkdv_all_queries": flag, "tuned": dict(TUNED)}
+    # As the switches resolve here at BEiT's attention shape: the fused backward, where it runs, replaces the dk/dv
+    # kernels, so the all-queries one is reported off then.
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    fused = attention._fused_backward(197, 64, torch.bfloat16, device)
+    all_queries = not fused and attention._all_queries(197, 64, torch.bfloat16, device)
+    return {"dkdv_all_queries": all_queries, "attn_bwd_fused": fused, "tuned": dict(TUNED)}
 
 
 def time_fn(

@@ -8,7 +8,7 @@ architecture (sm80 to sm120) by Triton's own compiler (ptxas ships in the triton
 ``native_specialize_impl``, as a launch on that GPU would be. The step's launches are joined by two the step does
 not make: patch embedding from uint8 HWC images with normalisation in the kernel (what DALI hands over),
 attention at head dimensions 128 and 256, the all-queries dk/dv kernel (the default on sm90 only), the fused
-attention backward (off by default), and the DALL-E
+attention backward in both its forms (off by default), and the DALL-E
 tokenizer's fused glue (``conv_epilogue``, at every width
 of the full-size encoder, on a small view).
 
@@ -197,11 +197,18 @@ def extra_launches(dtype: torch.dtype, head_dims: list[int]) -> None:
     out.float().sum().backward()
     attention_module = importlib.import_module("beit_kernels.attention")
     # The half-precision backward kernels the default may not take: the all-queries dk/dv kernel (the default on
-    # sm90 only) and the fused backward (off by default), compiled for every target.
-    for switch in ("DKDV_ALL_QUERIES", "BWD_FUSED") if dtype != torch.float32 else ():
+    # sm90 only) and the fused backward (off by default) in both its forms, compiled for every target.
+    variants = [("DKDV_ALL_QUERIES", False), ("BWD_FUSED", False), ("BWD_FUSED", True)]
+    for switch, dkdv_t in variants if dtype != torch.float32 else ():
         with contextlib.ExitStack() as stack:
             stack.callback(setattr, attention_module, switch, getattr(attention_module, switch))
             setattr(attention_module, switch, True)
+            if dkdv_t:  # the fused backward's transposed dk and dv, which the attention sweep may install
+                base = attention_module._block_config
+                stack.callback(setattr, attention_module, "_block_config", base)
+                attention_module._block_config = lambda k, *a, base=base: dict(
+                    base(k, *a), **({"DKDV_T": True} if k == "fused" else {})
+                )
             H, N = 2, 197
             qkv = torch.randn(B, N, 3, H, 64, dtype=dtype, requires_grad=True)
             bias = torch.zeros(H, N, N, requires_grad=True)

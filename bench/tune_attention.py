@@ -95,9 +95,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     B, H, N, D = (3, 2, 37, 16) if args.quick else (int(s) for s in args.shape.split(","))
-    # fp16 in the interpreter (its bf16 dot is wrong, and fp32 takes neither the half-precision tiles nor the
-    # all-queries kernel).
-    dtype = torch.float16 if args.quick else getattr(torch, args.dtype)
+    # fp16 in the interpreter unless another dtype is asked for (its bf16 dot is wrong, and fp32 takes neither the
+    # half-precision tiles nor the all-queries or fused kernels).
+    dtype = torch.float16 if args.quick and args.dtype == "bfloat16" else getattr(torch, args.dtype)
     candidates = QUICK if args.quick else CANDIDATES
     env = harness.env_info(device)
     shape = dict(B=B, H=H, N=N, D=D)
@@ -139,8 +139,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if "dq" in kinds:
         for cand in candidates["dq"]:
             record("dq", cand, 1, bwd, bwd_close)
+    def applies(kind):  # the kernel a kind switches on may not take this shape, dtype or GPU
+        with _patched(kind, candidates[kind][0]):
+            if kind == "fused":
+                return attn._fused_backward(N, D, dtype, device)
+            return kind != "dkdv_allq" or attn._all_queries(N, D, dtype, device)
+
     for kind in ("dkdv", "dkdv_allq", "fused"):
         if kind not in kinds:
+            continue
+        if not applies(kind):
+            # Its rows would time the other backward under this kind's name, and could be installed as its winner.
+            print(f"tune_attention: {kind} does not apply at {shape}, {dtype} on this device: skipped", flush=True)
             continue
         for cand in candidates[kind]:
             record(kind, cand, 1, bwd, bwd_close)

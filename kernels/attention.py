@@ -440,10 +440,10 @@ MAX_HEAD_DIM = 256
 
 
 def _block_config(kind: str, head_dim: int, dtype: torch.dtype, shared: int) -> dict:
-    """Tile sizes of kernel ``kind`` ("fwd", "dq" or "dkdv") on a GPU with ``shared`` bytes of shared memory a
-    block. Not autotuned: the dk/dv kernel accumulates into its bias buffer, which autotuning's repeated launches
-    would corrupt, and one fixed table keeps results reproducible. In the interpreter, large tiles mean fewer
-    Python-level steps.
+    """Tile sizes of kernel ``kind`` ("fwd", "dq", "dkdv", "dkdv_allq" or "fused") on a GPU with ``shared`` bytes
+    of shared memory a block. Not autotuned: the dk/dv kernel accumulates into its bias buffer, which autotuning's
+    repeated launches would corrupt, and one fixed table keeps results reproducible. In the interpreter, large
+    tiles mean fewer Python-level steps.
 
     ``bench/kernel_resources.py --check`` compiles every entry as the launch specialises it, for sm80 to sm120,
     without a GPU, and a test runs it: each fits its GPU's shared memory. The three-stage forward
@@ -625,9 +625,9 @@ FUSED_PROGRAMS_PER_SM = 1
 
 
 def _fused_backward(N: int, D: int, dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether the backward takes the fused kernel at this shape on ``device``. It asks for 146 KiB of shared
-    memory a block on sm80, sm86, sm89 and sm120 (``bench/kernel_resources.py``, Triton 3.6 and 3.9): GPUs with
-    less (sm86, sm89, sm120: 99 KiB) keep the two kernels."""
+    """Whether the backward takes the fused kernel at this shape on ``device``. One of its two forms asks for 146
+    to 148 KiB of shared memory a block (``bench/kernel_resources.py``, Triton 3.6 and 3.9: the default on sm90
+    and sm100, ``DKDV_T`` on sm80): GPUs with less than 160 (sm86, sm89, sm120: 99 KiB) keep the two kernels."""
     if not (BWD_FUSED and N <= FUSED_MAX_N and D <= 64 and dtype != torch.float32):
         return False
     return block_shared_memory(device) >= 160 * 1024  # unbounded in the interpreter
@@ -651,7 +651,7 @@ def attention_bwd(do, q, k, v, bias, o, lse, scale: float, bias_grad: bool, pack
     grads = (dqkv,) if packed else (dq, dk, dv)
     if not bias_grad:
         return *grads, torch.empty(0, device=q.device, dtype=q.dtype)
-    if _batch_broadcast(bias, B, H, N):
+    if _batch_broadcast(bias):
         dbias = dbias_partial.sum(0, keepdim=True)  # [G, H, N, N] -> [1, H, N, N], in a fixed order
     else:
         dbias = dbias_partial  # G == B: one partial per batch, already [B, H, N, N]
@@ -671,9 +671,11 @@ def _group_sizes(B: int, groups: int) -> tuple[int, int]:
     return per_group, math.ceil(B / per_group)
 
 
-def _batch_broadcast(bias: torch.Tensor | None, B: int, H: int, N: int) -> bool:
-    """Whether the bias is shared over the batch, so its gradient sums over batch groups."""
-    return bias is not None and bias.expand(B, H, N, N).stride(0) == 0
+def _batch_broadcast(bias: torch.Tensor | None) -> bool:
+    """Whether the bias is shared over the batch by its shape, so its gradient sums over batch groups. By shape, not
+    by stride: a bias of batch size B that is an expanded view (stride 0) still gets one gradient per batch, which
+    autograd then sums through the expand."""
+    return bias is not None and (bias.dim() < 4 or bias.shape[0] == 1)
 
 
 def _launch_fused_bwd(do, q, k, v, bias, o, lse, dq, dk, dv, scale, bias_grad) -> torch.Tensor:
@@ -682,7 +684,7 @@ def _launch_fused_bwd(do, q, k, v, bias, o, lse, dq, dk, dv, scale, bias_grad) -
     bias_v, sb = _bias_view(bias, B, H, N, q)
     cfg = _block_config("fused", D, q.dtype, block_shared_memory(q.device))
     cfg["BLOCK_M"] = max(16, triton.next_power_of_2(N))
-    broadcast = _batch_broadcast(bias, B, H, N)
+    broadcast = _batch_broadcast(bias)
     groups = _num_groups(B, H, 1, q.device, broadcast, per_sm=FUSED_PROGRAMS_PER_SM) if bias_grad else B
     per_group, groups = _group_sizes(B, groups)
     # Every element of a group's partial is stored by its first batch: no zeroing.
@@ -734,7 +736,7 @@ def _launch_two_kernel_bwd(do, q, k, v, bias, o, lse, dq, dk, dv, scale, bias_gr
         cfg["BLOCK_M"] = max(16, triton.next_power_of_2(N))
     n_blocks = triton.cdiv(N, cfg["BLOCK_N"])
     scale_groups = ALL_QUERIES_GROUP_SCALE if all_queries else 1
-    broadcast = _batch_broadcast(bias, B, H, N)
+    broadcast = _batch_broadcast(bias)
     groups = _num_groups(B, H, n_blocks, q.device, broadcast, scale_groups) if bias_grad else B
     per_group, groups = _group_sizes(B, groups)
     # The all-queries kernel stores every element of its partial once; the other adds into it.

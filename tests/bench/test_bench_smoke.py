@@ -206,6 +206,10 @@ def test_tune_attention_quick_run_times_every_kind(tmp_path):
     assert all(r["p50"] > 0 and r["config"]["BLOCK_N"] for r in rows)
     assert all("BLOCK_M" in r["config"] for r in rows if r["mode"] not in ("dkdv_allq", "fused"))
     assert json.loads(out.read_text()) == rows
+    # fp32 takes neither the all-queries kernel nor the fused one: their kinds are skipped, not timed under their
+    # names with the other kernel running.
+    rows = tune_attention.main(["--quick", "--rep-ms", "1", "--dtype", "float32", "--kinds", "dkdv_allq,fused"])
+    assert rows == []
 
 
 def test_plot_draws_one_panel_per_kernel_and_merges_mixed_dtype_providers(tmp_path):

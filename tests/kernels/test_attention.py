@@ -117,6 +117,24 @@ def test_other_broadcast_bias_shapes(bias_shape):
     check(*make_inputs(3, 2, 7, 16, torch.float32, bias_shape))
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["two_kernels", "fused"])
+def test_bias_as_an_expanded_view(monkeypatch, fused):
+    """A shared [H, N, N] bias passed as its expand to [B, H, N, N] (stride 0 over the batch): the op returns one
+    gradient per batch, and autograd sums them into the shared bias once, through the expand."""
+    monkeypatch.setattr(importlib.import_module("beit_kernels.attention"), "BWD_FUSED", fused)
+    B, H, N, D = 3, 2, 20, 16
+    q, k, v, bias, do = make_inputs(B, H, N, D, torch.float16, (H, N, N))
+    beit_kernels.attention(q, k, v, bias.expand(B, H, N, N)).backward(do)
+    ours = bias.grad.clone()
+    bias.grad = None
+    beit_kernels.attention(q, k, v, bias).backward(do)
+    torch.testing.assert_close(ours, bias.grad, rtol=1e-3, atol=1e-4)
+    b64 = bias.detach().double().requires_grad_()
+    qkv64 = [t.detach().double() for t in (q, k, v)]
+    reference.attention(*qkv64, b64.expand(B, H, N, N)).backward(do.double())
+    assert (ours.double() - b64.grad).abs().max().item() < 2e-2 * max(1.0, b64.grad.abs().max().item())
+
+
 @pytest.mark.parametrize("bias_kind", ["HNN", "BHNN"])
 def test_bias_without_gradient(bias_kind):
     B, H, N, D = 2, 3, 20, 32
@@ -147,6 +165,26 @@ def test_all_queries_dkdv_kernel(monkeypatch, shape, bias_kind):
     assert len(launched) == 1 and launched[0][1] == H
 
 
+def _spy_fused(monkeypatch, attn_mod) -> list:
+    """Record each launch of the fused backward as (grid, shape of its partial bias buffer), with that buffer
+    filled with NaN first: it is not zeroed, so an element a group's first batch did not store would reach the
+    gradient."""
+    launched = []
+    real = attn_mod._attn_bwd_fused_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                partial = args[10]  # DBIAS
+                launched.append((grid, tuple(partial.shape)))
+                return real[grid](*args[:10], partial.fill_(float("nan")), *args[11:], **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(attn_mod, "_attn_bwd_fused_kernel", Spy())
+    return launched
+
+
 def _set_dkdv_t(monkeypatch, attn_mod, value: bool):
     """The fused backward's tile, with dk and dv as transposed products (``DKDV_T``) or not."""
     base_config = attn_mod._block_config
@@ -165,8 +203,7 @@ def _set_dkdv_t(monkeypatch, attn_mod, value: bool):
 @pytest.mark.parametrize("dkdv_t", [False, True], ids=["dkdv", "dkdv_t"])
 def test_fused_backward_kernel(monkeypatch, shape, bias_kind, dkdv_t):
     """The fused backward (off by default), switched on, with dk and dv as plain or transposed products: one launch
-    on an (H, groups) grid gives the gradients within the error bound. Its partial bias buffer is not zeroed: here
-    it starts as NaN, so a partial element that a group's first batch did not store would reach the gradient."""
+    on an (H, groups) grid gives the gradients within the error bound, its partial bias buffer starting as NaN."""
     attn_mod = importlib.import_module("beit_kernels.attention")
     monkeypatch.setattr(attn_mod, "BWD_FUSED", True)
     _set_dkdv_t(monkeypatch, attn_mod, dkdv_t)
@@ -180,28 +217,13 @@ def test_fused_backward_kernel(monkeypatch, shape, bias_kind, dkdv_t):
         with monkeypatch.context() as m:
             m.setattr(attn_mod, "block_shared_memory", lambda device, shared=shared: shared)
             assert attn_mod._fused_backward(N, D, torch.float16, cpu) == fused
-    launched, partials = [], []
-    real = attn_mod._attn_bwd_fused_kernel
-    monkeypatch.setattr(
-        attn_mod,
-        "_attn_bwd_fused_kernel",
-        type("Spy", (), {"__getitem__": lambda self, grid: launched.append(grid) or real[grid]})(),
-    )
-    real_partial = attn_mod._partial_bias_grad
-
-    def nan_partial(groups, H, N, bias_grad, zeroed, device):
-        buf = real_partial(groups, H, N, bias_grad, zeroed, device)
-        partials.append(buf.shape)
-        return buf if zeroed else buf.fill_(float("nan"))
-
-    monkeypatch.setattr(attn_mod, "_partial_bias_grad", nan_partial)
+    launched = _spy_fused(monkeypatch, attn_mod)
     for name in ("_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dkdv_allq_kernel"):
         monkeypatch.setattr(attn_mod, name, None)  # the two-kernel path must not run
     check(*make_inputs(B, H, N, D, torch.float16, bias_shapes(B, H, N)[bias_kind]))
     groups = {"none": B, "HNN": min(2, max(1, B // 2)), "1HNN": min(2, max(1, B // 2)), "BHNN": B}[bias_kind]
-    assert launched == [(H, groups)]
-    if bias_kind != "none":
-        assert partials == [(groups, H, N, N)]
+    partial = (groups, H, N, N) if bias_kind != "none" else (1, 1, 1, 1)
+    assert launched == [((H, groups), partial)]
 
 
 def test_fused_backward_at_beit_length(monkeypatch):
@@ -209,6 +231,9 @@ def test_fused_backward_at_beit_length(monkeypatch):
     backward's dqkv and bias gradient against the two kernels'."""
     attn_mod = importlib.import_module("beit_kernels.attention")
     B, N, H, D = 3, 197, 2, 64
+    cpu = torch.device("cpu")
+    assert attn_mod.FUSED_MAX_N == 256 and not attn_mod._fused_backward(N, D, torch.float16, cpu)  # off by default
+    launched = _spy_fused(monkeypatch, attn_mod)
     g = torch.Generator().manual_seed(3)
     qkv = torch.randn(B, N, 3, H, D, generator=g).to(DEVICE, torch.float16).requires_grad_()
     bias = torch.randn(H, N, N, generator=g).to(DEVICE).requires_grad_()
@@ -216,9 +241,14 @@ def test_fused_backward_at_beit_length(monkeypatch):
     grads = {}
     for fused in (False, True):
         monkeypatch.setattr(attn_mod, "BWD_FUSED", fused)
+        assert attn_mod._fused_backward(N, D, torch.float16, cpu) == attn_mod._fused_backward(
+            256, D, torch.float16, cpu
+        )
+        assert attn_mod._fused_backward(N, D, torch.float16, cpu) == fused
         beit_kernels.attention_qkvpacked(qkv, bias).backward(do)
         grads[fused] = (qkv.grad, bias.grad)
         qkv.grad = bias.grad = None
+    assert [grid[0] for grid, _ in launched] == [H]  # one launch, the fused one; its partial started as NaN
     for a, b in zip(grads[True], grads[False], strict=True):
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
     q, k, v = (t.detach().requires_grad_() for t in qkv.detach().permute(2, 0, 3, 1, 4).unbind(0))
