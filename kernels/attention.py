@@ -82,6 +82,13 @@ def _load_rows(base, offs, stride, offs_d, mask_rows, D):
 
 
 @triton.jit
+def _store_rows(base, offs, stride, offs_d, mask_rows, D, value):
+    """Store ``value``, a [rows, BLOCK_D] tile, into a [N, D] matrix with row stride ``stride``; rows and columns
+    past the end are left alone."""
+    tl.store(base + offs[:, None] * stride + offs_d[None, :], value, mask=mask_rows[:, None] & (offs_d < D)[None, :])
+
+
+@triton.jit
 def _scores(q, k, bias_base, offs_m, offs_n, mask_m, mask_n, stride_bm, stride_bn, qk_scale,
             HAS_BIAS: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
     """Base-2 logits of a [BLOCK_M, BLOCK_N] tile: (scale * q @ k^T + bias) * log2(e)."""
@@ -138,11 +145,8 @@ def _attn_fwd_kernel(
         acc = acc * alpha[:, None] + _dot(p, v, IEEE)
         m_i = m_new
     acc = acc / l_i[:, None]
-    tl.store(
-        O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
-        acc.to(O.dtype.element_ty),
-        mask=mask_m[:, None] & (offs_d < D)[None, :],
-    )
+    _store_rows(O + b * stride_ob + h * stride_oh, offs_m, stride_on, offs_d, mask_m, D,
+               acc.to(O.dtype.element_ty))  # fmt: skip
     tl.store(LSE + pid_bh * N + offs_m, m_i + tl.log2(l_i), mask=mask_m)
 
 
@@ -189,11 +193,8 @@ def _attn_bwd_dq_kernel(
         p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
         ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])
         dq += _dot(ds, k, IEEE)
-    tl.store(
-        DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :],
-        (dq * sm_scale).to(DQ.dtype.element_ty),
-        mask=mask_m[:, None] & (offs_d < D)[None, :],
-    )
+    _store_rows(DQ + b * stride_dqb + h * stride_dqh, offs_m, stride_dqn, offs_d, mask_m, D,
+               (dq * sm_scale).to(DQ.dtype.element_ty))  # fmt: skip
 
 
 @triton.jit
@@ -217,7 +218,6 @@ def _attn_bwd_dkdv_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_n = offs_n < N
-    mask_nd = mask_n[:, None] & (offs_d < D)[None, :]
     b_start = g * batches_per_group
     b_end = tl.minimum(b_start + batches_per_group, B)
     dbias_base = DBIAS + g * stride_dbg + h * stride_dbh
@@ -249,16 +249,10 @@ def _attn_bwd_dkdv_kernel(
                 dbias_ptrs = dbias_base + offs_m[:, None] * stride_dbm + offs_n[None, :]
                 tl.store(dbias_ptrs, tl.load(dbias_ptrs, mask=mask_mn, other=0.0) + ds, mask=mask_mn)
                 tl.debug_barrier()
-        tl.store(
-            DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
-            (dk * sm_scale).to(DK.dtype.element_ty),
-            mask=mask_nd,
-        )
-        tl.store(
-            DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
-            dv.to(DV.dtype.element_ty),
-            mask=mask_nd,
-        )
+        _store_rows(DK + b * stride_dkb + h * stride_dkh, offs_n, stride_dkn, offs_d, mask_n, D,
+                   (dk * sm_scale).to(DK.dtype.element_ty))  # fmt: skip
+        _store_rows(DV + b * stride_dvb + h * stride_dvh, offs_n, stride_dvn, offs_d, mask_n, D,
+                   dv.to(DV.dtype.element_ty))  # fmt: skip
 
 
 @triton.jit
@@ -291,7 +285,6 @@ def _attn_bwd_dkdv_allq_kernel(
     mask_n = offs_n < N
     mask_m = offs_m < N
     mask_mn = mask_m[:, None] & mask_n[None, :]
-    mask_nd = mask_n[:, None] & (offs_d < D)[None, :]
     b_start = g * batches_per_group
     b_end = tl.minimum(b_start + batches_per_group, B)
     dbias = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -311,16 +304,10 @@ def _attn_bwd_dkdv_allq_kernel(
         dk = _dot(tl.trans(ds), q, IEEE)
         if BIAS_GRAD:
             dbias += ds
-        tl.store(
-            DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
-            (dk * sm_scale).to(DK.dtype.element_ty),
-            mask=mask_nd,
-        )
-        tl.store(
-            DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
-            dv.to(DV.dtype.element_ty),
-            mask=mask_nd,
-        )
+        _store_rows(DK + b * stride_dkb + h * stride_dkh, offs_n, stride_dkn, offs_d, mask_n, D,
+                   (dk * sm_scale).to(DK.dtype.element_ty))  # fmt: skip
+        _store_rows(DV + b * stride_dvb + h * stride_dvh, offs_n, stride_dvn, offs_d, mask_n, D,
+                   dv.to(DV.dtype.element_ty))  # fmt: skip
     if BIAS_GRAD:
         dbias_ptrs = DBIAS + g * stride_dbg + h * stride_dbh + offs_m[:, None] * stride_dbm + offs_n[None, :]
         tl.store(dbias_ptrs, dbias, mask=mask_mn)
@@ -355,7 +342,6 @@ def _attn_bwd_fused_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < N
-    mask_md = mask_m[:, None] & (offs_d < D)[None, :]
     b_start = g * batches_per_group
     b_end = tl.minimum(b_start + batches_per_group, B)
     dbias_base = DBIAS + g * stride_dbg + h * stride_dbh
@@ -407,17 +393,10 @@ def _attn_bwd_fused_kernel(
                     mask=mask_dn,
                 )
             else:
-                mask_nd = mask_n[:, None] & (offs_d < D)[None, :]
-                tl.store(
-                    DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
-                    (dk * sm_scale).to(DK.dtype.element_ty),
-                    mask=mask_nd,
-                )
-                tl.store(
-                    DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
-                    dv.to(DV.dtype.element_ty),
-                    mask=mask_nd,
-                )
+                _store_rows(DK + b * stride_dkb + h * stride_dkh, offs_n, stride_dkn, offs_d, mask_n, D,
+                           (dk * sm_scale).to(DK.dtype.element_ty))  # fmt: skip
+                _store_rows(DV + b * stride_dvb + h * stride_dvh, offs_n, stride_dvn, offs_d, mask_n, D,
+                           dv.to(DV.dtype.element_ty))  # fmt: skip
             if BIAS_GRAD:
                 dbias_ptrs = dbias_base + (offs_m[:, None] * stride_dbm + offs_n[None, :])
                 # As a [BLOCK_N] vector: the interpreter takes no scalar condition in a mask.
@@ -425,11 +404,8 @@ def _attn_bwd_fused_kernel(
                 prev = tl.load(dbias_ptrs, mask=mask_mn & not_first[None, :], other=0.0)
                 tl.store(dbias_ptrs, prev + ds, mask=mask_mn)
                 tl.debug_barrier()
-        tl.store(
-            DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :],
-            (dq * sm_scale).to(DQ.dtype.element_ty),
-            mask=mask_md,
-        )
+        _store_rows(DQ + b * stride_dqb + h * stride_dqh, offs_m, stride_dqn, offs_d, mask_m, D,
+                   (dq * sm_scale).to(DQ.dtype.element_ty))  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------------
