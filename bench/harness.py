@@ -133,6 +133,53 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device | str | None =
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 
+def profiled_ops(fn: Callable[[], object], calls: int, device: torch.device | str | None = None
+                 ) -> list[tuple[str, float, float]]:  # fmt: skip
+    """``calls`` calls of ``fn`` under torch.profiler: (name, ms per call, launches per call) of every GPU kernel
+    they ran (of every CPU op on a CPU-only run), by self time, longest first."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    device = torch.device(device) if device is not None else _default_device()
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    if cuda:
+        torch.cuda.synchronize(device)
+    with profile(activities=activities) as prof:
+        for _ in range(calls):
+            fn()
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    def self_us(e) -> float:
+        if not cuda:
+            return e.self_cpu_time_total
+        # torch >= 2.4 names it device time; older versions, cuda time.
+        return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
+
+    def counted(e) -> bool:
+        # On a GPU, the kernels themselves: a CPU op (aten::mm, a beit_kernels custom op) reports the time of the
+        # kernels it launched as its own device time, and user annotations span other events, so either would count
+        # kernels twice (as torch's own table avoids).
+        if cuda and (e.device_type == DeviceType.CPU or getattr(e, "is_user_annotation", False)):
+            return False
+        return self_us(e) > 0
+
+    events = sorted((e for e in prof.key_averages() if counted(e)), key=self_us, reverse=True)
+    return [(e.key, self_us(e) / 1e3 / calls, e.count / calls) for e in events]
+
+
+def kernel_time_ms(fn: Callable[[], object], device: torch.device | str | None = None, calls: int = 3
+                   ) -> float | None:  # fmt: skip
+    """Milliseconds of GPU kernel time one call of ``fn`` takes (torch.profiler, the mean of ``calls``): what the
+    GPU spends, apart from the host's launch overhead and any wait on the host, which ``time_fn`` includes when a
+    call is too short to hide them. None on CPU."""
+    device = torch.device(device) if device is not None else _default_device()
+    if device.type != "cuda":
+        return None
+    return sum(ms for _, ms, _ in profiled_ops(fn, calls, device))
+
+
 def row(
     kernel: str,
     provider: str,

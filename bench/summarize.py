@@ -1,6 +1,7 @@
 """Merge the JSON rows of the bench scripts into one short Markdown table: time, images per second and peak memory
 per provider, with the ratio of each provider's time to ours ("ours", or "triton" in the training-step rows)
-measured in the same run; then each of our training-step variants against the issue's targets, and any error
+measured in the same run, and where the rows have it (bench_fused_ops.py on a GPU) the GPU kernel time and its
+ratio; then each of our training-step variants against the issue's targets, and any error
 rows (a failed implementation must not go unnoticed).
 
     python bench/summarize.py OUT/*.json > OUT/summary.md
@@ -26,7 +27,7 @@ def summarize(rows: list[dict]) -> str:
             metric = "peak_memory_added"  # the training step reports its whole peak: one column for both
         if metric == "throughput" and r.get("unit") != "images/s":
             continue
-        if metric in ("time", "peak_memory_added", "throughput") and r.get("p50") is not None:
+        if metric in ("time", "kernel_time", "peak_memory_added", "throughput") and r.get("p50") is not None:
             groups[_key(r)].setdefault(r["provider"], {})[metric] = r["p50"]
     lines = []
     if rows:
@@ -39,17 +40,24 @@ def summarize(rows: list[dict]) -> str:
         if switches:
             lines.append(f"training-step kernel switches: {json.dumps(switches, sort_keys=True)}")
         lines.append("")
-    lines.append("| kernel | shape | dtype | mode | provider | ms (p50) | images/s | peak MiB | time / ours |")
-    lines.append("|---|---|---|---|---|---|---|---|---|")
+    lines.append("| kernel | shape | dtype | mode | provider | ms (p50) | images/s | peak MiB | time / ours | "
+                 "GPU kernel ms | GPU time / ours |")  # fmt: skip
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
+
+    def ratio(t, ours):
+        return f"{t / ours:.2f}" if (t is not None and ours) else "-"
+
+    def num(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
     for (kernel, shape, dtype, mode), by_provider in groups.items():
-        ours = (by_provider.get("ours") or by_provider.get("triton") or {}).get("time")
+        ours = by_provider.get("ours") or by_provider.get("triton") or {}
         for provider, m in by_provider.items():
-            t = m.get("time")
-            ratio = f"{t / ours:.2f}" if (t is not None and ours) else "-"
-            mem, ips = m.get("peak_memory_added"), m.get("throughput")
+            t, gpu = m.get("time"), m.get("kernel_time")
             lines.append(
-                f"| {kernel} | {shape} | {dtype} | {mode} | {provider} | {'-' if t is None else f'{t:.3f}'} | "
-                f"{'-' if ips is None else f'{ips:.1f}'} | {'-' if mem is None else f'{mem:.1f}'} | {ratio} |"
+                f"| {kernel} | {shape} | {dtype} | {mode} | {provider} | {num(t, '.3f')} | "
+                f"{num(m.get('throughput'), '.1f')} | {num(m.get('peak_memory_added'), '.1f')} | "
+                f"{ratio(t, ours.get('time'))} | {num(gpu, '.3f')} | {ratio(gpu, ours.get('kernel_time'))} |"
             )
     return "\n".join(lines)
 

@@ -303,42 +303,14 @@ PROFILE_TOP = 40  # with the tokenizer, its convolutions take a good part of the
 def profile_kernels(step, steps: int, device, impl: str, mode: str, common: dict) -> list[dict]:
     """``steps`` more steps under torch.profiler: the ``PROFILE_TOP`` kernels by self GPU time (CPU ops on a
     CPU-only run), in ms per step, plus the total over every kernel. The kernel's name goes in ``note``."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    cuda = device.type == "cuda"
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    if cuda:
-        torch.cuda.synchronize()
-    with profile(activities=activities) as prof:
-        for _ in range(steps):
-            step()
-        if cuda:
-            torch.cuda.synchronize()
-
-    def self_us(e) -> float:
-        if not cuda:
-            return e.self_cpu_time_total
-        # torch >= 2.4 names it device time; older versions, cuda time.
-        return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
-
-    def counted(e) -> bool:
-        # On a GPU, the kernels themselves: a CPU op (aten::mm, a beit_kernels custom op) reports the time of
-        # the kernels it launched as its own device time, and user annotations span other events, so either
-        # would count kernels twice (as torch's own table avoids).
-        if cuda and (e.device_type == DeviceType.CPU or getattr(e, "is_user_annotation", False)):
-            return False
-        return self_us(e) > 0
-
-    events = [e for e in prof.key_averages() if counted(e)]
-    events.sort(key=self_us, reverse=True)
-    total = sum(self_us(e) for e in events) / 1e3 / steps
+    ops = harness.profiled_ops(step, steps, device)
+    total = sum(ms for _, ms, _ in ops)
+    kind = "GPU kernels" if device.type == "cuda" else "CPU ops"
     rows = [harness.row("train_step_profile", impl, mode, "kernel_time_total", "ms/step", total, **common,
-                        note=f"{'GPU kernels' if cuda else 'CPU ops'}, {steps} profiled steps")]  # fmt: skip
-    for e in events[:PROFILE_TOP]:
-        ms = self_us(e) / 1e3 / steps
+                        note=f"{kind}, {steps} profiled steps")]  # fmt: skip
+    for name, ms, per_step in ops[:PROFILE_TOP]:
         rows.append(harness.row("train_step_profile", impl, mode, "kernel_time", "ms/step", ms, **common,
-                                note=e.key[:160], calls_per_step=e.count / steps, share=ms / total))  # fmt: skip
+                                note=name[:160], calls_per_step=per_step, share=ms / total))  # fmt: skip
     return rows
 
 

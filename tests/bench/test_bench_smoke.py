@@ -242,6 +242,38 @@ def test_sync_count_ignores_the_debug_mode_notice():
     assert not bench_fused_ops.is_sync_warning(notice)
 
 
+def test_summary_shows_gpu_kernel_time_and_its_ratio_to_ours():
+    def r(provider, metric, p50, mode="fwd+bwd"):
+        return dict(kernel="masked_gather_ln", provider=provider, mode=mode, metric=metric, p50=p50, shape={"B": 3},
+                    dtype="float32", device="d", torch="t", triton="tr", git_sha="abc", date="now")  # fmt: skip
+
+    rows = [r("ours", "time", 1.4), r("ours", "kernel_time", 0.1), r("reference", "time", 1.3),
+            r("reference", "kernel_time", 0.4), r("compiled", "time", 0.9)]  # fmt: skip
+    lines = summarize.summarize(rows).splitlines()
+    assert "GPU kernel ms | GPU time / ours |" in lines[2]
+    ours, ref, compiled = (next(ln for ln in lines if f"| {p} |" in ln) for p in ("ours", "reference", "compiled"))
+    assert ours.endswith("| 1.400 | - | - | 1.00 | 0.100 | 1.00 |")
+    assert ref.endswith("| 1.300 | - | - | 0.93 | 0.400 | 4.00 |")
+    assert compiled.endswith("| 0.900 | - | - | 0.64 | - | - |")  # no kernel time: no ratio
+
+
+@pytest.mark.gpu
+def test_gpu_kernel_time_leaves_the_host_out():
+    """kernel_time_ms counts the GPU's kernels only: a call that also sleeps 20 ms on the host takes over 20 ms of
+    wall time but a fraction of a millisecond of kernel time."""
+    import time
+
+    a = torch.randn(2048, 2048, device="cuda", dtype=torch.bfloat16)
+
+    def call():
+        a @ a  # about 17 GFLOP: well under a millisecond on a recent GPU
+        time.sleep(0.02)
+
+    gpu_ms = harness.kernel_time_ms(call, "cuda", calls=3)
+    wall_ms = harness.time_fn(call, device="cuda", rep_ms=100)[0]
+    assert 0 < gpu_ms < 5 and wall_ms > 20
+
+
 def test_summary_keeps_the_first_row_of_each_key_and_lists_largest_batches():
     def r(provider, metric, p50, mode="with tokenizer", capped=None):
         return dict(kernel="train_step", provider=provider, mode=mode, metric=metric, p50=p50, shape={"B": 3},
