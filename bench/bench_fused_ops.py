@@ -3,7 +3,7 @@ LayerNorm, bias with GELU) against the PyTorch chains they replace and ``torch.c
 
 Modes: ``fwd`` and ``fwd+bwd``. Metrics: milliseconds (p50, p20, p80), the peak memory one fwd+bwd adds on top of
 its inputs (MiB), and on CUDA the device-to-host synchronisations one fwd+bwd makes (``syncs``, counted with
-``torch.cuda.set_sync_debug_mode("warn")``) and the GPU kernel time of one call (``kernel_time``, torch.profiler:
+``torch.cuda.set_sync_debug_mode("warn")``) and the GPU kernel time of one fwd+bwd (``kernel_time``, torch.profiler:
 the milliseconds exclude the host, which the wall time of a short call can be made of). Parameters are fp32 and the
 step runs under bf16 autocast, as in training. All providers run in one process on one device, so their ratios are
 like for like.
@@ -147,13 +147,13 @@ def measure(kernel, providers, leaves, grad_fn, shape, dtype, env, device, quick
                 kernel, name, "fwd+bwd", "time", "ms", harness.time_fn(run_full, device=device, rep_ms=rep), **common
             )
         )
-        # The GPU's own time, apart from the host: a call of one of these ops moves a few hundred MB at most, so
-        # its wall time can be the host's (masked_gather's Python side took 0.29 ms a call on the development CPU,
-        # 2026-11-27, against about 0.04 ms of GPU traffic).
-        for mode, fn in (("fwd", run_fwd), ("fwd+bwd", run_full)):
-            gpu_ms = harness.kernel_time_ms(fn, device)
-            if gpu_ms is not None:
-                rows.append(harness.row(kernel, name, mode, "kernel_time", "ms", gpu_ms, **common))
+        # The GPU's own time of a training call, apart from the host: one of these ops moves a few hundred MB at
+        # most, so its wall time can be the host's (masked_gather's Python side took 0.29 ms a call on the
+        # development CPU, 2026-11-27, against about 0.04 ms of GPU traffic). fwd+bwd only: each profiled pass
+        # costs the device call's stage time.
+        gpu_ms = harness.kernel_time_ms(run_full, device, calls=2)
+        if gpu_ms is not None:
+            rows.append(harness.row(kernel, name, "fwd+bwd", "kernel_time", "ms", gpu_ms, **common))
         mem = harness.peak_memory_mb(run_full, device=device)
         if mem is not None:
             rows.append(harness.row(kernel, name, "fwd+bwd", "peak_memory_added", "MiB", mem, **common))

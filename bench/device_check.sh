@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared device call: offline install, the `gpu` tests (bf16 included), the kernel benchmarks at real shapes,
 # the end-to-end training-step benchmark, JSON under $OUT, a short table printed last. Budgeted for one call of at
-# most 7 minutes on one H100 (the default stage limits below add up to 420 s, plus the install; the whole default
+# most 7 minutes on one H100 (the default stage limits below add up to 400 s, plus the install; the whole default
 # run, install included, took about 300 s on an H100 at 9d1b66f, 2026-11-26, and 435 s with max_batch and a short
 # glue sweep after it; the sweeps and the step with their winners, at eec3771, 266 s).
 #
@@ -49,7 +49,7 @@ xdist=$(python -c "import xdist" 2>/dev/null && echo "-n 8")
 # GPU_TEST_PATHS narrows a rerun to the tests of what changed (default: all of tests/).
 stage gpu_tests 75 python -m pytest -q -rA -m gpu ${GPU_TEST_PATHS:-tests} -p no:cacheprovider $xdist
 stage bench_attention 45 python bench/bench_attention.py --out "$OUT/bench_attention.json"
-stage bench_fused_ops 60 python bench/bench_fused_ops.py --no-compile --out "$OUT/bench_fused_ops.json"
+stage bench_fused_ops 40 python bench/bench_fused_ops.py --no-compile --out "$OUT/bench_fused_ops.json"
 stage bench_tokenizer 40 python bench/bench_tokenizer.py --rep-ms 500 --out "$OUT/bench_tokenizer.json"
 # TUNE_ATTENTION_KINDS narrows the attention sweep (dkdv_allq,fused: the sm90 default against the fused backward).
 stage tune_attention 90 python bench/tune_attention.py --kinds "${TUNE_ATTENTION_KINDS:-dkdv_allq,dkdv,fused}" \
