@@ -38,10 +38,7 @@ def _baseline_mode(mode: str, rows: list[dict]) -> str:
 
     shape, dtype = next((r["shape"], r["dtype"]) for r in rows if r["mode"] == mode)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    attn, N, D, dt = tune_attention.attn, shape["N"], shape["D"], getattr(torch, dtype)
-    if attn._fused_backward(N, D, dt, device):
-        return "fused"
-    return "dkdv_allq" if attn._all_queries(N, D, dt, device) else "dkdv"
+    return tune_attention.attn._backward_kernel(shape["N"], shape["D"], getattr(torch, dtype), device)
 
 
 def _candidate(r: dict) -> tuple:

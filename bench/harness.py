@@ -89,9 +89,8 @@ def kernel_switches() -> dict:
     # As the switches resolve here at BEiT's attention shape: the fused backward, where it runs, replaces the dk/dv
     # kernels, so the all-queries one is reported off then.
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    fused = attention._fused_backward(197, 64, torch.bfloat16, device)
-    all_queries = not fused and attention._all_queries(197, 64, torch.bfloat16, device)
-    return {"dkdv_all_queries": all_queries, "attn_bwd_fused": fused, "tuned": dict(TUNED)}
+    backward = attention._backward_kernel(197, 64, torch.bfloat16, device)
+    return {"dkdv_all_queries": backward == "dkdv_allq", "attn_bwd_fused": backward == "fused", "tuned": dict(TUNED)}
 
 
 def time_fn(

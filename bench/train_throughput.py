@@ -235,19 +235,16 @@ def run_impl(impl: str, args, device, env, rows: list[dict] | None = None) -> li
             gstep, run_step = graph_steps(with_tok)
             note = ("one CUDA graph replay per step: no per-phase split" if gstep.captured else
                     "not captured (no CUDA device): the captured code run eagerly")  # fmt: skip
-        elif overlap:
-            gstep, run_step = None, overlapped_step
-            note = ("the next batch's tokenizer on a side stream: no per-phase split" if side is not None else
-                    "no CUDA device: the tokenizer one batch ahead, on the one stream")  # fmt: skip
-            for _ in range(args.warmup):
-                overlapped_step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
         else:
-            gstep, run_step, note = None, lambda w=with_tok: one_step(w), None
+            if overlap:
+                run_step = overlapped_step
+                note = ("the next batch's tokenizer on a side stream: no per-phase split" if side is not None else
+                        "no CUDA device: the tokenizer one batch ahead, on the one stream")  # fmt: skip
+            else:
+                run_step, note = (lambda w=with_tok: one_step(w)), None
+            gstep = None
             for _ in range(args.warmup):
-                one_step(with_tok)
+                run_step()
             if device.type == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()

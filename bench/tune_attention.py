@@ -141,9 +141,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             record("dq", cand, 1, bwd, bwd_close)
     def applies(kind):  # the kernel a kind switches on may not take this shape, dtype or GPU
         with _patched(kind, candidates[kind][0]):
-            if kind == "fused":
-                return attn._fused_backward(N, D, dtype, device)
-            return kind != "dkdv_allq" or attn._all_queries(N, D, dtype, device)
+            return attn._backward_kernel(N, D, dtype, device) == kind
 
     for kind in ("dkdv", "dkdv_allq", "fused"):
         if kind not in kinds:

@@ -609,6 +609,14 @@ def _fused_backward(N: int, D: int, dtype: torch.dtype, device: torch.device) ->
     return block_shared_memory(device) >= 160 * 1024  # unbounded in the interpreter
 
 
+def _backward_kernel(N: int, D: int, dtype: torch.dtype, device: torch.device) -> str:
+    """Which backward runs at this shape on ``device``: "fused", or the dq kernel then "dkdv_allq" or "dkdv" (the
+    names of ``bench/tune_attention.py``'s kinds)."""
+    if _fused_backward(N, D, dtype, device):
+        return "fused"
+    return "dkdv_allq" if _all_queries(N, D, dtype, device) else "dkdv"
+
+
 def attention_bwd(do, q, k, v, bias, o, lse, scale: float, bias_grad: bool, packed: bool = False):
     """Launch the backward kernels; returns dq, dk, dv [B, H, N, D] (memory [B, N, H, D] each) and the bias
     gradient in the bias's own shape and dtype (an empty tensor when ``bias_grad`` is False). With ``packed``, one
@@ -622,7 +630,8 @@ def attention_bwd(do, q, k, v, bias, o, lse, scale: float, bias_grad: bool, pack
     else:
         dq, dk, dv = (torch.empty((B, N, H, D), device=q.device, dtype=q.dtype).permute(0, 2, 1, 3)
                       for _ in range(3))  # fmt: skip
-    launch = _launch_fused_bwd if _fused_backward(N, D, q.dtype, q.device) else _launch_two_kernel_bwd
+    fused = _backward_kernel(N, D, q.dtype, q.device) == "fused"
+    launch = _launch_fused_bwd if fused else _launch_two_kernel_bwd
     dbias_partial = launch(do, q, k, v, bias, o, lse, dq, dk, dv, scale, bias_grad)
     grads = (dqkv,) if packed else (dq, dk, dv)
     if not bias_grad:
