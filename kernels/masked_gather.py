@@ -23,9 +23,12 @@ Shapes and dtypes:
     ln_weight  [D] or None, ln_bias [D] or None; the LayerNorm runs when either is given. Statistics in fp32.
     out        [B K, D] in x's dtype (a fused LayerNorm keeps the input dtype, unlike autocast's fp32 LayerNorm).
 
-Value checks (index in [-1, T), no duplicates) run on the device with ``torch._assert_async``: a bad index fails
-the step (on CUDA, at the next synchronisation) instead of syncing every step to check it; the kernels also clamp,
-so a bad index never reads or writes out of bounds. Rows are up to 65536 features wide (one block per row).
+Value checks (index in [-1, T), no duplicates) run inside the forward kernel: each row range-checks its position
+and claims it with an atomic increment of a zeroed [B, T] int32 scratch, so a second claim finds a nonzero count; a
+bad row clears a one-element flag that ``torch._assert_async`` then checks. A bad index fails the step (on CUDA, at
+the next synchronisation) instead of syncing every step to check it, in three small launches (the two buffers'
+fills and the assert) rather than a sort and a dozen reductions; the kernels also clamp, so a bad index never
+reads or writes out of bounds. Rows are up to 65536 features wide (one block per row).
 """
 
 import torch
@@ -50,6 +53,8 @@ def _masked_gather_fwd_kernel(
     out_ptr,
     mean_ptr,
     rstd_ptr,
+    seen_ptr,  # int32 [B, T], zeroed: how many rows claimed each position
+    ok_ptr,  # int32 [1], one: cleared by a row whose index is out of range or claimed twice
     K,
     T,
     D,
@@ -68,11 +73,17 @@ def _masked_gather_fwd_kernel(
     k = row % K
     offs = tl.arange(0, BLOCK_D)
     d_ok = offs < D
+    lane0 = offs == 0
     # The index is broadcast to a vector: the interpreter (Triton 3.9, 2026-11-26) turns `vector & scalar-bool` into
     # an integer mask that tl.load rejects.
-    idx = tl.load(idx_ptr + b.to(tl.int64) * s_ib + k * s_ik).to(tl.int64) + tl.zeros([BLOCK_D], dtype=tl.int64)
-    valid = (idx >= 0) & (idx < T)
-    idx = tl.where(valid, idx, 0)
+    raw = tl.load(idx_ptr + b.to(tl.int64) * s_ib + k * s_ik).to(tl.int64) + tl.zeros([BLOCK_D], dtype=tl.int64)
+    valid = (raw >= 0) & (raw < T)
+    idx = tl.where(valid, raw, 0)
+    # Lane 0 claims the position; the count it finds there is nonzero only for a duplicate within the image (the
+    # other lanes' results are undefined and masked out of the flag's store).
+    claimed = tl.atomic_add(seen_ptr + b.to(tl.int64) * T + idx, tl.full([BLOCK_D], 1, tl.int32), mask=lane0 & valid)
+    bad = tl.where(valid, claimed != 0, raw != -1)
+    tl.store(ok_ptr + offs * 0, tl.zeros([BLOCK_D], dtype=tl.int32), mask=lane0 & bad)
     x = tl.load(x_ptr + b.to(tl.int64) * s_xb + idx * s_xt + offs, mask=d_ok & valid, other=0.0).to(tl.float32)
     y = x
     if HAS_LN:
@@ -161,19 +172,6 @@ def _num_warps(block_d: int) -> int:
     return 4 if block_d <= 1024 else 8 if block_d <= 4096 else 16
 
 
-def _check_index_async(index: torch.Tensor, T: int) -> None:
-    """Device-side check that index holds -1 or distinct positions in [0, T) per row: no host synchronisation."""
-    if index.numel() == 0:
-        return
-    srt = index.sort(dim=1).values  # [B, K]
-    in_range = (srt[:, 0] >= -1).all() & (srt[:, -1] < T).all()
-    distinct = ~((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)).any()
-    torch._assert_async(
-        in_range & distinct,
-        f"masked_gather: index values must be -1 (padding) or distinct positions in [0, {T}) within each row",
-    )
-
-
 @torch.library.custom_op("beit_kernels::masked_gather_fwd", mutates_args=())
 def masked_gather_fwd(
     x: torch.Tensor,
@@ -191,10 +189,11 @@ def masked_gather_fwd(
     f32 = dict(device=x.device, dtype=torch.float32)
     mean = torch.empty(R if has_ln else 0, **f32)
     rstd = torch.empty(R if has_ln else 0, **f32)
-    _check_index_async(index, T)
-    if R == 0 or D == 0:
+    if R == 0:
         return out, mean, rstd
-    block_d = triton.next_power_of_2(D)
+    seen = torch.zeros(B, T, device=x.device, dtype=torch.int32)
+    ok = torch.ones(1, device=x.device, dtype=torch.int32)
+    block_d = max(triton.next_power_of_2(D), 1)  # D == 0 still launches: the rows' indices are checked
     _masked_gather_fwd_kernel[(R,)](
         x,
         index,
@@ -203,6 +202,8 @@ def masked_gather_fwd(
         out,
         mean if has_ln else out,
         rstd if has_ln else out,
+        seen,
+        ok,
         K,
         T,
         D,
@@ -216,6 +217,9 @@ def masked_gather_fwd(
         HAS_B=ln_bias is not None,
         BLOCK_D=block_d,
         num_warps=_num_warps(block_d),
+    )
+    torch._assert_async(
+        ok, f"masked_gather: index values must be -1 (padding) or distinct positions in [0, {T}) within each row"
     )
     return out, mean, rstd
 

@@ -147,11 +147,29 @@ IDX = torch.tensor([[0, 1], [2, -1]])
         (X, torch.tensor([[0, 5], [2, -1]]), {}, RuntimeError, "distinct positions"),
         (X, torch.tensor([[0, -2], [2, -1]]), {}, RuntimeError, "distinct positions"),
         (X, torch.tensor([[3, 3], [2, -1]]), {}, RuntimeError, "distinct positions"),
+        (X, torch.tensor([[0, 1], [4, 4]], dtype=torch.int32), {}, RuntimeError, "distinct positions"),
+        (X, torch.tensor([[0, 1, -1], [2, 1, -3]]), {}, RuntimeError, "distinct positions"),
+        # Zero-width rows still check their index (the kernel launches with one masked lane).
+        (torch.zeros(2, 5, 0), torch.tensor([[1, 1], [2, -1]]), {}, RuntimeError, "distinct positions"),
     ],
 )
 def test_bad_inputs_raise(x, index, kw, err, match):
     with pytest.raises(err, match=match):
         beit_kernels.masked_gather(x, index, **kw)
+
+
+@pytest.mark.parametrize(
+    "index",
+    [
+        torch.tensor([[3, 4], [3, 4]]),  # the same positions in two images
+        torch.tensor([[-1, -1], [-1, -1]]),  # padding repeats
+        torch.tensor([[4, 0], [-1, 2]]),  # distinct but not ascending
+    ],
+)
+def test_valid_index_passes_the_device_check(index):
+    x = torch.randn(2, 5, 8)
+    out = beit_kernels.masked_gather(x, index, ln_weight=torch.ones(8))
+    torch.testing.assert_close(out, reference.masked_gather(x, index, ln_weight=torch.ones(8)))
 
 
 # ----------------------------------------------------------------------------------------------------------------
