@@ -249,8 +249,10 @@ def masked_gather_bwd(
     grad_x = torch.zeros(B, T, D, device=x.device, dtype=x.dtype)
     programs = persistent_programs(R, x.device)
     f32 = dict(device=x.device, dtype=torch.float32)
-    dw = torch.zeros(programs if has_ln else 0, D, **f32)
-    db = torch.zeros(programs if has_ln else 0, D, **f32)
+    # Every launched program stores its row of the partials; without rows nothing is launched.
+    alloc = torch.empty if R > 0 else torch.zeros
+    dw = alloc(programs if has_ln else 0, D, **f32)
+    db = alloc(programs if has_ln else 0, D, **f32)
     if R > 0 and D > 0:
         block_d = triton.next_power_of_2(D)
         _masked_gather_bwd_kernel[(programs,)](

@@ -29,6 +29,7 @@ CASES = [
     # B, T, D, K, counts, ln
     (3, 7, 40, 4, (3, 0, 4), "wb"),  # padded rows and an image with no masked row
     (3, 7, 40, 4, (0, 0, 0), "wb"),  # a batch with no masked row at all
+    (3, 7, 40, 0, (0, 0, 0), "wb"),  # no row: nothing launches, the LayerNorm gradients are zeros
     (2, 197, 24, 9, (9, 5), "wb"),  # BEiT's token count (cls + 196), D not a power of two
     (3, 7, 40, 4, (2, 4, 1), "none"),  # plain gather
     (2, 5, 33, 3, (3, 2), "w"),  # LayerNorm without bias
