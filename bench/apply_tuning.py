@@ -29,16 +29,19 @@ import harness  # noqa: E402
 _FAMILY = {"dkdv_allq": "dkdv", "fused": "dkdv"}
 
 
-def _baseline_mode(mode: str, rows: list[dict]) -> str:
-    """The mode whose first candidate is the default that ``mode``'s rows must beat."""
-    if _FAMILY.get(mode, mode) != "dkdv":
-        return mode
+def _default_backward(mode: str, rows: list[dict]) -> str:
+    """The attention backward the default takes at the shape and dtype of ``mode``'s rows, on this device."""
     import torch
     import tune_attention
 
     shape, dtype = next((r["shape"], r["dtype"]) for r in rows if r["mode"] == mode)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return tune_attention.attn._backward_kernel(shape["N"], shape["D"], getattr(torch, dtype), device)
+
+
+def _baseline_mode(mode: str, rows: list[dict]) -> str:
+    """The mode whose first candidate is the default that ``mode``'s rows must beat."""
+    return _default_backward(mode, rows) if _FAMILY.get(mode, mode) == "dkdv" else mode
 
 
 def _candidate(r: dict) -> tuple:
@@ -89,7 +92,18 @@ def choose(rows: list[dict], min_gain: float = 0.03) -> dict[str, dict]:
         if family not in chosen or r["p50"] < chosen[family]["p50"]:
             cand, gs = key(r)
             chosen[family] = dict(mode=mode, candidate=list(cand), group_scale=gs, p50=r["p50"], baseline_p50=base)
+    # The dq rows time the two-kernel backward, whose dq kernel the fused backward replaces: under a fused backward
+    # (the family's winner, or the default with no winner) a dq tile would switch it off, untimed that way.
+    if "dq" in chosen:
+        family = chosen.get("dkdv")
+        fused = family["mode"] == "fused" if family else _default_backward("dq", timed) == "fused"
+        if fused:
+            print(f"tuned dq: {_candidate_name(chosen.pop('dq'))} dropped: the fused backward has no dq kernel")
     return chosen
+
+
+def _candidate_name(c: dict) -> str:
+    return harness.candidate_name(c["mode"], tuple(c["candidate"]), c["group_scale"])
 
 
 def install(chosen: dict[str, dict], stack: contextlib.ExitStack) -> dict[str, str]:
@@ -107,7 +121,7 @@ def install(chosen: dict[str, dict], stack: contextlib.ExitStack) -> dict[str, s
             stack.enter_context(tune_attention._patched(mode, cand, gs))
         else:
             stack.enter_context(tune_glue.patch(mode, cand))
-        applied[family] = harness.candidate_name(mode, cand, gs)
+        applied[family] = _candidate_name(c)
     harness.TUNED.update(applied)
     return applied
 

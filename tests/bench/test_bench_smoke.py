@@ -413,6 +413,32 @@ def test_apply_tuning_chooses_winners_beyond_the_margin_only(monkeypatch):
     assert set(apply_tuning.choose(rows, min_gain=0.03)) == {"ln_bwd"}
 
 
+def test_apply_tuning_drops_a_dq_winner_under_the_fused_backward(monkeypatch):
+    """The dq rows time the two-kernel backward: installing their winner would switch a fused backward off."""
+    import contextlib
+
+    import apply_tuning
+    import tune_attention
+
+    attn = tune_attention.attn
+    q0, q1 = tune_attention.CANDIDATES["dq"][:2]
+    f0, f1 = tune_attention.CANDIDATES["fused"][:2]
+    d0 = tune_attention.CANDIDATES["dkdv"][0]
+    dq_rows = [_sweep_row("dq", q0, 1.0, 1), _sweep_row("dq", q1, 0.9, 1)]
+    # Two-kernel default, no family winner: the dq tile is installed.
+    assert set(apply_tuning.choose(dq_rows + [_sweep_row("dkdv", d0, 2.0, 1)])) == {"dq"}
+    # The fused backward wins its family: the dq winner goes, and the installed backward stays fused.
+    rows = dq_rows + [_sweep_row("dkdv", d0, 2.0, 1), _sweep_row("fused", f0, 1.5, 1)]
+    chosen = apply_tuning.choose(rows)
+    assert set(chosen) == {"dkdv"} and chosen["dkdv"]["mode"] == "fused"
+    with contextlib.ExitStack() as stack:
+        apply_tuning.install(chosen, stack)
+        assert attn.BWD_FUSED
+    # The fused backward as the default, nothing beating it: the dq winner goes too.
+    monkeypatch.setattr(attn, "BWD_FUSED", True)
+    assert apply_tuning.choose(dq_rows + [_sweep_row("fused", f0, 1.0, 1), _sweep_row("fused", f1, 0.99, 1)]) == {}
+
+
 def test_apply_tuning_installs_for_the_run_and_rows_record_it(tmp_path):
     """train_throughput --tuned: the winners are in place during the run, recorded in every row, gone after."""
     import contextlib
