@@ -9,15 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from summarize import _key, first_rows
-
-
-def _baseline(by_provider: dict) -> str | None:
-    """The provider the others are divided by: ours, the triton training step, or our tokenizer's default."""
-    for name in ("ours", "triton", "ours-bf16-cl-fused", "ours-bf16-cl"):
-        if name in by_provider:
-            return name
-    return None
+from summarize import _baseline, _key, check_one_run, first_rows
 
 
 def plot(rows: list[dict], out: str) -> dict:
@@ -31,14 +23,16 @@ def plot(rows: list[dict], out: str) -> dict:
     for r in rows:
         if r.get("metric") == "time" and r.get("p50"):
             groups.setdefault(_key(r), {})[r["provider"]] = r["p50"]
-    # Providers that differ in dtype by design (the tokenizer's fp16, bf16 and fp32 variants) land in groups of one
-    # or without the baseline: compare them in one group per (kernel, shape, mode), a provider seen twice there
-    # labelled with its dtype.
+    # Providers that differ in dtype by design (the tokenizer's official fp16 module, its bf16 and fp32 variants)
+    # land in groups of one or without the baseline: they join the group of the same (kernel, shape, mode) that has
+    # the baseline, labelled with their dtype, or else one group of mixed dtypes.
     for key in [k for k, g in groups.items() if len(g) == 1 or _baseline(g) is None]:
         kernel, shape, dtype, mode = key
-        merged = groups.setdefault((kernel, shape, "mixed dtypes", mode), {})
+        home = next((k for k, g in groups.items() if k != key and (k[0], k[1], k[3]) == (kernel, shape, mode)
+                     and len(g) > 1 and _baseline(g) is not None), None)  # fmt: skip
+        merged = groups.setdefault(home or (kernel, shape, "mixed dtypes", mode), {})
         for provider, t in groups.pop(key).items():
-            merged[provider if provider not in merged else f"{provider} ({dtype})"] = t
+            merged[f"{provider} ({dtype})" if home or provider in merged else provider] = t
     panels: dict = {}  # kernel -> [(label, {provider: time / ours})]
     for (kernel, shape, dtype, mode), by_provider in groups.items():
         base = _baseline(by_provider)
@@ -88,6 +82,7 @@ def main(argv=None) -> None:
     for path in args.paths:
         with open(path) as f:
             rows += json.load(f)
+    check_one_run(rows)
     plot(first_rows(rows)[0], args.out)
     print(args.out)
 

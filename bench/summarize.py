@@ -1,8 +1,12 @@
 """Merge the JSON rows of the bench scripts into one short Markdown table: time, images per second and peak memory
-per provider, with the ratio of each provider's time to ours ("ours", or "triton" in the training-step rows)
-measured in the same run, and where the rows have it (bench_fused_ops.py on a GPU) the GPU kernel time and its
-ratio; then each of our training-step variants against the issue's targets, and any error
-rows (a failed implementation must not go unnoticed).
+per provider, with the ratio of each provider's time to ours (``_baseline``: "ours", "triton" in the training-step
+rows, our fused tokenizer in the tokenizer's, whatever dtype its group) measured in the same run, and where the
+rows have it (bench_fused_ops.py on a GPU) the GPU kernel time and its ratio; then each of our training-step
+variants against the issue's targets, and every error row (a failed implementation must not go unnoticed).
+
+Rows of more than one run (device, commit, torch or triton differ) are refused: their ratios would not be like for
+like. The exit status is 1 when one of our own implementations wrote an error row (a peer's failure, such as an
+xformers build without its CUDA operators, is listed but is not ours), 2 for rows of mixed runs.
 
     python bench/summarize.py OUT/*.json > OUT/summary.md
 """
@@ -17,6 +21,34 @@ from collections import defaultdict
 def _key(r):
     shape = ",".join(f"{k}={v}" for k, v in r["shape"].items()) if isinstance(r["shape"], dict) else str(r["shape"])
     return r["kernel"], shape, r["dtype"], r["mode"]
+
+
+RUN_FIELDS = ("device", "git_sha", "torch", "triton")
+
+
+def check_one_run(rows: list[dict]) -> None:
+    """Raise ValueError when the rows come from more than one (device, commit, torch, triton)."""
+    runs = sorted({tuple(str(r.get(f)) for f in RUN_FIELDS) for r in rows})
+    if len(runs) > 1:
+        listed = "; ".join(", ".join(f"{f}={v}" for f, v in zip(RUN_FIELDS, run, strict=True)) for run in runs)
+        raise ValueError(f"rows of {len(runs)} runs ({listed}): summarise one run's rows at a time")
+
+
+def _baseline(by_provider) -> str | None:
+    """The provider the others are divided by: ours, the triton training step, or our fused tokenizer (bf16 on a
+    GPU), then its unfused variant."""
+    for name in ("ours", "triton"):
+        if name in by_provider:
+            return name
+    for suffix in ("-cl-fused", "-cl"):
+        found = sorted(p for p in by_provider if p.startswith("ours-") and p.endswith(suffix))
+        if found:
+            return found[0]
+    return None
+
+
+def _is_ours(provider: str) -> bool:
+    return provider == "ours" or provider.startswith(("ours-", "triton"))
 
 
 def summarize(rows: list[dict]) -> str:
@@ -50,8 +82,16 @@ def summarize(rows: list[dict]) -> str:
     def num(v, fmt):
         return "-" if v is None else format(v, fmt)
 
+    # A group without our provider (the tokenizer's official fp16 module, a dtype of its own) is compared with the
+    # baseline of its (kernel, shape, mode) in another dtype.
+    sibling = {}
     for (kernel, shape, dtype, mode), by_provider in groups.items():
-        ours = by_provider.get("ours") or by_provider.get("triton") or {}
+        base = _baseline(by_provider)
+        if base is not None:
+            sibling.setdefault((kernel, shape, mode), by_provider[base])
+    for (kernel, shape, dtype, mode), by_provider in groups.items():
+        base = _baseline(by_provider)
+        ours = by_provider[base] if base is not None else sibling.get((kernel, shape, mode), {})
         for provider, m in by_provider.items():
             t, gpu = m.get("time"), m.get("kernel_time")
             lines.append(
@@ -71,13 +111,12 @@ OURS = ("triton", "triton+graph", "triton+compile")
 def targets(rows: list[dict]) -> str:
     """Each of our training-step variants against the targets, from the rows at hand: images/s against ref and
     against the best of sdpa and compile (and compile+tok, the tokenizer compiled too, where it ran), peak memory
-    against ref, and 3,000 images/s; plus every error row."""
+    against ref, and 3,000 images/s (error rows: ``errors``)."""
     # The targets are BEiT-B/16's: rows of another model (train_large) must not stand in for its providers.
     step = [r for r in rows if r.get("kernel") == "train_step" and r.get("p50") is not None
             and (r.get("shape") or {}).get("model", TARGET_MODEL) == TARGET_MODEL]  # fmt: skip
     ips = {r["provider"]: r["p50"] for r in step if r["metric"] == "throughput" and r["mode"] == TARGET_MODE}
     mem = {r["provider"]: r["p50"] for r in step if r["metric"] == "peak_memory" and r["mode"] == TARGET_MODE}
-    errors = [r for r in rows if r.get("kernel") == "train_step" and r.get("metric") == "error"]
     lines = []
     peers = {p: ips[p] for p in ("sdpa", "compile", "compile+tok") if p in ips}
     best_peer = max(peers, key=peers.get) if peers else None
@@ -99,9 +138,18 @@ def targets(rows: list[dict]) -> str:
     if lines:
         out += [f"Training-step targets ({TARGET_MODE}):", "", "| ours | measure | value | target | |",
                 "|---|---|---|---|---|", *lines]  # fmt: skip
-    for r in errors:
-        out.append(f"error: train_step {r['provider']}: {r.get('note', '')}")
     return "\n".join(out)
+
+
+def errors(rows: list[dict]) -> tuple[str, bool]:
+    """Every error row, one line each, and whether one of them is our own implementation's."""
+    found = [r for r in rows if r.get("metric") == "error"]
+    lines = []
+    for r in found:
+        shape = _key(r)[1] if r.get("shape") is not None else ""
+        where = " ".join(str(x) for x in (r.get("kernel"), shape, r.get("dtype") or "", r.get("mode")) if x)
+        lines.append(f"error: {where} {r.get('provider')}: {r.get('note', '')}")
+    return "\n".join(lines), any(_is_ours(str(r.get("provider"))) for r in found)
 
 
 def first_rows(rows: list[dict]) -> tuple[list[dict], int]:
@@ -122,17 +170,26 @@ def largest_batches(rows: list[dict]) -> str:
     return "; ".join(f"{r['provider']} {r['p50']:.0f}{' (search capped)' if r.get('capped') else ''}" for r in found)
 
 
-def main(paths: list[str]) -> None:
+def main(paths: list[str]) -> int:
     rows = []
     for p in paths:
         with open(p) as f:
             rows += json.load(f)
+    try:
+        check_one_run(rows)
+    except ValueError as e:
+        print(f"summarize: {e}", file=sys.stderr)
+        return 2
     rows, dropped = first_rows(rows)
     print(summarize(rows))
     checked = targets(rows)
     if checked:
         print()
         print(checked)
+    failed, ours_failed = errors(rows)
+    if failed:
+        print()
+        print(failed)
     batches = largest_batches(rows)
     if batches:
         print()
@@ -141,7 +198,8 @@ def main(paths: list[str]) -> None:
         print()
         print(f"({dropped} rows repeating an earlier file's (kernel, shape, dtype, mode, provider, metric) left out: "
               "the first file given wins)")  # fmt: skip
+    return 1 if ours_failed else 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main(sys.argv[1:]))

@@ -148,8 +148,34 @@ def test_summary_checks_the_training_step_targets():
     assert "| triton | images/s vs compile (best of sdpa, compile) | 1.20 | >= 1.15 | met |" in text
     assert "| triton | peak memory vs ref | 0.65 | <= 0.7 | met |" in text
     assert "| triton | images/s | 2400.00 | >= 3000 | NOT met |" in text
-    assert "error: train_step triton+graph: RuntimeError: capture failed" in text
     assert summarize.targets([]) == ""
+    listed, ours_failed = summarize.errors(rows)
+    assert listed == "error: train_step - triton+graph: RuntimeError: capture failed" and ours_failed
+
+
+def test_summary_lists_every_error_and_fails_on_ours_only(tmp_path, capsys):
+    def r(provider, metric, p50, kernel="attention", dtype="bfloat16", **kw):
+        return dict(kernel=kernel, provider=provider, mode="fwd", metric=metric, p50=p50, shape={"B": 3}, dtype=dtype,
+                    device="d", torch="t", triton="tr", git_sha="abc", date="now", **kw)  # fmt: skip
+
+    peer = r("xformers", "error", None, note="NotImplementedError: no operator")
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps([r("ours", "time", 1.0), r("sdpa", "time", 1.3), peer]))
+    assert summarize.main([str(path)]) == 0  # a peer's failure is listed, not ours
+    assert "error: attention B=3 bfloat16 fwd xformers: NotImplementedError: no operator" in capsys.readouterr().out
+    path.write_text(json.dumps([r("sdpa", "time", 1.3), r("ours", "error", None, note="RuntimeError: boom"), peer]))
+    assert summarize.main([str(path)]) == 1
+    assert "attention B=3 bfloat16 fwd ours: RuntimeError: boom" in capsys.readouterr().out
+    # Rows of two runs are refused, not divided by each other.
+    other = dict(r("sdpa", "time", 3.0), device="another GPU", git_sha="def")
+    path.write_text(json.dumps([r("ours", "time", 1.0), other]))
+    assert summarize.main([str(path)]) == 2
+    assert "rows of 2 runs" in capsys.readouterr().err
+    # The tokenizer's official module (a dtype of its own) is compared with our fused tokenizer.
+    tok = [r("ours-bf16-cl-fused", "time", 40.0, kernel="tokenizer", dtype="bf16 (fp32 output conv)"),
+           r("official-fp16", "time", 90.0, kernel="tokenizer", dtype="fp16 (fp32 output conv)")]  # fmt: skip
+    line = next(ln for ln in summarize.summarize(tok).splitlines() if "| official-fp16 |" in ln)
+    assert "| 90.000 | - | - | 2.25 |" in line
 
 
 def test_device_check_calls_scripts_and_implementations_that_exist():
@@ -220,15 +246,20 @@ def test_plot_draws_one_panel_per_kernel_and_merges_mixed_dtype_providers(tmp_pa
         return dict(kernel=kernel, provider=provider, mode=mode, metric="time", p50=p50, shape={"B": 3}, dtype=dtype,
                     device="cpu", torch="t", triton="tr", git_sha="abc")  # fmt: skip
 
+    # The tokenizer's labels as bench_tokenizer.py writes them on a GPU.
+    bf16, fp16 = "bf16 (fp32 output conv)", "fp16 (fp32 output conv)"
     rows = [r("attention", "ours", "bfloat16", 1.0), r("attention", "sdpa", "bfloat16", 1.3),
-            r("tokenizer", "ours-bf16-cl", "bf16", 2.0), r("tokenizer", "official-fp16", "fp16", 3.0),
+            r("tokenizer", "ours-bf16-cl-fused", bf16, 1.0), r("tokenizer", "ours-bf16-cl", bf16, 2.0),
+            r("tokenizer", "official-fp16", fp16, 3.0), r("tokenizer", "ours-bf16-cl-bf16out", "bf16", 1.9),
             r("tokenizer", "ours-fp32", "fp32", 4.0), r("tokenizer", "kmeans", "fp32", 0.5)]  # fmt: skip
     out = tmp_path / "chart.png"
     drawn = plot.plot(rows, str(out))
     assert out.stat().st_size > 1000
     assert set(drawn) == {"attention", "tokenizer"}
-    assert {p for _, ratios in drawn["tokenizer"] for p in ratios} == {"ours-bf16-cl", "official-fp16", "ours-fp32",
-                                                                        "kmeans"}  # fmt: skip
+    # Every provider against our fused tokenizer, the official module (the 1.5x target's baseline) included.
+    (label, ratios), = drawn["tokenizer"]
+    assert ratios == {"ours-bf16-cl-fused": 1.0, "ours-bf16-cl": 2.0, "official-fp16 (fp16 (fp32 output conv))": 3.0,
+                      "ours-bf16-cl-bf16out (bf16)": 1.9, "ours-fp32 (fp32)": 4.0, "kmeans (fp32)": 0.5}  # fmt: skip
     with pytest.raises(ValueError, match="no rows"):
         plot.plot([r("attention", "sdpa", "bfloat16", 1.3)], str(out))
 
