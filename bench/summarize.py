@@ -85,7 +85,7 @@ def summarize(rows: list[dict]) -> str:
     # A group without our provider (the tokenizer's official fp16 module, a dtype of its own) is compared with the
     # baseline of its (kernel, shape, mode) in another dtype.
     sibling = {}
-    for (kernel, shape, dtype, mode), by_provider in groups.items():
+    for (kernel, shape, _dtype, mode), by_provider in groups.items():
         base = _baseline(by_provider)
         if base is not None:
             sibling.setdefault((kernel, shape, mode), by_provider[base])
