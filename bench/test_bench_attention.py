@@ -32,6 +32,7 @@ def test_attention_fwd_bwd(benchmark, provider):
     do = torch.randn(B, H, N, D, generator=g).to(DEVICE, DTYPE)
 
     def step():
+        q.grad = k.grad = v.grad = bias.grad = None  # each round writes its gradients rather than adding to them
         fn(q, k, v, bias).backward(do)
         if DEVICE.type == "cuda":
             torch.cuda.synchronize()

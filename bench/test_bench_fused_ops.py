@@ -42,6 +42,8 @@ def test_fused_op_fwd_bwd(benchmark, op, provider):
     fwd = providers[provider]
 
     def step():
+        for t in leaves:
+            t.grad = None  # each round writes its gradients rather than adding to them
         with torch.autocast(DEVICE.type, dtype=AUTOCAST, enabled=AUTOCAST is not None):
             out = fwd()
         grad_fn(out)
