@@ -34,6 +34,22 @@ def test_attention_bench_quick_run_writes_complete_rows(tmp_path):
     assert "| attention |" in table and "ours" in table
 
 
+def test_attention_bench_does_not_time_a_wrong_provider(monkeypatch):
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("CPU smoke run needs the Triton interpreter")
+    real = bench_attention.providers
+
+    def with_a_wrong_one(device):
+        return dict(real(device), wrong=lambda q, k, v, b: v)
+
+    monkeypatch.setattr(bench_attention, "providers", with_a_wrong_one)
+    env = harness.env_info(torch.device("cpu"))
+    rows = bench_attention.bench_case(2, 2, 20, 16, torch.float32, torch.device("cpu"), env, quick=True)
+    wrong = [r for r in rows if r["provider"] == "wrong"]
+    assert [r["metric"] for r in wrong] == ["error"] and "exceeds" in wrong[0]["note"]
+    assert {r["provider"] for r in rows if r["metric"] == "time"} == {"ours", "reference", "sdpa"}
+
+
 def test_fused_ops_bench_quick_run_block_glue_rows(tmp_path):
     """The add_layer_norm and bias_gelu rows (the other fused ops run in bench/test_bench_fused_ops.py)."""
     if os.environ.get("TRITON_INTERPRET") != "1":
