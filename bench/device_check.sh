@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # One prepared device call: offline install, the `gpu` tests (bf16 included), the kernel benchmarks at real shapes,
 # the end-to-end training-step benchmark, JSON under $OUT, a short table printed last. Budgeted for one call of at
-# most 7 minutes on one H100 (the default stage limits below add up to 400 s, plus the install; the whole default
-# run, install included, took about 300 s on an H100 at 9d1b66f, 2026-11-26, and 435 s with max_batch and a short
-# glue sweep after it; the sweeps and the step with their winners, at eec3771, 266 s).
+# most 7 minutes on one H100: the default stage limits below add up to 380 s, and a stage that outlives its
+# SIGINT is killed 5 s later (410 s at worst), plus the install. The whole default run, install included, took
+# about 300 s on an H100 at 9d1b66f, 2026-11-26, and 435 s with max_batch and a short glue sweep after it; the
+# sweeps and the step with their winners, at eec3771, 266 s. Stage times in that run, from its rows' start times:
+# bench_attention 39 s, bench_fused_ops 23, bench_tokenizer 35, train_eager 36, train_compile 110.
 #
 #   device run:  bash bench/device_check.sh     (carry .whl holding the xformers wheel to include xformers)
 #
@@ -19,6 +21,12 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 status=0
 STAGES=${STAGES:-gpu_tests bench_attention bench_fused_ops bench_tokenizer train_eager train_compile}
+KNOWN_STAGES="gpu_tests bench_attention bench_fused_ops bench_tokenizer tune_attention tune_glue train_eager \
+train_compile profile max_batch train_large"
+for s in $STAGES; do  # a misspelt stage would run nothing and still exit 0
+    case " $KNOWN_STAGES " in *" $s "*) ;; *) echo "device_check: unknown stage '$s' (known: $KNOWN_STAGES)" >&2; exit 2 ;; esac
+done
+GRACE=5  # seconds between a stage's SIGINT and its SIGKILL
 stage() {  # stage NAME SECONDS COMMAND...
     local name=$1 secs=$2
     shift 2
@@ -26,7 +34,7 @@ stage() {  # stage NAME SECONDS COMMAND...
     echo "=== $name (limit ${secs}s)"
     local t0=$SECONDS
     # SIGINT first: pytest then prints its summary of what ran, and the bench scripts have written their rows so far.
-    timeout -s INT -k 15 "$secs" "$@" 2>&1 | tee "$OUT/$name.log"
+    timeout -s INT -k "$GRACE" "$secs" "$@" 2>&1 | tee "$OUT/$name.log"
     local rc=${PIPESTATUS[0]}
     echo "=== $name: rc=$rc in $((SECONDS - t0))s"
     [ "$rc" -eq 0 ] || status=1
@@ -35,19 +43,24 @@ stage() {  # stage NAME SECONDS COMMAND...
 # Offline install: the image has torch, triton, numpy, pytest; the project itself needs no download.
 python -m pip install -q --no-index --no-deps --no-build-isolation -e . || status=1
 if ls .whl/*.whl >/dev/null 2>&1; then  # carried wheels (xformers): see the device README
-    python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    if python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/*.whl; then
+        export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    else  # the benchmarks would quietly lose the providers the wheels bring
+        echo "error: the carried wheels did not install" >&2
+        status=1
+    fi
 fi
 python -m beit.env | tee "$OUT/env.txt"
 # A preset BEIT_GIT_SHA wins: the device's copy of the tree may carry a stale .git (its HEAD read ea4b0d5 when the
-# tree was dfc8856, 2026-11-26).
-export BEIT_GIT_SHA=${BEIT_GIT_SHA:-$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)}
+# tree was dfc8856, 2026-11-26). Otherwise the harness's own reading, "-dirty" when the tree differs from HEAD.
+export BEIT_GIT_SHA=${BEIT_GIT_SHA:-$(cd bench && python -c "import harness; print(harness.git_sha())")}
 
 # -rA: every test's outcome in the summary; a cold Triton cache compiles about a hundred specialisations here.
 # pytest-xdist (on the device image) spreads those compiles over the CPU cores; the tests share the one GPU.
 xdist=$(python -c "import xdist" 2>/dev/null && echo "-n 8")
 # GPU_TEST_PATHS narrows a rerun to the tests of what changed (default: all of tests/).
-stage gpu_tests 75 python -m pytest -q -rA -m gpu ${GPU_TEST_PATHS:-tests} -p no:cacheprovider $xdist
+stage gpu_tests 70 python -m pytest -q -rA -m gpu ${GPU_TEST_PATHS:-tests} -p no:cacheprovider $xdist
 stage bench_attention 45 python bench/bench_attention.py --out "$OUT/bench_attention.json"
 stage bench_fused_ops 40 python bench/bench_fused_ops.py --no-compile --out "$OUT/bench_fused_ops.json"
 stage bench_tokenizer 40 python bench/bench_tokenizer.py --rep-ms 500 --out "$OUT/bench_tokenizer.json"
@@ -83,7 +96,7 @@ tuned_arg=()
 # STAGES=tune_glue, the tile sweeps (bench/tune_attention.py, bench/tune_glue.py), which run before the step;
 # STAGES=profile, the top GPU kernels of the triton and compile steps, with and without the tokenizer (where their
 # backwards differ, and where the tokenizer's time goes).
-stage train_eager 80 python bench/train_throughput.py --impls "${TRAIN_EAGER_IMPLS:-ref,sdpa,triton,triton+graph}" \
+stage train_eager 65 python bench/train_throughput.py --impls "${TRAIN_EAGER_IMPLS:-ref,sdpa,triton,triton+graph}" \
     --steps 6 --warmup 2 \
     "${tuned_arg[@]}" --out "$OUT/train_eager.json"
 stage train_compile 120 python bench/train_throughput.py --impls "${TRAIN_COMPILE_IMPLS:-compile,triton+compile}" \
@@ -107,7 +120,7 @@ for f in "$OUT"/bench_*.json "$OUT"/train_eager.json "$OUT"/train_compile.json "
     [ -f "$f" ] && results+=("$f")
 done
 [ ${#results[@]} -gt 0 ] || { echo "no benchmark or training-step rows to summarise under $OUT"; exit $status; }
-python bench/plot.py "${results[@]}" --out "$OUT/results.png" || true
+timeout -k "$GRACE" 60 python bench/plot.py "${results[@]}" --out "$OUT/results.png" || true
 
 echo
 echo "=== summary"
