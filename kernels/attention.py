@@ -138,8 +138,11 @@ def _attn_fwd_kernel(
         s = _scores(q, k, bias_base, offs_m, offs_n, mask_m, mask_n, stride_bm, stride_bn, qk_scale, HAS_BIAS, IEEE)
         s = tl.where(mask_n[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        # A row whose keys so far are all -inf (a masking bias) still has m = -inf, and exp2(-inf - -inf) is NaN:
+        # subtract 0 there instead, so its terms stay 0 until a finite score arrives.
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_sub)
+        p = tl.exp2(s - m_sub[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_rows(v_base, offs_n, stride_vn, offs_d, mask_n, D)
         acc = acc * alpha[:, None] + _dot(p, v, IEEE)

@@ -112,6 +112,23 @@ def test_beit_sequence_length(dtype):
     check(*make_inputs(3, 2, 197, 64, dtype, (2, 197, 197)))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("pattern", ["last_keys", "local_window"])
+def test_masking_bias_with_whole_key_blocks_at_minus_inf(dtype, pattern):
+    """-inf over a row's first key blocks (a mask as a bias): the online softmax must not subtract -inf from
+    -inf (NaN), as neither the reference nor SDPA does."""
+    B, H, N, D = 3, 2, 80, 16
+    q, k, v, _, do = make_inputs(B, H, N, D, dtype, None)
+    i = torch.arange(N)
+    if pattern == "last_keys":
+        masked = (i[None, :] < N - 8).expand(N, N)  # every row sees only the last 8 keys
+    else:
+        masked = (i[:, None] - i[None, :]).abs() > 8  # the late rows' first blocks are all masked
+    bias = torch.zeros(H, N, N).masked_fill(masked, float("-inf")).to(DEVICE).requires_grad_()
+    out, grads = check(q, k, v, bias, do)
+    assert torch.equal(grads[3][:, masked], torch.zeros_like(grads[3][:, masked]))
+
+
 @pytest.mark.parametrize("bias_shape", [(7, 7), (3, 1, 1, 7), (1, 1, 7, 1), (2, 7, 7)])
 def test_other_broadcast_bias_shapes(bias_shape):
     check(*make_inputs(3, 2, 7, 16, torch.float32, bias_shape))
