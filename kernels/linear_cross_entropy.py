@@ -272,6 +272,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         return loss, num_correct, num_valid
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the saved gradients are constants to autograd: no double backward
     def backward(ctx, grad_loss, _grad_correct, _grad_valid):
         gx, gw, gb = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs

@@ -105,6 +105,17 @@ def test_no_grad_and_partial_grads():
     check_close("grad x", xf.grad, x64.grad, None, torch.float32)
 
 
+def test_double_backward_is_refused_not_wrong():
+    """The gradients come from the forward, constants to autograd: a second derivative would silently miss the
+    Hessian term, so it must raise instead."""
+    x, w, _, target = make(10, 16, 70)
+    xf = x.float().requires_grad_()
+    loss = beit_kernels.linear_cross_entropy(xf, w.float(), None, target)
+    (gx,) = torch.autograd.grad(loss.square(), xf, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        gx.square().sum().backward()
+
+
 def test_autocast_runs_in_the_autocast_dtype():
     x, w, b, target = make(12, 16, 70)
     leaves = [t.float().requires_grad_() for t in (x, w, b)]
