@@ -8,10 +8,11 @@ Backward, with Delta = rowsum(dO * O):
     dq = scale * dS @ k,   dk = scale * dS^T @ q,   dbias = dS summed over every broadcast dimension
 
 Shapes and dtypes:
-    q, k, v   [B, H, N, D], one dtype (float16, bfloat16 or float32) and one device, last dimension contiguous;
-              other strides are free, so q, k, v split from a packed [B, N, 3, H, D] qkv need no copy.
-    bias      None, or any float tensor broadcastable to [B, H, N, N] ([H, N, N], [1, H, N, N], [B, H, N, N], ...);
-              it may require grad.
+    q, k, v   [B, H, N, D], one dtype (float16, bfloat16 or float32) and one device, last dimension contiguous
+              (unless D = 1); other strides are free, so q, k, v split from a packed [B, N, 3, H, D] qkv need no
+              copy.
+    bias      None, or a float16, bfloat16 or float32 tensor broadcastable to [B, H, N, N] ([H, N, N],
+              [1, H, N, N], [B, H, N, N], ...); it may require grad.
     scale     defaults to D ** -0.5.
     output    [B, H, N, D] in q's dtype; its memory is laid out as [B, N, H, D], so the usual
               ``o.transpose(1, 2).reshape(B, N, H * D)`` that follows is free.
@@ -495,7 +496,7 @@ def _check_inputs(q, k, v, bias):
         raise ValueError(f"attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     check_kernel_device("attention", q)
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.stride(-1) != 1:
+        if t.shape[-1] > 1 and t.stride(-1) != 1:  # a single feature has no stride to honour
             raise ValueError(f"attention: {name}'s last dimension must be contiguous (stride 1), got {t.stride()}")
     B, H, N, D = q.shape
     if N < 1 or B < 1 or H < 1:

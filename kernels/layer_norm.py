@@ -28,7 +28,7 @@ Shapes and dtypes:
                  stream is fp32 and the branch, a Linear's output, bf16); any strides with a unit stride on D.
     gamma        [D] float or None (1); needs branch.
     weight, bias [D] float or None each (1 and 0).
-    sample_scale [B] float or None (1); needs branch; gets no gradient.
+    sample_scale [B] float or None (1); needs branch; gets no gradient (one that requires it is refused).
     h            [B, N, D] contiguous, in x's dtype: the residual stream keeps its dtype (PyTorch would promote
                  ``bf16 x + fp32 gamma * branch`` to fp32; pass an fp32 x for an fp32 stream). ``x`` itself (no
                  copy) when branch is None.
@@ -450,6 +450,8 @@ def _check_inputs(x, branch, gamma, weight, bias, eps, sample_scale, y_dtype):
     for name, t in (("gamma", gamma), ("weight", weight), ("bias", bias)):
         check_vector("add_layer_norm", name, t, D, x.device)
     check_vector("add_layer_norm", "sample_scale", sample_scale, B, x.device)
+    if sample_scale is not None and sample_scale.requires_grad and torch.is_grad_enabled():
+        raise ValueError("add_layer_norm: sample_scale gets no gradient (a drop-path draw); detach it")
     if not eps > 0:
         raise ValueError(f"add_layer_norm: eps must be positive, got {eps}")
     if y_dtype is not None and y_dtype not in _DTYPES:

@@ -22,11 +22,11 @@ plain column sums of dY.
 
 Shapes and dtypes:
     images     uint8 [B, H, W, 3] (channels last, values 0..255, as DALI hands them), or fp32/fp16/bf16 [B, 3, H, W];
-               any strides. The images get no gradient.
+               any strides. The images get no gradient (images that require one are refused).
     weight     [D, 3, p, p] (Conv2d layout), bias [D] or None; float.
     mask       bool [B, N] (or [B, H/p, W/p]); needs mask_token [1, 1, D] (or [D]), which is ignored without mask.
     cls_token  [1, 1, D] or None; pos_embed [1, T, D] or None.
-    mean, std  3 per-channel values (tensors or sequences; in 0..255 units for uint8 images), both or neither;
+    mean, std  3 per-channel values (tensors or iterables; in 0..255 units for uint8 images), both or neither;
                a zero std is refused when given as numbers (a device tensor's values are not read: that would sync).
     out        [B, T, D] in the autocast dtype when autocast is on for the images' device, else weight.dtype.
 Gradients: weight, bias, mask_token, cls_token, pos_embed (in their own dtypes).
@@ -39,7 +39,6 @@ gradient can also run as a cuBLAS GEMM on materialised patches (``_BWD_WEIGHT_GR
 """
 
 import math
-from collections.abc import Sequence
 
 import torch
 import triton
@@ -490,9 +489,12 @@ def _channel_values(v, name: str, device: torch.device) -> torch.Tensor:
         if v.device != device:
             raise ValueError(f"{name} is on {v.device} but the images are on {device}")
         return v.reshape(3).to(torch.float64)
-    if not isinstance(v, Sequence) or len(v) != 3:
+    try:  # a list, a tuple, a numpy array: any iterable of three numbers
+        vals = [float(x) for x in v]
+    except (TypeError, ValueError):
+        vals = None
+    if vals is None or len(vals) != 3:
         raise ValueError(f"{name} must be 3 per-channel numbers, got {v!r}")
-    vals = [float(x) for x in v]
     if name == "std" and any(x == 0 or not math.isfinite(x) for x in vals):
         raise ValueError(f"std must be finite and non-zero, got {vals}")
     return torch.tensor(vals, dtype=torch.float64, device=device)
@@ -526,6 +528,8 @@ def _validate(images, weight, bias, mask, mask_token, cls_token, pos_embed, mean
             raise ValueError(f"float images must be [B, 3, H, W], got shape {tuple(images.shape)}")
     else:
         raise TypeError(f"images must be uint8 or float (fp32, fp16, bf16), got {images.dtype}")
+    if images.requires_grad and torch.is_grad_enabled():  # the backward gives none: refuse rather than drop it
+        raise ValueError("images must not require grad: patch_embed computes no image gradient (detach them)")
     device = images.device
     check_kernel_device("patch_embed", images)
     if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():

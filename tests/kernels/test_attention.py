@@ -373,6 +373,12 @@ def test_head_dim_not_a_power_of_two():
     check(*make_inputs(2, 2, 19, 40, torch.float32, (2, 19, 19)))
 
 
+def test_single_feature_heads_take_any_last_stride():
+    q, k, v, bias, do = make_inputs(3, 2, 9, 2, torch.float32, (2, 9, 9))
+    q1, k1, v1 = (t.detach()[..., ::2].requires_grad_() for t in (q, k, v))  # D = 1, last stride 2
+    check(q1, k1, v1, bias, do[..., :1].contiguous())
+
+
 def test_output_memory_is_token_major():
     q, k, v, bias, _ = make_inputs(2, 3, 7, 16, torch.float32, (3, 7, 7))
     out = beit_kernels.attention(q, k, v, bias)

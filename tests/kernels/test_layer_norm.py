@@ -190,6 +190,7 @@ V = torch.ones(8)
         ((X, X.to("meta"), None, V, V), {}, ValueError, "branch is on meta"),
         ((X, X, None, V, V), dict(sample_scale=torch.ones(3)), ValueError, r"sample_scale must be \[2\]"),
         ((X, X, None, V, V), dict(sample_scale=torch.ones(2, dtype=torch.int64)), TypeError, "sample_scale must"),
+        ((X, X, None, V, V), dict(sample_scale=torch.ones(2, requires_grad=True)), ValueError, "gets no gradient"),
         ((X, None, V, V, V), {}, ValueError, "need one"),
         ((X, X, None, V, V), dict(eps=0.0), ValueError, "eps must be positive"),
         ((X, X, None, V, V), dict(y_dtype=torch.float64), TypeError, "y_dtype"),

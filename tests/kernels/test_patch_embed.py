@@ -265,11 +265,20 @@ def bad(**over):
         (dict(mean=(0.0, 0.0, 0.0)), ValueError, "both mean and std"),
         (dict(mean=(0.0, 0.0), std=(1.0, 1.0)), ValueError, "3 per-channel"),
         (dict(mean=(0.0, 0.0, 0.0), std=(1.0, 0.0, 1.0)), ValueError, "non-zero"),
+        (dict(mean="abc", std=(1.0, 1.0, 1.0)), ValueError, "3 per-channel"),
+        (dict(images=torch.zeros(2, 3, 32, 32, requires_grad=True)), ValueError, "must not require grad"),
     ],
 )
 def test_bad_inputs_raise_before_launch(over, err, match):
     with pytest.raises(err, match=match):
         bad(**over)
+
+
+def test_mean_and_std_as_any_iterable_of_three():
+    np = pytest.importorskip("numpy")
+    as_tuple = bad(mean=(120.0, 110.0, 100.0), std=(60.0, 57.0, 58.0))
+    as_array = bad(mean=np.array([120.0, 110.0, 100.0]), std=iter([60.0, 57.0, 58.0]))
+    assert torch.equal(as_tuple, as_array)
 
 
 # ----------------------------------------------------------------------------------------------------------------
