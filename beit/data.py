@@ -9,7 +9,9 @@ Per sample, both loaders produce the official BEiT augmentation (unilm ``beit/da
                       [B, 3, T, T] float32
     bool_masked_pos   [B, N] bool blockwise mask (``beit.masking`` algorithm), N = masking grid cells (196)
     mask_index        [B, K] int64 masked positions, ascending, -1 padding, K = ``num_masking_patches`` (75)
-    index, valid      [B] int64 position of the file in ``loader.files`` and [B] bool, False for padding samples
+    index, valid      [B] int64 position of the file in ``loader.files`` and [B] bool, False for padding samples,
+                      whose mask is empty (no masked patch, ``mask_index`` all -1) so that no loss counts them: each
+                      file weighs once per epoch, though a batch stays full for static shapes
 
 ``build_loader`` returns the DALI loader (``device="gpu"``: nvJPEG / hardware decode and GPU augmentation) or, on
 ``device="cpu"`` without DALI or with ``backend="reference"``, the reference loader. Both share the file list, the
@@ -217,6 +219,13 @@ def epoch_order(
     order = np.concatenate([perm, np.resize(perm, pad)]).astype(np.int64)
     valid = np.arange(order.size) < num_files
     return order[shard_id::num_shards], valid[shard_id::num_shards]
+
+
+def _empty_padding_masks(batch: dict) -> None:
+    """Clear the masks of the padding samples (``valid`` False) in place: no masked patch, no loss term."""
+    pad = (~batch["valid"]).to(batch["bool_masked_pos"].device)[:, None]  # [B, 1]
+    batch["bool_masked_pos"] = batch["bool_masked_pos"] & ~pad
+    batch["mask_index"] = batch["mask_index"].masked_fill(pad.to(batch["mask_index"].device), -1)
 
 
 def _resolve_shards(shard_id: int | None, num_shards: int | None) -> tuple[int, int]:
@@ -651,6 +660,7 @@ class DaliLoader(_LoaderBase):
             out["index"] = torch.where(label >= 0, label, -label - 1)
             out["valid"] = label >= 0
             out["bool_masked_pos"] = out["bool_masked_pos"].bool()
+            _empty_padding_masks(out)
             if out["images"].dtype != dtype:
                 out["images"] = out["images"].to(dtype)
             yield out
@@ -796,6 +806,8 @@ class ReferenceDataset(torch.utils.data.Dataset):
         small = small * (1 - 2 * LOGIT_LAPLACE_EPS) + LOGIT_LAPLACE_EPS
         mask = MaskingGenerator(**ld.mask_cfg, rng=random.Random(_mix(self.seed, j, 0x3A5C)))()
         mask = torch.from_numpy(mask.reshape(-1))  # [H, W] -> [N]
+        if not valid:  # drawn all the same, so the valid samples' draws do not depend on where the padding falls
+            mask = torch.zeros_like(mask)
         return {
             "images": big,
             "tokenizer_images": small,

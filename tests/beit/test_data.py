@@ -61,14 +61,16 @@ def _check_batch(b, batch_size, output_dtype, normalization="imagenet"):
     t = b["tokenizer_images"]
     assert t.shape == (batch_size, 3, 32, 32) and t.dtype == torch.float32
     assert t.min() >= 0.1 - 1e-6 and t.max() <= 0.9 + 1e-6 and t.std() > 0.02
+    assert b["index"].shape == (batch_size,) and b["index"].dtype == torch.int64
+    valid = b["valid"]
+    assert valid.shape == (batch_size,) and valid.dtype == torch.bool
     m = b["bool_masked_pos"]
     assert m.shape == (batch_size, 16) and m.dtype == torch.bool
-    assert (m.sum(1) <= 6).all() and (m.sum(1) > 0).all()
+    # Padding samples carry an empty mask, so no loss counts them.
+    assert (m.sum(1) <= 6).all() and (m.sum(1)[valid] > 0).all() and not m[~valid].any()
     idx = b["mask_index"]
     assert idx.shape == (batch_size, 6) and idx.dtype == torch.int64
     assert torch.equal(idx, mask_to_index(m, 6))
-    assert b["index"].shape == (batch_size,) and b["index"].dtype == torch.int64
-    assert b["valid"].shape == (batch_size,) and b["valid"].dtype == torch.bool
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -186,6 +188,9 @@ def test_sharded_loaders_cover_every_file_once(data_dir, backend, num_shards):
             lengths.add((len(loader), len(batches)))
             seen += torch.cat([b["index"][b["valid"]] for b in batches]).tolist()
             masks.append(torch.cat([b["bool_masked_pos"] for b in batches]))
+            pad = torch.cat([~b["valid"] for b in batches])
+            assert not masks[-1][pad].any() and masks[-1][~pad].sum(1).min() > 0  # padding counts in no loss
+            assert (torch.cat([b["mask_index"] for b in batches])[pad] == -1).all()
         assert len(lengths) == 1 and lengths.pop()[0] == -(-22 // (4 * num_shards))
         assert sorted(seen) == list(range(22))
         assert not torch.equal(masks[0], masks[1])  # seeds differ per rank
