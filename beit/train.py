@@ -34,7 +34,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -145,12 +147,46 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         unknown = sorted(set(cfg) - valid)
         if unknown:
             parser.error(f"unknown option(s) in {known.config}: {', '.join(unknown)}")
+        _check_config_values(parser, cfg, known.config)
         parser.set_defaults(**cfg)
     args = parser.parse_args(argv)
     if args.demo:
         _demo_defaults(args, sys.argv[1:] if argv is None else argv)
     _check_args(parser, args)
     return args
+
+
+def _check_config_values(parser: argparse.ArgumentParser, cfg: dict, path: str) -> None:
+    """A config file's values get the checks argparse gives the command line's (types, choices), which
+    ``set_defaults`` skips: a ``precision: fp8`` must not quietly train in fp32."""
+    actions = {a.dest: a for a in parser._actions}
+    for key, v in cfg.items():
+        a = actions[key]
+        if v is None and a.default is None:  # an option that may be left unset
+            continue
+        problem = _config_value_problem(a, v)
+        if problem:
+            parser.error(f"{path}: {key}: {v!r} is not {problem}")
+
+
+def _config_value_problem(a: argparse.Action, v) -> str | None:
+    """What ``v`` should have been for option ``a``, or None when it fits."""
+    if isinstance(a, (argparse.BooleanOptionalAction, argparse._StoreTrueAction)):
+        return None if isinstance(v, bool) else "true or false"
+    if a.type is int:
+        check, want = (lambda x: isinstance(x, int) and not isinstance(x, bool)), "an integer"
+    elif a.type is float:
+        check, want = (lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)), "a number"
+    else:
+        check, want = (lambda x: isinstance(x, str)), "a string"
+    if a.nargs not in (None, "?"):  # a list option
+        n = a.nargs if isinstance(a.nargs, int) else None
+        if not isinstance(v, list) or (n is not None and len(v) != n) or not all(map(check, v)):
+            return f"a list of {n or 'any number of'} values, each {want}"
+        return None
+    if a.choices is not None:
+        return None if v in a.choices else f"one of {', '.join(map(str, a.choices))}"
+    return None if check(v) else want
 
 
 def _read_yaml(path: str) -> dict:
@@ -200,6 +236,40 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     for name in ("batch_size", "accum_steps", "log_interval", "keep_ckpts", "max_nonfinite", "image_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("num_workers", "steps", "epochs", "clip_grad", "ckpt_interval", "weight_decay", "min_lr",
+                 "warmup_epochs"):  # fmt: skip
+        v = getattr(args, name)
+        if not v >= 0 or v == float("inf"):  # NaN and inf too
+            parser.error(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v}")
+    if not (args.lr >= 0 and math.isfinite(args.lr)):
+        parser.error(f"--lr must be a finite number >= 0, got {args.lr}")
+    if not (args.eps > 0 and math.isfinite(args.eps)):
+        parser.error(f"--eps must be a finite number > 0, got {args.eps}")
+    if not all(0 <= b < 1 for b in args.betas):
+        parser.error(f"--betas must lie in [0, 1), got {' '.join(map(str, args.betas))}")
+    if not 0 <= args.drop_path < 1:
+        parser.error(f"--drop-path must lie in [0, 1), got {args.drop_path}")
+    if args.weight_decay_end is not None and not args.weight_decay_end >= 0:
+        parser.error(f"--weight-decay-end must be >= 0, got {args.weight_decay_end}")
+    if args.layer_scale is not None and not args.layer_scale >= 0:
+        parser.error(f"--layer-scale must be >= 0 (0: no layer scale), got {args.layer_scale}")
+    for name in ("depth", "global_batch_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    # A step with no masked patch trains on nothing (the official code stops on its NaN loss; ours would give 0).
+    cells = (args.image_size // 16) ** 2
+    if not 1 <= args.num_mask_patches <= cells:
+        parser.error(f"--num-mask-patches must lie in [1, {cells}] (the {args.image_size // 16}x{args.image_size // 16}"
+                     f" grid), got {args.num_mask_patches}")  # fmt: skip
+    top = args.max_mask_patches if args.max_mask_patches is not None else args.num_mask_patches
+    if not 1 <= args.min_mask_patches <= min(top, args.num_mask_patches):
+        parser.error(f"--min-mask-patches must lie in [1, {min(top, args.num_mask_patches)}] (a block larger than "
+                     f"the mask budget or --max-mask-patches is never drawn), got {args.min_mask_patches}")  # fmt: skip
+    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
+        parser.error(f"--output-dir {args.output_dir} exists and is not a folder")
+    for a in parser._actions:  # the demo's defaults, too, meet the choices
+        if a.choices is not None and getattr(args, a.dest, None) not in a.choices:
+            parser.error(f"--{a.dest.replace('_', '-')} must be one of {', '.join(map(str, a.choices))}")
     if args.image_size % 16 != 0:
         # Patch 16 on the model view; the tokenizer view (half) then has stride-8 tokens on the same grid.
         parser.error(f"--image-size must be a multiple of 16, got {args.image_size}")
@@ -593,10 +663,12 @@ def train(args: argparse.Namespace, record_samples: bool = False) -> dict:
     wd_schedule = cosine_scheduler(args.weight_decay, wd_end, total_steps)
 
     step, epoch, batch_in_epoch = 0, 0, 0
+    data_record = _data_record(loader, d.world_size)
     resume = _find_resume(args, out_dir)
     if resume is not None:
         ckpt = load_checkpoint(resume)
         _check_compatible(ckpt, args, resume)
+        _check_resume_point(ckpt, args, resume, data_record, out_dir)
         try:
             model.load_state_dict(ckpt["model"])
         except RuntimeError as e:
@@ -652,6 +724,7 @@ def train(args: argparse.Namespace, record_samples: bool = False) -> dict:
             "epoch": epoch,
             "batch_in_epoch": batch_in_epoch,
             "rng": rngs,
+            "data": data_record,
             "args": _jsonable(vars(args)),
             "model_config": model.config.to_dict(),
         }
@@ -802,6 +875,34 @@ def _check_compatible(ckpt: dict, args, path) -> None:
                 f"{path} was written with --{key.replace('_', '-')} {old[key]}, this run has {getattr(args, key)}: "
                 "resume with the same settings or start a new output folder"
             )
+
+
+def _data_record(loader, world_size: int) -> dict:
+    """What an epoch's sample order depends on besides --seed and --batch-size: the files and the ranks."""
+    files = hashlib.sha256("\n".join(map(str, loader.files)).encode()).hexdigest()[:16]
+    return {"num_files": len(loader.files), "files_sha256": files, "world_size": world_size}
+
+
+def _check_resume_point(ckpt: dict, args, path, data_record: dict, out_dir: Path) -> None:
+    """Refuse a resume that would repeat or skip samples, or leave two histories in one folder."""
+    if ckpt["batch_in_epoch"] > 0:  # mid-epoch: the rest of the epoch must be the same sample order
+        old = dict(ckpt.get("data") or {}, seed=ckpt["args"].get("seed"))
+        new = dict(data_record, seed=args.seed)
+        changed = [k for k in ("seed", "world_size", "num_files", "files_sha256") if k in old and old[k] != new[k]]
+        if changed:
+            what = ", ".join(f"{k} {old[k]} -> {new[k]}" for k in changed)
+            raise TrainingError(
+                f"{path} stopped in the middle of epoch {ckpt['epoch']} (batch {ckpt['batch_in_epoch']}); resuming "
+                f"with another {what} would repeat some samples of that epoch and skip others: resume with the "
+                "same --seed, number of processes and data, or from a checkpoint at an epoch's end"
+            )
+    newer = [p for p in list_checkpoints(out_dir) if int(CKPT_RE.search(p.name).group(1)) > ckpt["step"]]
+    if newer:
+        raise TrainingError(
+            f"{out_dir} holds checkpoints newer than {path} (step {ckpt['step']}): {', '.join(p.name for p in newer)}."
+            " This run would write a second history beside them, its rotation would delete the older ones, and "
+            "--resume auto would later pick theirs: move them away, or give another --output-dir"
+        )
 
 
 def _jsonable(d: dict) -> dict:

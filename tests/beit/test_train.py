@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -300,3 +301,89 @@ def test_yaml_config_sets_defaults_and_the_command_line_wins(tmp_path):
     (tmp_path / "bad.yaml").write_text("stepz: 7\n")
     with pytest.raises(SystemExit):
         parse_args(["--config", str(tmp_path / "bad.yaml")])
+
+
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ("precision: fp8\n", "precision: 'fp8' is not one of auto, bf16, fp16, fp32"),
+        ("loader: foo\n", "loader: 'foo' is not one of"),
+        ("tokenizer_fused: yes\n", "tokenizer_fused: True is not one of auto, on, off"),
+        ("impl: fastest\n", "impl: 'fastest' is not one of"),
+        ("lr: abc\n", "lr: 'abc' is not a number"),
+        ("steps: 2.5\n", "steps: 2.5 is not an integer"),
+        ("compile: 1\n", "compile: 1 is not true or false"),
+        ("betas: [0.9]\n", r"betas: \[0.9\] is not a list of 2 values, each a number"),
+    ],
+)
+def test_yaml_config_values_meet_the_command_line_checks(tmp_path, capsys, text, match):
+    """set_defaults skips argparse's type and choice checks: a config file's values get them all the same."""
+    from beit.train import parse_args
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("data: d\ntokenizer: kmeans:t\n" + text)
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--config", str(cfg)])
+    assert e.value.code == 2 and re.search(match, capsys.readouterr().err)
+    cfg.write_text("data: d\ntokenizer: kmeans:t\nbetas: [0.9, 0.98]\ndepth: null\nlr: 1\ncompile: false\n")
+    args = parse_args(["--config", str(cfg)])
+    assert args.betas == [0.9, 0.98] and args.depth is None and args.lr == 1
+
+
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (["--lr", "-1"], "--lr must be a finite number >= 0"),
+        (["--lr", "nan"], "--lr must be a finite number >= 0"),
+        (["--eps", "0"], "--eps must be a finite number > 0"),
+        (["--betas", "1.5", "0.999"], r"--betas must lie in \[0, 1\)"),
+        (["--warmup-epochs", "-3"], "--warmup-epochs must be a finite number >= 0"),
+        (["--drop-path", "1.5"], r"--drop-path must lie in \[0, 1\)"),
+        (["--weight-decay", "-0.1"], "--weight-decay must be a finite number >= 0"),
+        (["--min-lr", "-5"], "--min-lr must be a finite number >= 0"),
+        (["--clip-grad", "-1"], "--clip-grad must be a finite number >= 0"),
+        (["--ckpt-interval", "-2"], "--ckpt-interval must be a finite number >= 0"),
+        (["--depth", "0"], "--depth must be >= 1"),
+        (["--layer-scale", "-1"], "--layer-scale must be >= 0"),
+        (["--num-mask-patches", "0"], r"--num-mask-patches must lie in \[1, 196\]"),
+        (["--num-mask-patches", "197"], r"--num-mask-patches must lie in \[1, 196\]"),
+        (["--max-mask-patches", "0"], r"--min-mask-patches must lie in \[1, 0\]"),
+        (["--min-mask-patches", "100"], r"--min-mask-patches must lie in \[1, 75\]"),
+        (["--min-mask-patches", "-40"], r"--min-mask-patches must lie in \[1, 75\]"),
+    ],
+)
+def test_numeric_options_are_range_checked_before_work(capsys, bad, match):
+    from beit.train import parse_args
+
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--data", "d", "--tokenizer", "kmeans:t", *bad])
+    assert e.value.code == 2 and re.search(match, capsys.readouterr().err)
+
+
+def test_output_dir_that_is_a_file_is_refused(tmp_path, capsys):
+    from beit.train import parse_args
+
+    (tmp_path / "f").write_text("")
+    with pytest.raises(SystemExit):
+        parse_args(["--data", "d", "--tokenizer", "kmeans:t", "--output-dir", str(tmp_path / "f")])
+    assert "exists and is not a folder" in capsys.readouterr().err
+
+
+def test_a_resume_that_would_repeat_samples_or_fork_the_history_is_refused(assets, tmp_path, capsys):
+    run = tmp_path / "run"
+    # 40 images in batches of 6: step 3 stops mid-epoch.
+    assert main(common(assets, run, "--steps", "6", "--ckpt-interval", "2", "--keep-ckpts", "5",
+                       "--inject-sigint", "3")) == 130  # fmt: skip
+    mid = list_checkpoints(run)[-1]
+    data = load_checkpoint(mid)["data"]
+    assert (data["num_files"], data["world_size"], len(data["files_sha256"])) == (TRAIN_IMAGES, 1, 16)
+    before = _digest(mid)
+    assert main(common(assets, run, "--steps", "6", "--seed", "1")) == 2
+    assert "stopped in the middle of epoch 0 (batch 3)" in capsys.readouterr().err
+    assert main(common(assets, run, "--steps", "6", "--ckpt-interval", "2", "--keep-ckpts", "5")) == 0
+    assert [load_checkpoint(p)["step"] for p in list_checkpoints(run)] == [2, 3, 4, 6]
+    # Rolling back to step 4 in the same folder would leave step 6 beside the new history.
+    old = list_checkpoints(run)[2]
+    assert main(common(assets, run, "--steps", "8", "--resume", str(old))) == 2
+    assert "holds checkpoints newer than" in capsys.readouterr().err
+    assert _digest(mid) == before and len(list_checkpoints(run)) == 4
