@@ -1,10 +1,12 @@
 """``beit-linprobe``: a linear probe of a pretrained encoder, to check that pretraining learned something.
 
 Features are the encoder's normalised patch tokens, average-pooled (``forward_features`` without masks), of images
-resized to the model's input size and normalised as in pretraining. A softmax regression is fitted on a seeded
-train split of a labelled image folder (one subfolder per class) and its accuracy is reported on the rest. Run it
-for the pretrained checkpoint and with ``--random-init`` for the same architecture untrained, or with
-``--compare-random`` for both in one call: the difference is what pretraining bought.
+resized to the model's input size and normalised as in pretraining: with the mean/std of the ``--normalization``
+recorded in a beit-pretrain checkpoint's args, or imagenet's where the checkpoint records none; ``--normalization``
+here overrides both. A softmax regression is fitted on a seeded train split of a labelled image folder (one
+subfolder per class) and its accuracy is reported on the rest. Run it for the pretrained checkpoint and with
+``--random-init`` for the same architecture untrained, or with ``--compare-random`` for both in one call: the
+difference is what pretraining bought.
 
     beit-linprobe runs/demo/checkpoint-00000300.pth --data runs/demo/demo_data --compare-random
 
@@ -27,7 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from beit.data import IMAGENET_MEAN, IMAGENET_STD
+from beit.checkpoint import read_state_dict
+from beit.data import NORMALIZATIONS
 from beit.export import model_from_checkpoint
 from beit.model import VisionTransformerForMaskedImageModeling
 
@@ -52,15 +55,52 @@ def labelled_images(root: str | Path) -> tuple[list[Path], list[int], list[str]]
     return files, labels, classes
 
 
+def pretraining_normalization(checkpoint: str | Path) -> str | None:
+    """The ``--normalization`` recorded in the args of a beit-pretrain checkpoint, or None where the file records
+    none (weights-only files: safetensors, Hugging Face folders, other projects' checkpoints)."""
+    path = Path(checkpoint)
+    if not path.is_file() or path.suffix == ".safetensors":
+        return None
+    try:
+        # Only the args are wanted: mapping the file leaves the weights (and optimizer state) unread.
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # a legacy (non-zip) torch.save file cannot be mapped
+        ckpt = read_state_dict(path)
+    args = ckpt.get("args") if isinstance(ckpt, dict) else None
+    return args.get("normalization") if isinstance(args, dict) else None
+
+
+def split_sizes(num_images: int, val_fraction: float) -> tuple[int, int]:
+    """(held-out, training) image counts of a split of ``num_images``; raises where either would be too small."""
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    n_val = int(round(val_fraction * num_images))
+    n_train = num_images - n_val
+    # The probe standardises each feature by its spread over the training images: one image has none.
+    if n_val < 1 or n_train < 2:
+        raise ValueError(
+            f"val_fraction {val_fraction} of {num_images} images holds out {n_val} and trains on {n_train}: "
+            "need at least 1 held-out and 2 training images (use more images or another fraction)"
+        )
+    return n_val, n_train
+
+
 @torch.no_grad()
 def extract_features(
-    models: list, files: list[Path], image_size: int, batch_size: int = 64, device="cpu"
+    models: list,
+    files: list[Path],
+    image_size: int,
+    batch_size: int = 64,
+    device="cpu",
+    normalization: str = "imagenet",
 ) -> list[torch.Tensor]:
-    """Average-pooled patch features [len(files), D] of each of ``models``, decoding every image once."""
+    """Average-pooled patch features [len(files), D] of each of ``models``, decoding every image once and
+    normalising it with the mean/std of ``normalization`` (a key of ``beit.data.NORMALIZATIONS``)."""
     from PIL import Image
 
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {list(NORMALIZATIONS)}, got {normalization!r}")
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in NORMALIZATIONS[normalization])
     for model in models:
         model.eval().to(device)
     feats: list[list[torch.Tensor]] = [[] for _ in models]
@@ -100,15 +140,23 @@ def fit_probe(
     return probe
 
 
-def probe_models(models: dict, data: str | Path, *, val_fraction: float = 0.3, seed: int = 0, device="cpu") -> dict:
+def probe_models(
+    models: dict,
+    data: str | Path,
+    *,
+    val_fraction: float = 0.3,
+    seed: int = 0,
+    device="cpu",
+    normalization: str = "imagenet",
+) -> dict:
     """Probe each of ``models`` (name -> model, one input size) on one seeded split of ``data``: name -> result."""
     files, labels, classes = labelled_images(data)
+    n_val, _ = split_sizes(len(files), val_fraction)
     image_size = next(iter(models.values())).patch_embed.img_size[0]
-    feats = extract_features(list(models.values()), files, image_size, device=device)
+    feats = extract_features(list(models.values()), files, image_size, device=device, normalization=normalization)
     y = torch.tensor(labels)
     rng = np.random.default_rng(seed)
     perm = torch.from_numpy(rng.permutation(len(files)))
-    n_val = max(1, int(round(val_fraction * len(files))))
     val, train = perm[:n_val], perm[n_val:]
     results = {}
     for name, f in zip(models, feats):
@@ -121,12 +169,16 @@ def probe_models(models: dict, data: str | Path, *, val_fraction: float = 0.3, s
             "num_train": len(train),
             "num_val": len(val),
             "classes": len(classes),
+            "normalization": normalization,
         }
     return results
 
 
-def probe_accuracy(model, data: str | Path, *, val_fraction: float = 0.3, seed: int = 0, device="cpu") -> dict:
-    return probe_models({"model": model}, data, val_fraction=val_fraction, seed=seed, device=device)["model"]
+def probe_accuracy(
+    model, data: str | Path, *, val_fraction: float = 0.3, seed: int = 0, device="cpu", normalization: str = "imagenet"
+) -> dict:
+    kw = dict(val_fraction=val_fraction, seed=seed, device=device, normalization=normalization)
+    return probe_models({"model": model}, data, **kw)["model"]
 
 
 def random_like(model, seed: int = 0) -> VisionTransformerForMaskedImageModeling:
@@ -135,16 +187,19 @@ def random_like(model, seed: int = 0) -> VisionTransformerForMaskedImageModeling
     return VisionTransformerForMaskedImageModeling(model.config)
 
 
-def probe_against_random(model, data: str | Path, *, val_fraction: float = 0.3, seed: int = 0, device="cpu") -> dict:
+def probe_against_random(
+    model, data: str | Path, *, val_fraction: float = 0.3, seed: int = 0, device="cpu", normalization: str = "imagenet"
+) -> dict:
     """Probe ``model`` and the same architecture freshly initialised (seeded) on the same split, decoding the
     images once: {"pretrained": result, "random_init": result}."""
     models = {"pretrained": model, "random_init": random_like(model, seed)}
-    return probe_models(models, data, val_fraction=val_fraction, seed=seed, device=device)
+    return probe_models(models, data, val_fraction=val_fraction, seed=seed, device=device, normalization=normalization)
 
 
 def _report(kind: str, result: dict) -> str:
     return (f"linear probe ({kind}): accuracy {result['accuracy']:.4f} on {result['num_val']} images, "
-            f"chance {result['chance']:.4f}, {result['classes']} classes")  # fmt: skip
+            f"chance {result['chance']:.4f}, {result['classes']} classes, "
+            f"{result['normalization']} normalization")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,13 +210,27 @@ def main(argv: list[str] | None = None) -> int:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--random-init", action="store_true", help="probe the same architecture, randomly initialised")
     g.add_argument("--compare-random", action="store_true", help="probe both the checkpoint and a random init")
-    p.add_argument("--val-fraction", type=float, default=0.3)
+    p.add_argument(
+        "--normalization",
+        choices=list(NORMALIZATIONS),
+        help="image mean/std; default: the one the checkpoint was pretrained with, imagenet where it records none",
+    )
+    p.add_argument("--val-fraction", type=float, default=0.3, help="share of the images held out, in (0, 1)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if not 0 < args.val_fraction < 1:
+        p.error(f"--val-fraction must be between 0 and 1 (exclusive), got {args.val_fraction}")
     try:
         model = model_from_checkpoint(args.checkpoint, args.model, impl="ref")
+        norm = args.normalization or pretraining_normalization(args.checkpoint) or "imagenet"
+        if norm not in NORMALIZATIONS:
+            raise ValueError(
+                f"{args.checkpoint} was pretrained with normalization {norm!r}, which is not one of "
+                f"{list(NORMALIZATIONS)}: pass --normalization"
+            )
+        kw = dict(val_fraction=args.val_fraction, seed=args.seed, normalization=norm)
         if args.compare_random:
-            both = probe_against_random(model, args.data, val_fraction=args.val_fraction, seed=args.seed)
+            both = probe_against_random(model, args.data, **kw)
             print(_report("pretrained", both["pretrained"]))
             print(_report("random init", both["random_init"]))
             gain = both["pretrained"]["accuracy"] - both["random_init"]["accuracy"]
@@ -169,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.random_init:
             model = random_like(model, args.seed)
-        result = probe_accuracy(model, args.data, val_fraction=args.val_fraction, seed=args.seed)
+        result = probe_accuracy(model, args.data, **kw)
     except (OSError, ValueError) as e:
         print(f"beit-linprobe: error: {e}", file=sys.stderr)
         return 2

@@ -977,7 +977,8 @@ def demo_linear_probe(checkpoint: str, args: argparse.Namespace) -> dict:
     from beit.export import model_from_checkpoint
     from beit.linprobe import probe_against_random
 
-    both = probe_against_random(model_from_checkpoint(checkpoint, impl="ref"), args.data, seed=args.seed)
+    both = probe_against_random(model_from_checkpoint(checkpoint, impl="ref"), args.data, seed=args.seed,
+                                normalization=args.normalization)
     with open(Path(args.output_dir) / "linprobe.json", "w") as f:
         json.dump(both, f, indent=1)
     pre, rnd = both["pretrained"], both["random_init"]

@@ -359,6 +359,8 @@ def fit_kmeans_tokenizer(
         )
     if input_size % patch_size:
         raise ValueError(f"input_size {input_size} is not a multiple of patch_size {patch_size}")
+    if max_images is not None and max_images < 1:
+        raise ValueError(f"max_images must be at least 1 (or left out for every image), got {max_images}")
     if out is not None and not str(out).endswith(".safetensors"):
         raise ValueError(f"--out {out}: the tokenizer is written as safetensors; give a path ending in .safetensors")
     paths = list_images(data)

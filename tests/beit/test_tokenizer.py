@@ -633,10 +633,19 @@ def test_cli_errors_before_work(image_folder, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     cases.append((["--data", str(empty), "--vocab-size", "8", "--out", str(out)], "no images"))
+    # A negative count would slice off that many images from the end and fit on the rest.
+    for n in ("-3", "0"):
+        argv = ["--data", str(image_folder), "--vocab-size", "8", "--out", str(out), "--max-images", n]
+        cases.append((argv, f"max_images must be at least 1 (or left out for every image), got {n}"))
     for argv, pattern in cases:
         assert main(["fit", *argv, "--no-progress", "--workers", "0"]) == 2
         assert pattern in capsys.readouterr().err
         assert not out.exists()
+
+
+def test_max_images_fits_a_subset(image_folder):
+    tok = fit_kmeans_tokenizer(image_folder, 8, seed=0, batch_size=4, workers=0, max_images=1, progress=False)
+    assert tok.metadata["n_images"] == 1
 
 
 def test_unreadable_image_is_named(tmp_path):
