@@ -2,6 +2,7 @@
 
 import math
 import random
+import re
 
 import numpy as np
 import pytest
@@ -67,7 +68,9 @@ CONFIGS = [
     dict(input_size=14, num_masking_patches=75, min_num_patches=16),  # BEiT's defaults
     dict(input_size=14, num_masking_patches=75, min_num_patches=16, max_num_patches=30, min_aspect=0.5),
     dict(input_size=(6, 9), num_masking_patches=20, min_num_patches=4),
-    dict(input_size=14, num_masking_patches=10, min_num_patches=16),  # min block larger than the budget
+    # The last block of a mask draws U(16, remaining < 16): uniform with swapped bounds, as in the official code.
+    dict(input_size=14, num_masking_patches=20, min_num_patches=16),
+    dict(input_size=14, num_masking_patches=16, min_num_patches=16, max_num_patches=16, min_aspect=1.0),  # edges
     dict(input_size=24, num_masking_patches=230, min_num_patches=16),  # 384 px
 ]
 
@@ -127,12 +130,96 @@ def test_zero_budget_gives_empty_masks():
     assert m.sum() == 0
 
 
-@pytest.mark.parametrize("kw", [dict(num_masking_patches=197), dict(num_masking_patches=-1), dict(min_aspect=0)])
-def test_bad_arguments(kw):
-    args = dict(input_size=14, num_masking_patches=75)
+BAD_ARGUMENTS = [
+    # (arguments over the defaults input_size=14, num_masking_patches=75, min_num_patches=16; error; argument named)
+    (dict(input_size=0), ValueError, "input_size"),
+    (dict(input_size=(14, 0)), ValueError, "input_size"),
+    (dict(input_size=(14, 14, 3)), ValueError, "input_size"),
+    (dict(input_size=14.5), TypeError, "input_size"),
+    (dict(num_masking_patches=197), ValueError, "num_masking_patches"),
+    (dict(num_masking_patches=-1), ValueError, "num_masking_patches"),
+    (dict(num_masking_patches=75.0), TypeError, "num_masking_patches"),
+    (dict(num_masking_patches=True), TypeError, "num_masking_patches"),
+    (dict(min_num_patches=0), ValueError, "min_num_patches"),
+    (dict(min_num_patches=-40), ValueError, "min_num_patches"),  # was a math domain error at the first draw
+    (dict(min_num_patches=16.5), TypeError, "min_num_patches"),
+    (dict(min_num_patches=100), ValueError, "min_num_patches"),  # above the budget of 75
+    (dict(min_num_patches=76), ValueError, "min_num_patches"),
+    (dict(input_size=6, num_masking_patches=20, min_num_patches=50), ValueError, "min_num_patches"),
+    (dict(input_size=6, num_masking_patches=36, min_num_patches=50), ValueError, "min_num_patches"),
+    (dict(max_num_patches=0), ValueError, "max_num_patches"),
+    (dict(max_num_patches=10), ValueError, "max_num_patches"),  # below min_num_patches=16
+    (dict(num_masking_patches=0, max_num_patches=0), ValueError, "max_num_patches"),
+    (dict(max_num_patches="30"), TypeError, "max_num_patches"),
+    (dict(min_aspect=0), ValueError, "min_aspect"),
+    (dict(min_aspect=-0.3), ValueError, "min_aspect"),
+    (dict(min_aspect=math.nan), ValueError, "min_aspect"),
+    (dict(min_aspect="0.3"), TypeError, "min_aspect"),
+    (dict(min_aspect=2.0), ValueError, "max_aspect=1/min_aspect"),  # the default 1/2 would lie below it
+    (dict(max_aspect=0.2), ValueError, "max_aspect"),
+    (dict(max_aspect=0), ValueError, "max_aspect"),  # the official code's ``or`` would have read 0 as None
+    (dict(max_aspect=math.inf), ValueError, "max_aspect"),
+]
+
+
+@pytest.mark.parametrize("kw, error, name", BAD_ARGUMENTS, ids=[str(kw) for kw, _, _ in BAD_ARGUMENTS])
+def test_bad_arguments_are_refused_at_construction(kw, error, name):
+    args = dict(input_size=14, num_masking_patches=75, min_num_patches=16)
     args.update(kw)
-    with pytest.raises(ValueError):
+    with pytest.raises(error, match=re.escape(name)):
         MaskingGenerator(**args)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(min_num_patches=100),
+        dict(min_num_patches=16, max_num_patches=10),
+        dict(input_size=6, num_masking_patches=36, min_num_patches=50),
+        dict(max_num_patches=0),
+    ],
+)
+def test_refused_arguments_give_empty_masks_in_the_official_algorithm(kw):
+    """Why the relations are refused: the official algorithm draws many empty masks (no training signal) with them."""
+    args = dict(input_size=14, num_masking_patches=75, min_num_patches=16)
+    args.update(kw)
+    official = OfficialMaskingGenerator(random.Random(0), **args)
+    empty = np.mean([official().sum() == 0 for _ in range(500)])
+    assert empty > 0.05, empty
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(min_num_patches=75),  # the smallest block equals the budget
+        dict(min_num_patches=1, max_num_patches=1),
+        dict(max_num_patches=200),  # a cap above the budget is just the budget
+        dict(num_masking_patches=196, min_num_patches=16),  # the whole grid
+        dict(num_masking_patches=0),  # the budget check, not min_num_patches=16, governs an empty budget
+        dict(min_aspect=1.0),
+        dict(min_aspect=0.5, max_aspect=0.5),
+        dict(input_size=[5, 7], num_masking_patches=14, min_num_patches=3),
+        dict(input_size=np.int64(14), num_masking_patches=np.int64(75), max_num_patches=np.int32(30)),
+        dict(min_aspect=np.float32(0.3), max_aspect=np.float64(3.0)),
+    ],
+)
+def test_boundary_arguments_are_accepted(kw):
+    args = dict(input_size=14, num_masking_patches=75, min_num_patches=16)
+    args.update(kw)
+    gen = MaskingGenerator(**args, rng=0)
+    assert all(0 <= gen().sum() <= gen.num_masking_patches for _ in range(20))
+    assert type(gen.num_masking_patches) is int and type(gen.min_num_patches) is int
+
+
+def test_official_defaults_are_unchanged():
+    """Defaults of the constructor itself: 14x14, 75 patches, blocks of at least 16, aspect 0.3 to 1/0.3."""
+    gen = MaskingGenerator(rng=random.Random(2024))
+    assert (gen.height, gen.width, gen.num_masking_patches) == (14, 14, 75)
+    assert (gen.min_num_patches, gen.max_num_patches) == (16, 75)
+    assert gen.log_aspect_ratio == (math.log(0.3), math.log(1 / 0.3))
+    official = OfficialMaskingGenerator(random.Random(2024), 14, 75, 16, min_aspect=0.3)
+    for _ in range(300):
+        np.testing.assert_array_equal(gen(), official().astype(bool))
 
 
 @pytest.mark.parametrize("B", [1, 3, 8])
