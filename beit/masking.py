@@ -91,6 +91,14 @@ class MaskingGenerator:
                     f"max_num_patches={max_num_patches} is below min_num_patches={min_num_patches}: "
                     f"expected min_num_patches <= max_num_patches, or None for the budget (num_masking_patches)"
                 )
+        # A block is placed only when its rounded sides stay below the grid's, round(sqrt(area * aspect)) < height
+        # and round(sqrt(area / aspect)) < width, so its area is at most (height - 0.5) * (width - 0.5): a minimum
+        # above that never draws a block, and every mask comes out empty.
+        if num_masking_patches > 0 and min_num_patches > (height - 0.5) * (width - 0.5):
+            raise ValueError(
+                f"min_num_patches={min_num_patches} is too large a block for a {height}x{width} grid: at most "
+                f"{math.floor((height - 0.5) * (width - 0.5))} patches fit in one block"
+            )
         min_aspect = _as_finite_real("min_aspect", min_aspect)
         if min_aspect <= 0:
             raise ValueError(f"min_aspect must be positive, got {min_aspect}")

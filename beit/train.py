@@ -256,15 +256,6 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     for name in ("depth", "global_batch_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    # A step with no masked patch trains on nothing (the official code stops on its NaN loss; ours would give 0).
-    cells = (args.image_size // 16) ** 2
-    if not 1 <= args.num_mask_patches <= cells:
-        parser.error(f"--num-mask-patches must lie in [1, {cells}] (the {args.image_size // 16}x{args.image_size // 16}"
-                     f" grid), got {args.num_mask_patches}")  # fmt: skip
-    top = args.max_mask_patches if args.max_mask_patches is not None else args.num_mask_patches
-    if not 1 <= args.min_mask_patches <= min(top, args.num_mask_patches):
-        parser.error(f"--min-mask-patches must lie in [1, {min(top, args.num_mask_patches)}] (a block larger than "
-                     f"the mask budget or --max-mask-patches is never drawn), got {args.min_mask_patches}")  # fmt: skip
     if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
         parser.error(f"--output-dir {args.output_dir} exists and is not a folder")
     for a in parser._actions:  # the demo's defaults, too, meet the choices
@@ -273,6 +264,14 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     if args.image_size % 16 != 0:
         # Patch 16 on the model view; the tokenizer view (half) then has stride-8 tokens on the same grid.
         parser.error(f"--image-size must be a multiple of 16, got {args.image_size}")
+    # A step with no masked patch trains on nothing (the official code stops on its NaN loss; ours would give 0).
+    if args.num_mask_patches < 1:
+        parser.error(f"--num-mask-patches must be >= 1, got {args.num_mask_patches}")
+    try:  # the generator's own checks: budget within the grid, block sizes that can be drawn
+        beit.MaskingGenerator(args.image_size // 16, args.num_mask_patches, args.min_mask_patches,
+                              args.max_mask_patches)  # fmt: skip
+    except (TypeError, ValueError) as e:
+        parser.error(f"--num-mask-patches, --min-mask-patches, --max-mask-patches: {e}")
     if args.epochs < 1 and args.steps < 1:
         parser.error("give --epochs or --steps (>= 1)")
     if not args.demo and (not args.data or not args.tokenizer):

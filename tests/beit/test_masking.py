@@ -159,6 +159,7 @@ BAD_ARGUMENTS = [
     (dict(max_aspect=0.2), ValueError, "max_aspect"),
     (dict(max_aspect=0), ValueError, "max_aspect"),  # the official code's ``or`` would have read 0 as None
     (dict(max_aspect=math.inf), ValueError, "max_aspect"),
+    (dict(num_masking_patches=196, min_num_patches=183), ValueError, "too large a block"),  # at most 182 fit
 ]
 
 
@@ -177,6 +178,7 @@ def test_bad_arguments_are_refused_at_construction(kw, error, name):
         dict(min_num_patches=16, max_num_patches=10),
         dict(input_size=6, num_masking_patches=36, min_num_patches=50),
         dict(max_num_patches=0),
+        dict(num_masking_patches=196, min_num_patches=183),
     ],
 )
 def test_refused_arguments_give_empty_masks_in_the_official_algorithm(kw):
@@ -195,6 +197,7 @@ def test_refused_arguments_give_empty_masks_in_the_official_algorithm(kw):
         dict(min_num_patches=1, max_num_patches=1),
         dict(max_num_patches=200),  # a cap above the budget is just the budget
         dict(num_masking_patches=196, min_num_patches=16),  # the whole grid
+        dict(num_masking_patches=196, min_num_patches=182),  # the largest block that fits 14x14, now and then
         dict(num_masking_patches=0),  # the budget check, not min_num_patches=16, governs an empty budget
         dict(min_aspect=1.0),
         dict(min_aspect=0.5, max_aspect=0.5),
