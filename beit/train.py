@@ -52,6 +52,7 @@ import torch.nn as nn
 import yaml
 
 import beit
+from beit.data import BadImageError
 from beit.flops import peak_flops, tokenizer_flops_per_image, train_flops_per_image
 from beit.optim import cosine_scheduler, fused_adamw
 
@@ -94,6 +95,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--loader", default="auto", choices=LOADERS, help="auto: dali-gpu on CUDA, else dali-cpu/reference")
     g.add_argument("--num-workers", type=int, default=8, help="loader threads (DALI) or worker processes")
     g.add_argument("--normalization", default="imagenet", choices=("imagenet", "inception"))
+    g.add_argument("--on-bad-file", default="skip", choices=("skip", "error"),
+                   help="an unreadable or undecodable image: skip it with a warning naming it, or stop with an "
+                   "error naming it (before training if its header is bad, else when it fails to decode)")  # fmt: skip
     g.add_argument("--num-mask-patches", type=int, default=75)
     g.add_argument("--min-mask-patches", type=int, default=16)
     g.add_argument("--max-mask-patches", type=int, default=None)
@@ -626,6 +630,7 @@ def train(args: argparse.Namespace, record_samples: bool = False) -> dict:
             tokenizer_size=tok_size,
             normalization=args.normalization,
             masking=masking,
+            on_bad_file=args.on_bad_file,
         )
     except (OSError, ValueError, RuntimeError) as e:
         raise TrainingError(f"--data {args.data}: {e}") from e
@@ -953,7 +958,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
         result = train(args)
-    except TrainingError as e:
+    except (TrainingError, BadImageError) as e:  # a bad image under --on-bad-file error: named, no traceback
         print(f"beit-pretrain: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

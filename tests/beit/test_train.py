@@ -388,3 +388,19 @@ def test_a_resume_that_would_repeat_samples_or_fork_the_history_is_refused(asset
     assert main(common(assets, run, "--steps", "8", "--resume", str(old))) == 2
     assert "holds checkpoints newer than" in capsys.readouterr().err
     assert _digest(mid) == before and len(list_checkpoints(run)) == 4
+
+
+def test_on_bad_file_error_stops_before_training_naming_the_file(assets, tmp_path, capsys):
+    import shutil
+
+    data, tok = assets
+    messy = tmp_path / "data"
+    shutil.copytree(data, messy)
+    first = next(p for p in sorted(messy.rglob("*")) if p.is_file())
+    bad = first.with_name("broken" + first.suffix)
+    bad.write_bytes(b"not an image at all")
+    args = common((messy, tok), tmp_path / "run", "--steps", "1")
+    assert main(args + ["--on-bad-file", "error"]) == 2
+    assert "broken" in capsys.readouterr().err and not list_checkpoints(tmp_path / "run")
+    with pytest.warns(UserWarning, match="broken"):
+        assert main(args) == 0  # the default leaves it out, naming it
