@@ -240,13 +240,11 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     for name in ("batch_size", "accum_steps", "log_interval", "keep_ckpts", "max_nonfinite", "image_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("num_workers", "steps", "epochs", "clip_grad", "ckpt_interval", "weight_decay", "min_lr",
-                 "warmup_epochs"):  # fmt: skip
+    for name in ("lr", "min_lr", "warmup_epochs", "weight_decay", "clip_grad", "num_workers", "steps", "epochs",
+                 "ckpt_interval"):  # fmt: skip
         v = getattr(args, name)
-        if not v >= 0 or v == float("inf"):  # NaN and inf too
+        if not (v >= 0 and math.isfinite(v)):  # NaN too
             parser.error(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v}")
-    if not (args.lr >= 0 and math.isfinite(args.lr)):
-        parser.error(f"--lr must be a finite number >= 0, got {args.lr}")
     if not (args.eps > 0 and math.isfinite(args.eps)):
         parser.error(f"--eps must be a finite number > 0, got {args.eps}")
     if not all(0 <= b < 1 for b in args.betas):
