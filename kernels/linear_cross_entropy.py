@@ -12,10 +12,14 @@ Math (x [M, D], weight [V, D], bias [V], target [M]; valid rows are those with t
 Design (as Liger-Kernel's fused linear cross-entropy): the rows are processed in chunks of C. For each chunk the
 logits come from cuBLAS (``torch.addmm``, in the input dtype); one Triton program per row makes an online
 logsumexp and argmax pass over V, writes the row's loss and correct flag, and a second pass overwrites the logits
-in place with dz (scaled by 1/n_valid read from device memory, so the mean needs no host sync). dx for the chunk
-and the chunk's contribution to dweight (fp32 accumulator) and dbias then come from two more GEMMs. All gradients
-are computed in the forward; the backward only multiplies them by the incoming scalar gradient. With no valid row,
-the loss is 0 and every gradient is 0 (n_valid is clamped to 1 and every dz is 0), never NaN.
+in place with dz / s (softmax minus one-hot, in [-1, 1]). dx for the chunk and the chunk's contribution to dweight
+(fp32 accumulator) and dbias then come from two more GEMMs. All gradients are computed in the forward, without the
+mean's 1/n_valid; the backward multiplies them by the incoming scalar gradient times s, in fp32, with n_valid read
+on the device (no host sync). The 1/n_valid waits for the backward because in fp16 it would underflow: at BEiT's
+n_valid = 9600 and V = 8192 a non-target dz is about 1e-8, below fp16's smallest subnormal, so the softmax part of
+every gradient rounded to 0 before a GradScaler's 2**16 could lift it (review finding, 2026-11-27: the bias
+gradient was 100% off against float64 in fp16). With no valid row, the loss is 0 and every gradient is 0 (n_valid
+is clamped to 1 and every dz is 0), never NaN.
 
 Memory (derived, BEiT-B at B=256: M = 19200, V = 8192, D = 768, bf16): the unfused Linear + CrossEntropy holds the
 [M, V] logits (315 MB), their fp32 upcast and log-softmax under autocast (629 MB each) and a same-size gradient;
@@ -30,8 +34,7 @@ Shapes and dtypes:
 Limits: reduction "mean" or "sum" (no per-row "none": the gradients are computed in the forward). fp32 logits
 follow ``torch.backends.cuda.matmul.allow_tf32``. No double backward (the gradients are not differentiable).
 The gradients are rounded to the input dtype (dx; each chunk's dweight GEMM too where cuBLAS cannot return fp32)
-before the backward scales them by the upstream gradient, in fp32: exact when that is a power of two (1, or a
-GradScaler scale), one extra rounding otherwise.
+before the backward scales them by the upstream gradient over n_valid, in fp32: one extra rounding of dx.
 """
 
 import torch
@@ -54,11 +57,9 @@ def _ce_rows_kernel(
     target_ptr,
     loss_ptr,  # fp32 [C]
     correct_ptr,  # int32 [C]
-    n_valid_ptr,  # int64 scalar: valid rows of the whole batch
     V,
     s_z,
     ignore_index,
-    MEAN: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
@@ -101,10 +102,7 @@ def _ce_rows_kernel(
     tl.store(correct_ptr + row + offs * 0, correct, mask=first)
 
     if COMPUTE_GRAD:
-        scale = tl.where(valid, 1.0, 0.0)
-        if MEAN:
-            n_valid = tl.load(n_valid_ptr + offs * 0).to(tl.float32)
-            scale = scale / tl.maximum(n_valid, 1.0)
+        scale = tl.where(valid, 1.0, 0.0)  # the mean's 1/n_valid comes in the backward, in fp32 (module doc)
         for v0 in range(0, V, BLOCK_V):
             cols = v0 + offs
             ok = cols < V
@@ -149,7 +147,8 @@ def linear_cross_entropy_fwd(
     chunk_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (loss fp32 [], grad_x [M, D] or [0], grad_weight fp32 [V, D] or [0], grad_bias fp32 [V] or [0],
-    num_correct int64 [], num_valid int64 [])."""
+    num_correct int64 [], num_valid int64 []); the gradients are the sum's (for a mean, divide them by
+    max(num_valid, 1))."""
     M, D = x.shape
     V = weight.shape[0]
     dev = x.device
@@ -180,11 +179,9 @@ def linear_cross_entropy_fwd(
                 target[start:end],
                 loss_rows[start:end],
                 correct[start:end],
-                n_valid,
                 V,
                 z.stride(0),
                 ignore_index,
-                MEAN=mean,
                 COMPUTE_GRAD=compute_grad,
                 BLOCK_V=min(_BLOCK_V, triton.next_power_of_2(V)),
                 num_warps=_CE_WARPS,
@@ -265,7 +262,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         loss, gx, gw, gb, num_correct, num_valid = linear_cross_entropy_fwd(
             x, weight, bias, target, ignore_index, mean, need_x, need_w, need_b, chunk_size
         )
-        ctx.save_for_backward(gx, gw, gb)
+        ctx.save_for_backward(gx, gw, gb, num_valid)
+        ctx.mean = mean
         ctx.needs = (need_x, need_w, need_b)
         ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
         ctx.mark_non_differentiable(num_correct, num_valid)
@@ -274,15 +272,18 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable  # the saved gradients are constants to autograd: no double backward
     def backward(ctx, grad_loss, _grad_correct, _grad_valid):
-        gx, gw, gb = ctx.saved_tensors
+        gx, gw, gb, num_valid = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs
         w_dt, b_dt = ctx.dtypes
-        # The gradients were computed in the forward for a unit upstream gradient; scale them (no sync). In fp32:
-        # a GradScaler's 2**16 is inf in fp16.
+        # The forward computed the sum's gradients for a unit upstream gradient; scale them (no sync), in fp32: a
+        # GradScaler's 2**16 is inf in fp16, and the mean's 1/n_valid would underflow there (module doc).
+        g = grad_loss.float()
+        if ctx.mean:
+            g = g / num_valid.clamp(min=1).to(torch.float32)
         return (
-            (gx.float() * grad_loss).to(gx.dtype) if need_x else None,
-            (gw * grad_loss).to(w_dt) if need_w else None,
-            (gb * grad_loss).to(b_dt) if need_b else None,
+            (gx.float() * g).to(gx.dtype) if need_x else None,
+            (gw * g).to(w_dt) if need_w else None,
+            (gb * g).to(b_dt) if need_b else None,
             None,
             None,
             None,

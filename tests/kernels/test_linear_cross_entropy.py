@@ -138,6 +138,25 @@ def test_grad_scaler_scale_does_not_overflow_fp16():
         torch.testing.assert_close(gg.float(), rg.float(), rtol=2e-2, atol=2e-3 * rg.float().abs().max().item())
 
 
+def test_fp16_gradients_do_not_underflow_before_the_grad_scaler():
+    """A confident head over many rows: each non-target dz / n_valid (about 1e-8) is below fp16's smallest
+    subnormal, so folding the mean into the fp16 dz zeroed the gradient of every class no row targets, before the
+    GradScaler's 2**16 could lift it (100% error there; review finding, 2026-11-27)."""
+    M, V = 512, 64
+    g = torch.Generator().manual_seed(9)
+    target = torch.randint(0, V // 2, (M,), generator=g)  # classes V/2.. are no row's target
+    x = torch.nn.functional.one_hot(target, V).double() + 0.01 * torch.randn(M, V, dtype=torch.float64, generator=g)
+    w, b = 12 * torch.eye(V, dtype=torch.float64), torch.zeros(V, dtype=torch.float64)
+    rounded = [t.half().double() for t in (x, w, b)]
+    _, ref = run(reference.linear_cross_entropy, *rounded, target, torch.float64, upstream=2.0**16)
+    _, base = run(reference.linear_cross_entropy, x, w, b, target, torch.float16, upstream=2.0**16)
+    _, got = run(beit_kernels.linear_cross_entropy, x, w, b, target, torch.float16, upstream=2.0**16)
+    untargeted = slice(V // 2, None)
+    for name, i in (("x", 0), ("weight", 1), ("bias", 2)):
+        rows = untargeted if i else slice(None)
+        check_close(f"grad {name}", got[i][rows], ref[i][rows], base[i][rows], torch.float16)
+
+
 def test_default_chunk_size_holds_at_most_2_26_logits():
     assert default_chunk_size(19200, 8192, 768) == 8192  # BEiT-B, B=256: three chunks
     assert default_chunk_size(4000, 8192, 768) == 4096  # fewer rows than fit: one chunk
