@@ -28,6 +28,7 @@ def collect() -> dict[str, str]:
     import beit
     import beit_kernels
     from beit.model import resolve_impl
+    from beit_kernels.backend import native_bf16
 
     info = {
         "beit": beit.__version__,
@@ -52,7 +53,7 @@ def collect() -> dict[str, str]:
     else:
         info["gpu"] = "none (CUDA not available)"
         device = torch.device("cpu")
-    info["bf16 supported"] = str(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    info["bf16 supported"] = str(native_bf16(device))  # computed natively: emulation does not count
     info[f"impl 'auto' on {device}"] = resolve_impl("auto", device)
     return info
 

@@ -55,6 +55,7 @@ import beit
 from beit.data import BadImageError
 from beit.flops import peak_flops, tokenizer_flops_per_image, train_flops_per_image
 from beit.optim import cosine_scheduler, fused_adamw
+from beit_kernels.backend import native_bf16
 
 CKPT_RE = re.compile(r"checkpoint-(\d+)\.pth$")
 LOADERS = ("auto", "dali-gpu", "dali-cpu", "reference")
@@ -411,11 +412,11 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     """auto: bf16 where the GPU has it, fp16 (with loss scaling) on older GPUs, fp32 on CPU."""
     if precision == "auto":
         if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            return "bf16" if native_bf16(device) else "fp16"
         return "fp32"
     if precision == "fp16" and device.type != "cuda":
         raise TrainingError("fp16 autocast needs CUDA; use --precision bf16 or fp32 on CPU")
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    if precision == "bf16" and device.type == "cuda" and not native_bf16(device):
         raise TrainingError("this GPU has no bf16 (V100 and older): use --precision fp16")
     return precision
 

@@ -41,6 +41,7 @@ import harness  # noqa: E402
 
 from beit.masking import MaskingGenerator, generate_masks  # noqa: E402
 from beit.tokenizer import DalleEncoder, KMeansTokenizer, map_pixels  # noqa: E402
+from beit_kernels.backend import native_bf16  # noqa: E402
 
 KERNEL = "tokenizer"
 
@@ -73,7 +74,7 @@ def build_providers(args, device: torch.device, positions: torch.Tensor) -> dict
         label = "fp16 (fp32 output conv)" if device.type == "cuda" else "fp32 (no fp16 path on cpu)"
         providers["official-fp16"] = (run_official, label, {})
 
-    low = "bf16" if device.type == "cpu" or torch.cuda.is_bf16_supported() else "fp16"
+    low = "bf16" if device.type == "cpu" or native_bf16(device) else "fp16"
     enc = ours(precision=low, channels_last=True, fp32_logits=True, fused=True)
     providers[f"ours-{low}-cl-fused"] = (enc.get_codebook_indices, f"{low} (fp32 output conv)", {})
     masked = functools.partial(enc.get_codebook_indices, positions=positions)

@@ -34,6 +34,17 @@ def triton_matmul_ok(device: torch.device | str | None = None) -> bool:
     return major >= 8
 
 
+def native_bf16(device: torch.device | str) -> bool:
+    """True when ``device`` is a CUDA GPU that computes in bf16 itself (sm80 and newer). Not
+    ``torch.cuda.is_bf16_supported()``: that also says True where bf16 is only emulated, because it merely allocates
+    a bf16 tensor, which any CUDA GPU can (a V100 or T4, torch 2.13; review finding, 2026-11-27), and there autocast
+    in bf16 loses fp16's loss scaling, SDPA's memory-efficient kernel and cuDNN's convolutions."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def interpreting() -> bool:
     """True when Triton runs in its CPU interpreter (``TRITON_INTERPRET=1``, read when triton is imported)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

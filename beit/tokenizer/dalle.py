@@ -63,6 +63,7 @@ from beit.tokenizer.common import (
     sniff_weights_file,
 )
 from beit_kernels import triton_available
+from beit_kernels.backend import native_bf16
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 EXPECTED_FILE = (
@@ -226,7 +227,7 @@ class DalleEncoder(VisualTokenizer):
         default. Every argument is checked before any setting changes."""
         if precision == "auto":
             p = self.blocks.input.w
-            bf16_ok = p.device.type == "cuda" and torch.cuda.is_bf16_supported()
+            bf16_ok = native_bf16(p.device)
             precision = "bf16" if bf16_ok else "fp32"
         if precision is not None and precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)} or 'auto', got {precision!r}")

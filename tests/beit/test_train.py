@@ -404,3 +404,19 @@ def test_on_bad_file_error_stops_before_training_naming_the_file(assets, tmp_pat
     assert "broken" in capsys.readouterr().err and not list_checkpoints(tmp_path / "run")
     with pytest.warns(UserWarning, match="broken"):
         assert main(args) == 0  # the default leaves it out, naming it
+
+
+@pytest.mark.parametrize("major", [7, 8])
+def test_auto_precision_is_fp16_on_a_gpu_without_native_bf16(monkeypatch, major):
+    """A V100 (sm70) emulates bf16, and torch.cuda.is_bf16_supported() says True there: auto must still pick fp16
+    with loss scaling, and an explicit bf16 is refused."""
+    from beit.train import resolve_precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, 0))
+    cuda = torch.device("cuda", 0)
+    assert resolve_precision("auto", cuda) == ("fp16" if major < 8 else "bf16")
+    if major < 8:
+        with pytest.raises(TrainingError, match="no bf16"):
+            resolve_precision("bf16", cuda)

@@ -89,3 +89,15 @@ def test_block_shared_memory(monkeypatch, props, kib):
 
 def test_block_shared_memory_is_unbounded_for_the_interpreter():
     assert backend.block_shared_memory(torch.device("cpu")) >= 1 << 30
+
+
+@pytest.mark.parametrize("major,native", [(7, False), (8, True), (9, True)])
+def test_native_bf16_goes_by_compute_capability_not_emulation(monkeypatch, major, native):
+    """torch.cuda.is_bf16_supported() says True on a V100 or T4 (it only allocates a bf16 tensor)."""
+    from beit_kernels.backend import native_bf16
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, 0))
+    assert native_bf16("cuda") is native and native_bf16(torch.device("cuda", 0)) is native
+    assert native_bf16("cpu") is False
