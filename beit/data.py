@@ -628,7 +628,7 @@ class DaliLoader(_LoaderBase):
 
     OUTPUTS = ("images", "tokenizer_images", "bool_masked_pos", "mask_index", "label")
 
-    def __init__(self, data_dir, batch_size: int, *, device: str = "gpu", **kw):
+    def __init__(self, data_dir, batch_size: int, *, device: str = "gpu", pin_memory: bool = False, **kw):
         _dali()
         if device not in ("gpu", "cpu"):
             raise ValueError(f"device must be 'gpu' or 'cpu', got {device!r}")
@@ -636,6 +636,7 @@ class DaliLoader(_LoaderBase):
             raise RuntimeError("device='gpu' needs CUDA; use device='cpu' on this machine")
         super().__init__(data_dir, batch_size, **kw)
         self.device = device
+        self.pin_memory = pin_memory and device == "cpu"
         self.native_masks = load_dali_plugin()
         # The fused colour operator is a CPU operator; a GPU pipeline keeps its colour work on the GPU.
         self.fused_color = self.native_masks and device == "cpu"
@@ -661,6 +662,8 @@ class DaliLoader(_LoaderBase):
             out["valid"] = label >= 0
             out["bool_masked_pos"] = out["bool_masked_pos"].bool()
             _empty_padding_masks(out)
+            if self.pin_memory:  # a copy from pageable memory to a GPU makes the host wait for it
+                out = {k: v.pin_memory() for k, v in out.items()}
             if out["images"].dtype != dtype:
                 out["images"] = out["images"].to(dtype)
             yield out
@@ -882,6 +885,7 @@ def build_loader(
     backend: str = "auto",
     shuffle: bool = True,
     validate: bool = True,
+    pin_memory: bool = False,
 ):
     """The BEiT pretraining loader: an iterable of batch dicts with ``len()`` steps per epoch and ``set_epoch``.
 
@@ -909,7 +913,8 @@ def build_loader(
     decoded, listed in ``loader.bad_files``; "error" raises naming the file. A data set with no usable image is
     an error. ``validate=False`` skips the up-front header check (for data sets known to be clean); bad files are
     then found when decoding fails. ``shard_id``/``num_shards`` default to torch.distributed's global rank and
-    world size when initialised.
+    world size when initialised. ``pin_memory``: CPU batches in page-locked memory (for a CUDA consumer: a copy from
+    pageable memory makes the host wait for it, and ``non_blocking=True`` does not help).
     """
     if backend not in ("auto", "dali", "reference"):
         raise ValueError(f"backend must be 'auto', 'dali' or 'reference', got {backend!r}")
@@ -934,8 +939,8 @@ def build_loader(
             raise ValueError("the reference loader runs on the CPU: pass device='cpu'")
         if backend == "auto":
             warnings.warn("NVIDIA DALI is not installed: using the reference PIL loader", stacklevel=2)
-        return ReferenceLoader(data_dir, batch_size, **kw)
-    return DaliLoader(data_dir, batch_size, device=device, **kw)
+        return ReferenceLoader(data_dir, batch_size, pin_memory=pin_memory, **kw)
+    return DaliLoader(data_dir, batch_size, device=device, pin_memory=pin_memory, **kw)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -630,6 +630,8 @@ def train(args: argparse.Namespace, record_samples: bool = False) -> dict:
             normalization=args.normalization,
             masking=masking,
             on_bad_file=args.on_bad_file,
+            # CPU batches bound for a GPU: pinned, or each copy would make the host wait for the GPU's queue.
+            pin_memory=d.device.type == "cuda" and loader_kind != "dali-gpu",
         )
     except (OSError, ValueError, RuntimeError) as e:
         raise TrainingError(f"--data {args.data}: {e}") from e

@@ -537,3 +537,11 @@ def test_synthetic_classes_share_a_mean_colour_and_differ_in_colour_axis(tmp_pat
         assert cos > 0.9, (c, vt[0], axes[c])
     assert np.ptp(np.array(means), axis=0).max() < 40, means  # vs a spread of +-127 along each axis
     assert len({tuple(a) for a in axes}) == classes
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pin_memory_reaches_the_cpu_loaders(data_dir, backend):
+    """Batches bound for a GPU are pinned (a pageable copy makes the host wait); the flag reaches both CPU loaders.
+    Pinning itself needs CUDA: the GPU run of the trainer exercises it."""
+    for pin in (False, True):
+        assert build_loader(data_dir, 4, backend=backend, pin_memory=pin, **SMALL).pin_memory is pin
