@@ -222,7 +222,8 @@ def epoch_order(
 
 
 def _empty_padding_masks(batch: dict) -> None:
-    """Clear the masks of the padding samples (``valid`` False) in place: no masked patch, no loss term."""
+    """Empty the masks of the padding samples (``valid`` False; the dict's entries are replaced): no masked patch,
+    no loss term."""
     pad = (~batch["valid"]).to(batch["bool_masked_pos"].device)[:, None]  # [B, 1]
     batch["bool_masked_pos"] = batch["bool_masked_pos"] & ~pad
     batch["mask_index"] = batch["mask_index"].masked_fill(pad.to(batch["mask_index"].device), -1)
