@@ -142,14 +142,18 @@ def add_t_matmul_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> to
 
 
 # Largest shared memory one block may opt into, KiB, by compute capability (CUDA programming guide), for a torch
-# that does not report it; unknown parts get the smallest figure of the sm80+ family.
-_SHARED_OPTIN_KIB = {(8, 0): 163, (8, 7): 163, (9, 0): 227, (10, 0): 227, (10, 3): 227, (12, 0): 99}
+# that does not report it; unknown parts get the smallest figure of their family (sm80+, or the 48 KiB any block
+# has before sm80). The Volta and Turing rows were 99 until 2026-11-27 (review finding): 96 and 64 are right.
+_SHARED_OPTIN_KIB = {(7, 0): 96, (7, 2): 96, (7, 5): 64, (8, 0): 163, (8, 7): 163, (9, 0): 227, (10, 0): 227,
+                     (10, 3): 227, (12, 0): 99}  # fmt: skip
 _SHARED_OPTIN_MIN_KIB = 99
+_SHARED_PRE_SM80_MIN_KIB = 48
 
 
 def shared_memory_optin(major: int, minor: int) -> int:
     """Bytes of shared memory one block may opt into on compute capability ``major.minor``, from the table."""
-    return _SHARED_OPTIN_KIB.get((major, minor), _SHARED_OPTIN_MIN_KIB) * 1024
+    unknown = _SHARED_OPTIN_MIN_KIB if major >= 8 else _SHARED_PRE_SM80_MIN_KIB
+    return _SHARED_OPTIN_KIB.get((major, minor), unknown) * 1024
 
 
 def block_shared_memory(device: torch.device) -> int:

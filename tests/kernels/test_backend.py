@@ -80,6 +80,9 @@ def test_the_installed_pair_runs():
         (SimpleNamespace(major=8, minor=9), 99),
         (SimpleNamespace(major=12, minor=0), 99),
         (SimpleNamespace(major=11, minor=0), 99),  # unknown: the smallest of the family
+        (SimpleNamespace(major=7, minor=0), 96),  # V100
+        (SimpleNamespace(major=7, minor=5), 64),  # T4
+        (SimpleNamespace(major=6, minor=1), 48),  # unknown before sm80: what any block has
     ],
 )
 def test_block_shared_memory(monkeypatch, props, kib):
