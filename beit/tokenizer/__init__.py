@@ -76,7 +76,7 @@ def load_tokenizer(
 ) -> VisualTokenizer:
     """A frozen tokenizer from ``"dalle:PATH"`` or ``"kmeans:PATH"``, on ``device`` (CPU when None).
 
-    ``precision`` ("auto": bf16 on a CUDA device that supports it, else fp32), ``channels_last`` (None: on CUDA
+    ``precision`` ("auto": bf16 on sm80+, fp16 on older GPUs, fp32 on CPU), ``channels_last`` (None: on CUDA
     only), ``compile`` and ``fused`` (the glue in ``beit_kernels.conv_epilogue``: "auto", True or False; see
     ``DalleEncoder.configure``) apply to the DALL-E encoder; the k-means tokenizer always computes distances in fp32.
     ``check_range`` makes every call verify that its input went through map_pixels (one host sync per call)."""

@@ -66,6 +66,16 @@ from beit_kernels import triton_available
 from beit_kernels.backend import native_bf16
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def auto_precision(device: torch.device | str) -> str:
+    """The encoder's precision for "auto": bf16 on a GPU that computes it (sm80+), fp16 on an older one (the
+    official module's choice, on the V100s of the paper; until 2026-11-27 fp32 here, a few times slower there), fp32
+    on the CPU."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if native_bf16(device) else "fp16"
 EXPECTED_FILE = (
     "DALL-E encoder weights: OpenAI's encoder.pkl (https://cdn.openai.com/dall-e/encoder.pkl; "
     "download it with 'wget -O encoder.pkl URL', capital O) or a state dict with keys like 'blocks.input.w' "
@@ -215,20 +225,18 @@ class DalleEncoder(VisualTokenizer):
         fused: bool | str | None = None,
         pad_input_channels: int | None = None,
     ) -> DalleEncoder:
-        """Set the inference mode; ``None`` keeps a setting. ``precision`` "auto" is bf16 on a CUDA device that
-        supports it, else fp32. ``compile`` is True or a dict of ``torch.compile`` keyword arguments. ``fused``
-        True runs the glue in ``beit_kernels.conv_epilogue`` (channels_last only: Triton on CUDA, its interpreter
-        on CPU), False in PyTorch ops, "auto" (the default) fused for CUDA inputs (sm70 and newer: the kernel is
-        elementwise, no tensor-core dot) when channels_last is on. ``pad_input_channels`` (fused path, half
-        precision; 0, the default, or 1: none) zero-pads the image's 3 channels to a multiple of it for the 7x7
-        input convolution, as NVIDIA's convolution guide advises for tensor cores (cuDNN pads internally
-        otherwise); the zeros add exact zeros, but the convolution may round differently. Slower on an H100
-        (bench_tokenizer.py, 2026-11-26, commit 9d1b66f, bf16, 256 images: 44.4 ms against 42.7), so off by
-        default. Every argument is checked before any setting changes."""
+        """Set the inference mode; ``None`` keeps a setting. ``precision`` "auto": see ``auto_precision``.
+        ``compile`` is True or a dict of ``torch.compile`` keyword arguments. ``fused`` True runs the glue in
+        ``beit_kernels.conv_epilogue`` (channels_last only: Triton on CUDA, its interpreter on CPU), False in
+        PyTorch ops, "auto" (the default) fused for CUDA inputs (sm70 and newer: the kernel is elementwise, no
+        tensor-core dot) when channels_last is on. ``pad_input_channels`` (fused path, half precision; 0, the
+        default, or 1: none) zero-pads the image's 3 channels to a multiple of it for the 7x7 input convolution, as
+        NVIDIA's convolution guide advises for tensor cores (cuDNN pads internally otherwise); the zeros add exact
+        zeros, but the convolution may round differently. Slower on an H100 (bench_tokenizer.py, 2026-11-26, commit
+        9d1b66f, bf16, 256 images: 44.4 ms against 42.7), so off by default. Every argument is checked before any
+        setting changes."""
         if precision == "auto":
-            p = self.blocks.input.w
-            bf16_ok = native_bf16(p.device)
-            precision = "bf16" if bf16_ok else "fp32"
+            precision = auto_precision(self.blocks.input.w.device)
         if precision is not None and precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)} or 'auto', got {precision!r}")
         if fused is not None and not (isinstance(fused, bool) or fused == "auto"):
