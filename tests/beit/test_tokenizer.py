@@ -655,3 +655,15 @@ def test_unreadable_image_is_named(tmp_path):
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "ok.png")
     with pytest.raises(ValueError, match=r"cannot read image .*broken\.jpg"):
         fit_kmeans_tokenizer(tmp_path, 4, seed=0, workers=0, progress=False)
+
+
+@pytest.mark.parametrize("major,expected", [(7, "fp16"), (8, "bf16"), (9, "bf16")])
+def test_dalle_auto_precision_follows_the_gpu(monkeypatch, major, expected):
+    """bf16 where the GPU computes it; fp16 before sm80, as the official module on the paper's V100s; fp32 on CPU."""
+    from beit.tokenizer.dalle import auto_precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # as torch says on a V100
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, 0))
+    assert auto_precision("cuda") == expected and auto_precision(torch.device("cuda", 0)) == expected
+    assert auto_precision("cpu") == "fp32"
