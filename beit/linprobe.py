@@ -70,10 +70,14 @@ def pretraining_normalization(checkpoint: str | Path) -> str | None:
     return args.get("normalization") if isinstance(args, dict) else None
 
 
+def check_val_fraction(val_fraction: float, name: str = "val_fraction") -> None:
+    if not 0 < val_fraction < 1:  # NaN too
+        raise ValueError(f"{name} must be between 0 and 1 (exclusive), got {val_fraction}")
+
+
 def split_sizes(num_images: int, val_fraction: float) -> tuple[int, int]:
     """(held-out, training) image counts of a split of ``num_images``; raises where either would be too small."""
-    if not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    check_val_fraction(val_fraction)
     n_val = int(round(val_fraction * num_images))
     n_train = num_images - n_val
     # The probe standardises each feature by its spread over the training images: one image has none.
@@ -218,8 +222,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--val-fraction", type=float, default=0.3, help="share of the images held out, in (0, 1)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    if not 0 < args.val_fraction < 1:
-        p.error(f"--val-fraction must be between 0 and 1 (exclusive), got {args.val_fraction}")
+    try:  # before the checkpoint is read
+        check_val_fraction(args.val_fraction, "--val-fraction")
+    except ValueError as e:
+        p.error(str(e))
     try:
         model = model_from_checkpoint(args.checkpoint, args.model, impl="ref")
         norm = args.normalization or pretraining_normalization(args.checkpoint) or "imagenet"

@@ -93,9 +93,10 @@ def bench_case(B, H, N, D, dtype, device, env, quick=False):
     # Its bound: four times the official path's error in the same dtype plus 1% of the output's scale, loose enough
     # for a peer's own rounding (SDPA rounds the bias to the inputs' dtype), tight enough for a wrong result.
     errs, failed = {}, {}
+    provs = providers(device)
     with torch.no_grad():
         expect = reference.attention(q, k, v, bias).float()
-        for name, fn in providers(device).items():
+        for name, fn in provs.items():
             try:
                 errs[name] = (fn(q, k, v, bias).float() - expect).abs().max().item()
             except Exception as e:  # an unsupported shape or dtype for a peer: record why, keep going
@@ -104,7 +105,7 @@ def bench_case(B, H, N, D, dtype, device, env, quick=False):
     for name, err in errs.items():
         if not err <= tol:  # NaN too
             failed[name] = f"max_abs_err {err:.3g} against the fp32 reference exceeds {tol:.3g}: not timed"
-    for name, fn in providers(device).items():
+    for name, fn in provs.items():
         if name in failed:
             rows.append(harness.row("attention", name, "fwd", "error", "", None, shape=shape, dtype=dtype, env=env,
                                     note=failed[name]))  # fmt: skip

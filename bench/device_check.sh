@@ -24,7 +24,10 @@ STAGES=${STAGES:-gpu_tests bench_attention bench_fused_ops bench_tokenizer train
 KNOWN_STAGES="gpu_tests bench_attention bench_fused_ops bench_tokenizer tune_attention tune_glue train_eager \
 train_compile profile max_batch train_large"
 for s in $STAGES; do  # a misspelt stage would run nothing and still exit 0
-    case " $KNOWN_STAGES " in *" $s "*) ;; *) echo "device_check: unknown stage '$s' (known: $KNOWN_STAGES)" >&2; exit 2 ;; esac
+    case " $KNOWN_STAGES " in
+    *" $s "*) ;;
+    *) echo "device_check: unknown stage '$s' (known: $KNOWN_STAGES)" >&2; exit 2 ;;
+    esac
 done
 GRACE=5  # seconds between a stage's SIGINT and its SIGKILL
 stage() {  # stage NAME SECONDS COMMAND...
