@@ -1,8 +1,11 @@
 """Packaging for the BEiT pretraining stack.
 
-The repository keeps its source in ``beit/`` and ``kernels/``. ``kernels/`` installs as the import package
-``beit_kernels`` because ``kernels`` (and ``bench``) are taken on PyPI, and transformers imports a package named
-``kernels``. ``bench/`` and ``tests/`` are never installed: the package list is explicit.
+The repository keeps its source in ``beit/`` and ``kernels/beit_kernels/``. ``kernels/`` itself is not a package
+(no ``__init__.py``): ``kernels`` (and ``bench``) are names taken on PyPI, transformers imports the ``kernels``
+package, and ``python -m`` puts the repository root first on ``sys.path``, where a package folder named
+``kernels`` would shadow the installed one. A folder without ``__init__.py`` is only a namespace candidate, which
+loses to a regular package anywhere on the path. ``bench/`` and ``tests/`` are never installed: the package list
+is explicit.
 """
 
 import re
@@ -46,7 +49,7 @@ setup(
     license="MIT",
     python_requires=">=3.10,<3.13",
     packages=["beit", "beit.tokenizer", "beit_kernels"],
-    package_dir={"beit": "beit", "beit_kernels": "kernels"},
+    package_dir={"beit": "beit", "beit_kernels": "kernels/beit_kernels"},
     install_requires=[
         "torch>=2.3",
         "triton>=3.0; platform_system == 'Linux'",

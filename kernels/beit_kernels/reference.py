@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 # ----------------------------------------------------------------------------------------------------------------
-# attention (kernels/attention.py)
+# attention (beit_kernels/attention.py)
 
 
 def attention(
@@ -35,8 +35,8 @@ def attention_qkvpacked(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# patch_embed, masked_gather, linear_cross_entropy (kernels/patch_embed.py, kernels/masked_gather.py,
-# kernels/linear_cross_entropy.py)
+# patch_embed, masked_gather, linear_cross_entropy (beit_kernels/patch_embed.py, beit_kernels/masked_gather.py,
+# beit_kernels/linear_cross_entropy.py)
 
 
 def _ref_channel(v, device: torch.device) -> torch.Tensor:
@@ -137,7 +137,7 @@ def linear_cross_entropy(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# add_layer_norm, bias_gelu (kernels/layer_norm.py, kernels/bias_gelu.py)
+# add_layer_norm, bias_gelu (beit_kernels/layer_norm.py, beit_kernels/bias_gelu.py)
 
 
 def add_layer_norm(
@@ -174,7 +174,7 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# conv_epilogue (kernels/conv_epilogue.py)
+# conv_epilogue (beit_kernels/conv_epilogue.py)
 
 
 def conv_epilogue(
