@@ -847,12 +847,21 @@ class ReferenceLoader(_LoaderBase):
             # make the model's random draws (drop path) depend on where an epoch's iteration started.
             generator=torch.Generator().manual_seed(self._epoch_seed() % 2**63),
         )
-        for batch in dl:
-            for report in batch.pop("decode_failure"):
-                if report:
-                    path, reason = report.split("\0", 1)
-                    self._skip_runtime_failure(path, reason)
-            yield batch
+        batches = iter(dl)
+        try:
+            for batch in batches:
+                for report in batch.pop("decode_failure"):
+                    if report:
+                        path, reason = report.split("\0", 1)
+                        self._skip_runtime_failure(path, reason)
+                yield batch
+        finally:
+            # Stop the workers when the epoch ends, by an error too. An error raised in a worker keeps the iterator
+            # alive through its traceback's frames, and its workers would idle until the garbage collector ran
+            # its shutdown, seen to cost a 5 s join timeout a worker when that fell inside another loader's start.
+            shutdown = getattr(batches, "_shutdown_workers", None)  # absent without worker processes
+            if shutdown is not None:
+                shutdown()
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """beit.data: both loaders' outputs, reproducibility, sharding, masks (native operator and fallback), bad input,
 the plugin build and the synthetic data set. CPU only; tiny images (64/32 px views, 4x4 masks) keep it fast."""
 
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -358,6 +359,8 @@ def test_runtime_decode_failure_is_named(tmp_path, backend):
     loader = build_loader(tmp_path, 4, backend=backend, validate=False, on_bad_file="error", **SMALL)
     with pytest.raises(BadImageError, match="img_000003.jpg"):
         _batches(loader)
+    # The error stopped the reference loader's worker processes (its traceback still holds their iterator).
+    assert multiprocessing.active_children() == []
     loader = build_loader(tmp_path, 4, backend=backend, validate=False, on_bad_file="skip", **SMALL)
     with pytest.warns(UserWarning, match="img_000003.jpg"):
         batches = _batches(loader)
