@@ -146,6 +146,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")
     known, _ = pre.parse_known_args(argv)
+    cfg = {}
     if known.config:
         cfg = _read_yaml(known.config)
         valid = {a.dest for a in parser._actions}
@@ -156,7 +157,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.set_defaults(**cfg)
     args = parser.parse_args(argv)
     if args.demo:
-        _demo_defaults(args, sys.argv[1:] if argv is None else argv)
+        _demo_defaults(args, sys.argv[1:] if argv is None else argv, set(cfg))
     _check_args(parser, args)
     return args
 
@@ -210,7 +211,7 @@ DEMO = dict(
     image_size=96,
     depth=4,
     batch_size=32,
-    steps=300,
+    steps=200,
     warmup_steps=20,
     lr=2e-3,
     min_lr=1e-4,
@@ -221,14 +222,20 @@ DEMO = dict(
     ckpt_interval=100,
     num_workers=2,
     output_dir="runs/demo",
-    demo_images=400,
-    demo_vocab=64,
+)
+# The demo's data and tokenizer, which are not options: args.yaml holds options only, so that it works as a --config.
+DEMO_DATA = dict(
+    images=400,
+    # Sources a little larger than the 96 px views cropped from them: decoding 500 x 375 files would take the
+    # second core from the training step for no better probe.
+    image_size=(192, 144),
+    vocab=64,
 )
 
 
-def _demo_defaults(args: argparse.Namespace, argv: list[str]) -> None:
-    """--demo changes the defaults the user did not set on the command line."""
-    given = {a.split("=")[0][2:].replace("-", "_") for a in argv if a.startswith("--")}
+def _demo_defaults(args: argparse.Namespace, argv: list[str], configured: set[str]) -> None:
+    """--demo changes the defaults the user did not set, on the command line or in the config file."""
+    given = {a.split("=")[0][2:].replace("-", "_") for a in argv if a.startswith("--")} | configured
     for k, v in DEMO.items():
         if k not in given:
             setattr(args, k, v)
@@ -456,10 +463,11 @@ def prepare_demo(args: argparse.Namespace, d: Dist) -> None:
         from beit.tokenizer.kmeans import fit_kmeans_tokenizer
 
         if args.data is None and not data.is_dir():
-            make_synthetic(data, num_images=args.demo_images, classes=4, seed=args.seed)
+            make_synthetic(data, num_images=DEMO_DATA["images"], classes=4, seed=args.seed,
+                           size=DEMO_DATA["image_size"])
         if args.tokenizer is None and not tok.is_file():
             fit_kmeans_tokenizer(
-                args.data or data, vocab_size=args.demo_vocab, out=tok, input_size=args.image_size // 2,
+                args.data or data, vocab_size=DEMO_DATA["vocab"], out=tok, input_size=args.image_size // 2,
                 seed=args.seed, progress=args.progress,
             )  # fmt: skip
     if d.enabled:
