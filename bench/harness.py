@@ -101,13 +101,15 @@ def time_fn(
     rep_ms: float = 100,
     min_reps: int = 3,
 ) -> tuple[float, float, float]:
-    """Milliseconds per call of ``fn`` at the quantiles 0.5, 0.2, 0.8."""
+    """Milliseconds per call of ``fn`` at the quantiles 0.5, 0.2, 0.8. On the CPU, ``warmup_ms=0`` skips the
+    warm-up call (for a caller that has just called ``fn``), and at least ``min_reps`` calls are timed."""
     device = torch.device(device) if device is not None else _default_device()
     if device.type == "cuda":
         from triton.testing import do_bench
 
         return tuple(do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=list(QUANTILES)))
-    fn()  # warm-up: first calls compile or allocate
+    if warmup_ms > 0:
+        fn()  # warm-up: first calls compile or allocate
     times = []
     deadline = time.perf_counter() + rep_ms / 1e3
     while len(times) < min_reps or time.perf_counter() < deadline:
@@ -266,6 +268,12 @@ def candidate_name(mode: str, cand, group_scale: float = 1) -> str:
     return f"{mode}:{'x'.join(map(str, cand))}" + (f":g{group_scale}" if group_scale != 1 else "")
 
 
+def min_reps(quick: bool) -> int:
+    """Calls a measurement times at least: one in a ``--quick`` run, a smoke run in the Triton interpreter that
+    checks every timed path runs (its numbers say nothing about a GPU's), three otherwise."""
+    return 1 if quick else 3
+
+
 def sweep_parser(description: str, kinds: str):
     """The options every tile sweep takes; a script adds its own."""
     import argparse
@@ -279,7 +287,8 @@ def sweep_parser(description: str, kinds: str):
 
 
 def sweep_candidate(rows: list[dict], out: str | None, kernel: str, name: str, mode: str, run: Callable[[], object],
-                    agrees: Callable[[object], bool], context, *, device, rep_ms: float, **fields) -> dict:  # fmt: skip
+                    agrees: Callable[[object], bool], context, *, device, rep_ms: float, quick: bool = False,
+                    **fields) -> dict:  # fmt: skip
     """One candidate of a tile sweep: inside ``context`` (which installs the candidate), check that ``run()``'s
     output ``agrees`` with the default's, then time it. A failure (a mismatch, a candidate that does not compile
     or does not fit) is an error row, not an exception: one bad candidate must not stop the sweep. The row is
@@ -289,7 +298,9 @@ def sweep_candidate(rows: list[dict], out: str | None, kernel: str, name: str, m
         with context:
             if not agrees(run()):
                 raise AssertionError("outputs differ from the default configuration's")
-            t = time_fn(run, device=device, rep_ms=rep_ms, warmup_ms=10)
+            # On the CPU the agreement check's call was the warm-up.
+            warmup_ms = 10 if torch.device(device).type == "cuda" else 0
+            t = time_fn(run, device=device, rep_ms=rep_ms, warmup_ms=warmup_ms, min_reps=min_reps(quick))
         r = row(kernel, name, mode, "time", "ms", t, **fields)
     except Exception as e:  # noqa: BLE001
         r = row(kernel, name, mode, "error", "", None, note=f"{type(e).__name__}: {e}".splitlines()[0][:300], **fields)

@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     def record(kind, cand, gs, fn, check):
         name = harness.candidate_name(kind, cand, gs)
         harness.sweep_candidate(rows, args.out, "attention_tune", name, kind, fn, check, _patched(kind, cand, gs),
-                                device=device, rep_ms=args.rep_ms, shape=shape, dtype=dtype, env=env,
+                                device=device, rep_ms=args.rep_ms, quick=args.quick, shape=shape, dtype=dtype, env=env,
                                 config=_config(cand), group_scale=gs)  # fmt: skip
 
     kinds = args.kinds.split(",")

@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 rows, args.out, "glue_tune", name, kind, fn,
                 lambda out, expected=expected: all(torch.allclose(a, e, rtol=2e-2, atol=2e-2)
                                                    for a, e in zip(outputs(out), expected, strict=True)),
-                patch(kind, cand), device=device, rep_ms=args.rep_ms,
+                patch(kind, cand), device=device, rep_ms=args.rep_ms, quick=args.quick,
                 shape=meta["shape"], dtype=act, env=env, candidate=list(cand))  # fmt: skip
     return harness.finish_sweep(rows, args.out)
 

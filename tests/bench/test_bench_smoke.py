@@ -127,10 +127,13 @@ def test_largest_batch_search(monkeypatch, fits_up_to, start, expected):
             raise torch.OutOfMemoryError("CUDA out of memory")
         return []
 
+    released = []  # the real release runs gc.collect() per try, a second each under a loaded test process
     monkeypatch.setattr(train_throughput, "run_impl", fake_run)
+    monkeypatch.setattr(train_throughput, "_release", released.append)
     args = argparse.Namespace(batch=start, steps=6, warmup=2, max_batch=True, tokenizer="dalle")
     assert train_throughput.largest_batch("triton", args, torch.device("cpu")) == expected
     assert len(tried) <= 12, tried
+    assert len(released) == len(tried)  # every try frees what it held, fitting or not
 
     def broken(impl, args, device, env, rows=None):
         raise ValueError("not a memory error")
