@@ -50,13 +50,12 @@ broadcasts over heads but not over the batch gets a [B, H, N, N] fp32 partial gr
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from beit_kernels.backend import block_shared_memory, check_kernel_device, fill_programs, interpreting
+from beit_kernels.backend import block_shared_memory, check_kernel_device, env_switch, fill_programs, interpreting
 
 LOG2E = 1.4426950408889634
 
@@ -560,10 +559,7 @@ def attention_fwd(q, k, v, bias, scale: float) -> tuple[torch.Tensor, torch.Tens
 # default dk/dv kernel at its best tile and groups (1.380). It is on by default on sm90 only (None: auto): it spills
 # on sm80 to sm89 and sm120 (``_block_config``) and was not timed there. BEIT_KERNELS_DKDV_ALL_QUERIES=1 switches
 # it on wherever it applies, 0 off; tests switch it on to check it in the interpreter.
-_ALL_QUERIES_ENV = os.environ.get("BEIT_KERNELS_DKDV_ALL_QUERIES", "")
-if _ALL_QUERIES_ENV not in ("", "0", "1"):
-    raise ValueError(f"BEIT_KERNELS_DKDV_ALL_QUERIES must be 0 or 1, got {_ALL_QUERIES_ENV!r}")
-DKDV_ALL_QUERIES: bool | None = None if _ALL_QUERIES_ENV == "" else _ALL_QUERIES_ENV == "1"
+DKDV_ALL_QUERIES: bool | None = env_switch("BEIT_KERNELS_DKDV_ALL_QUERIES")
 ALL_QUERIES_MAX_N = 256
 ALL_QUERIES_GROUP_SCALE = 4
 
@@ -596,10 +592,7 @@ def _num_groups(B: int, H: int, n_blocks: int, device: torch.device, batch_broad
 # GPU; ``bench/tune_attention.py --kinds fused`` times it against the default, and ``train_throughput.py --tuned``
 # installs it where it wins). BEIT_KERNELS_ATTN_BWD_FUSED=1 switches it on wherever it applies. Its programs are
 # large (an [N, D] fp32 accumulator and [N, 16] tiles at 8 warps), so it fills the GPU with one per multiprocessor.
-_FUSED_ENV = os.environ.get("BEIT_KERNELS_ATTN_BWD_FUSED", "")
-if _FUSED_ENV not in ("", "0", "1"):
-    raise ValueError(f"BEIT_KERNELS_ATTN_BWD_FUSED must be 0 or 1, got {_FUSED_ENV!r}")
-BWD_FUSED: bool = _FUSED_ENV == "1"
+BWD_FUSED: bool = bool(env_switch("BEIT_KERNELS_ATTN_BWD_FUSED"))
 FUSED_MAX_N = 256
 FUSED_PROGRAMS_PER_SM = 1
 

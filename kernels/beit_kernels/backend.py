@@ -50,6 +50,15 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def env_switch(name: str) -> bool | None:
+    """A kernel switch from the environment: ``1`` on, ``0`` off, unset or empty ``None`` (the default decides).
+    Anything else is refused, so that a typo cannot leave a switch silently at its default."""
+    value = os.environ.get(name, "")
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{name} must be 0 or 1, got {value!r}")
+    return None if value == "" else value == "1"
+
+
 def _major_minor(version: str) -> tuple[int, int]:
     m = re.match(r"(\d+)\.(\d+)", version)  # "3.6.0", "2.4.0rc1", "3.9.0+git1234"
     if m is None:

@@ -104,3 +104,16 @@ def test_native_bf16_goes_by_compute_capability_not_emulation(monkeypatch, major
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, 0))
     assert native_bf16("cuda") is native and native_bf16(torch.device("cuda", 0)) is native
     assert native_bf16("cpu") is False
+
+
+def test_env_switch_parses_one_zero_and_unset(monkeypatch):
+    from beit_kernels.backend import env_switch
+
+    for value, expected in (("1", True), ("0", False), ("", None)):
+        monkeypatch.setenv("BEIT_KERNELS_TEST_SWITCH", value)
+        assert env_switch("BEIT_KERNELS_TEST_SWITCH") is expected
+    monkeypatch.delenv("BEIT_KERNELS_TEST_SWITCH")
+    assert env_switch("BEIT_KERNELS_TEST_SWITCH") is None
+    monkeypatch.setenv("BEIT_KERNELS_TEST_SWITCH", "yes")
+    with pytest.raises(ValueError, match="BEIT_KERNELS_TEST_SWITCH must be 0 or 1, got 'yes'"):
+        env_switch("BEIT_KERNELS_TEST_SWITCH")
