@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from beit.fileformat import refuse_non_weights
+
 SOURCES = ("unilm", "timm", "hf")
 EXPORTS = ("unilm", "hf", "hf5")
 
@@ -279,19 +281,6 @@ def hf_config_kwargs(model: nn.Module) -> dict:
 # Files
 
 
-def _sniff(path: Path) -> None:
-    """Refuse files that are evidently not weights, with a message saying what they look like."""
-    with open(path, "rb") as f:
-        head = f.read(512)
-    if not head:
-        raise ValueError(f"{path} is empty, not a checkpoint")
-    text = head.lstrip().lower()
-    if text.startswith((b"<!doctype", b"<html", b"<?xml")):
-        raise ValueError(f"{path} is an HTML/XML page (a failed download?), not a checkpoint")
-    if text.startswith(b"--") or b"resolving " in text or b"http request sent" in text:
-        raise ValueError(f"{path} looks like a wget log (was 'wget -o' used instead of 'wget -O'?), not a checkpoint")
-
-
 def read_state_dict(path: str | os.PathLike) -> dict:
     """Read .safetensors, or .pth/.pt/.bin/.ckpt with ``torch.load(weights_only=True)``; a Hugging Face model
     folder is read through its ``model.safetensors`` or ``pytorch_model.bin``."""
@@ -305,7 +294,7 @@ def read_state_dict(path: str | os.PathLike) -> dict:
             raise FileNotFoundError(f"{path} is a folder without model.safetensors or pytorch_model.bin")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    _sniff(path)
+    refuse_non_weights(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 

@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from beit.fileformat import refuse_non_weights
+
 # DALL-E's logit-Laplace epsilon: map_pixels squeezes [0, 1] into [eps, 1 - eps] (dall_e/utils.py).
 LOGIT_LAPLACE_EPS = 0.1
 # Resampling (lanczos, bicubic) of a mapped image may overshoot [0.1, 0.9] a little; anything further out was not
@@ -100,14 +102,12 @@ def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
 def sniff_weights_file(path: Path, expected: str) -> None:
     """Refuse a missing file, or one that is evidently not weights (HTML page, wget log, empty), before reading it;
     every message says what was expected."""
-    from beit.checkpoint import _sniff
-
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; expected {expected}")
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder; expected {expected}")
     try:
-        _sniff(path)
+        refuse_non_weights(path)
     except ValueError as e:
         raise ValueError(f"{e}; expected {expected}") from None
 
