@@ -48,7 +48,7 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.10,<3.13",
-    packages=["beit", "beit.tokenizer", "beit_kernels"],
+    packages=["beit", "beit.data", "beit.tokenizer", "beit_kernels"],
     package_dir={"beit": "beit", "beit_kernels": "kernels/beit_kernels"},
     install_requires=[
         "torch>=2.3",
@@ -71,7 +71,7 @@ setup(
             "beit-export=beit.export:main",
             "beit-linprobe=beit.linprobe:main",
             "beit-tokenizer=beit.tokenizer:main",
-            "beit-make-synthetic=beit.data:main",
+            "beit-make-synthetic=beit.data.synthetic:main",
         ],
     },
     classifiers=[

@@ -1,0 +1,143 @@
+"""The data set's files: listing (folders, file lists, sequences), the image signature sniff, the up-front
+validation that sets bad files aside, and the decode check that names a file a pipeline failed on."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+# The formats DALI decodes (nvidia-dali 2.4 cannot decode GIF; TIFF is left out, untested); the reference loader is
+# held to the same set so both loaders see the same files.
+SUPPORTED_FORMATS = ("JPEG", "PNG", "BMP", "WEBP")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+class BadImageError(RuntimeError):
+    """An image file that cannot be read or decoded (the message names it)."""
+
+
+def list_images(source: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+    """The image files of an ImageFolder (class subfolders, labels ignored) or flat folder, searched recursively and
+    sorted; of a text file list (one path per line, relative paths taken from the list's folder, ``#`` comments);
+    or of a Python sequence of paths. Files with a non-image extension in folders are included so that validation
+    reports them rather than silently dropping them, except hidden files."""
+    if isinstance(source, (list, tuple)):
+        files = [os.fspath(p) for p in source]
+        if not files:
+            raise ValueError("the file list is empty")
+        return files
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"data source {str(path)!r} does not exist")
+    if path.is_file():
+        lines = [ln.strip() for ln in path.read_text().splitlines()]
+        files = [str(p if Path(p).is_absolute() else path.parent / p) for p in lines if p and not p.startswith("#")]
+        if not files:
+            raise ValueError(f"file list {str(path)!r} names no files")
+        return files
+    files = sorted(
+        str(p)
+        for p in path.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+    )
+    if not files:
+        raise ValueError(f"data folder {str(path)!r} holds no files")
+    return files
+
+
+def _image_format(head: bytes) -> str | None:
+    """The format a file's first bytes announce ("JPEG", "PNG", "BMP", "WEBP", "GIF", "TIFF"), or None."""
+    if head.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if head.startswith(b"BM"):
+        return "BMP"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return "GIF"
+    if head[:4] in (b"II*\x00", b"MM\x00*"):
+        return "TIFF"
+    return None
+
+
+def check_image(path: str) -> str | None:
+    """Why ``path`` cannot be used, or None when it looks decodable.
+
+    Cheap (a few KiB read per file): the signature, the header as PIL parses it, and the end-of-image marker of
+    JPEG and PNG files, which is what truncation removes. A file corrupted in the middle passes; the loaders then
+    name it when decoding fails."""
+    from PIL import Image
+
+    try:
+        size = os.path.getsize(path)
+        if size == 0:
+            return "empty file"
+        with open(path, "rb") as f:
+            head = f.read(16)
+            fmt = _image_format(head)
+            if fmt is None:
+                return "not an image (unknown file signature)"
+            if fmt not in SUPPORTED_FORMATS:
+                return f"unsupported image format {fmt} (supported: {', '.join(SUPPORTED_FORMATS)})"
+            f.seek(max(0, size - 4096))
+            tail = f.read()
+        # Decoders tolerate bytes after the end marker, so look for it near the end rather than at the very end.
+        if fmt == "JPEG" and b"\xff\xd9" not in tail:
+            return "truncated JPEG (no end-of-image marker)"
+        if fmt == "PNG" and b"IEND" not in tail[-64:]:
+            return "truncated PNG (no IEND chunk)"
+        with Image.open(path) as im:
+            w, h = im.size
+        if w < 1 or h < 1:
+            return f"degenerate size {w}x{h}"
+    except OSError as e:
+        return f"unreadable ({type(e).__name__}: {e})"
+    except Exception as e:  # PIL raises assorted types on garbage headers; any of them means "bad file"
+        return f"bad image header ({type(e).__name__}: {e})"
+    return None
+
+
+def validate_images(
+    files: Sequence[str], on_bad_file: str = "skip", num_threads: int = 4
+) -> tuple[list[str], list[tuple[str, str]]]:
+    """Split ``files`` into usable files and (file, reason) pairs. ``on_bad_file="error"`` raises on the first bad
+    file (in list order), naming it; ``"skip"`` warns once, naming the files. An empty result is an error."""
+    if on_bad_file not in ("skip", "error"):
+        raise ValueError(f"on_bad_file must be 'skip' or 'error', got {on_bad_file!r}")
+    with ThreadPoolExecutor(max(1, num_threads)) as pool:
+        reasons = list(pool.map(check_image, files, chunksize=256))
+    bad = [(f, r) for f, r in zip(files, reasons) if r is not None]
+    if bad and on_bad_file == "error":
+        f, r = bad[0]
+        more = f" (and {len(bad) - 1} more bad files)" if len(bad) > 1 else ""
+        raise BadImageError(f"bad image file {f}: {r}{more}; pass on_bad_file='skip' to leave such files out")
+    if bad:
+        shown = "; ".join(f"{f}: {r}" for f, r in bad[:20])
+        more = f"; ... and {len(bad) - 20} more (loader.bad_files lists all)" if len(bad) > 20 else ""
+        warnings.warn(
+            f"skipping {len(bad)} of {len(files)} files that cannot be decoded: {shown}{more}", stacklevel=5
+        )  # the caller of build_loader
+    good = [f for f, r in zip(files, reasons) if r is None]
+    if not good:
+        raise ValueError(f"no decodable images among {len(files)} files (first: {files[0]})")
+    return good, bad
+
+
+def find_undecodable(files: Sequence[str]) -> list[tuple[str, str]]:
+    """(file, reason) for each of ``files`` that PIL cannot decode in full: how a loader names the file its
+    pipeline failed on."""
+    from PIL import Image
+
+    bad = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                im.convert("RGB").load()
+        except Exception as e:  # any decoder error names a bad file
+            bad.append((f, f"{type(e).__name__}: {e}"))
+    return bad

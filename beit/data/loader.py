@@ -1,0 +1,95 @@
+"""``build_loader``, the entry point: the DALI loader, or the PIL reference loader on the CPU without DALI or when
+asked for. Both share the file list, the validation of bad files and the per-epoch, per-rank sample order, so
+they see the same files in the same order."""
+
+from __future__ import annotations
+
+import warnings
+
+from beit.data.dali import DaliLoader
+from beit.data.reference import ReferenceLoader
+
+
+def dali_available() -> bool:
+    """Whether ``nvidia.dali`` can be imported."""
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def build_loader(
+    data_dir,
+    batch_size: int,
+    *,
+    device: str = "gpu",
+    num_threads: int = 4,
+    seed: int = 0,
+    shard_id: int | None = None,
+    num_shards: int | None = None,
+    image_size: int = 224,
+    tokenizer_size: int = 112,
+    output_dtype: str = "float32",
+    normalization: str = "imagenet",
+    on_bad_file: str = "skip",
+    masking: dict | None = None,
+    backend: str = "auto",
+    shuffle: bool = True,
+    validate: bool = True,
+    pin_memory: bool = False,
+):
+    """The BEiT pretraining loader: an iterable of batch dicts with ``len()`` steps per epoch and ``set_epoch``.
+
+    Batch keys (tensors on the pipeline's device): ``images`` [B, 3, S, S] in ``output_dtype`` (or [B, S, S, 3]
+    uint8), ``tokenizer_images`` [B, 3, T, T] float32 in [0.1, 0.9], ``bool_masked_pos`` [B, N] bool,
+    ``mask_index`` [B, K] int64 (-1 padding), ``index`` [B] int64 (position in ``loader.files``) and ``valid``
+    [B] bool (False for the samples that pad the last step so that all ranks take the same number of steps).
+
+    ``data_dir``: an ImageFolder (class subfolders, labels ignored), a flat folder, a text file list or a list of
+    paths. ``device="gpu"`` decodes with nvJPEG / the hardware decoder and augments on the GPU (DALI); ``"cpu"``
+    runs the DALI CPU pipeline, or the reference loader (PIL + torch DataLoader, ``num_threads`` workers) when DALI
+    is absent or ``backend="reference"``.
+
+    Augmentation (unilm ``DataAugmentationForBEiT``): ColorJitter(0.4, 0.4, 0.4), horizontal flip p=0.5, and one
+    RandomResizedCrop box (scale 0.08-1, ratio 3/4-4/3) resized to ``image_size`` bicubic (normalised with
+    ``normalization``'s mean/std, or uint8 HWC when ``output_dtype="uint8"``) and to ``tokenizer_size`` Lanczos
+    (DALL-E map_pixels, [0.1, 0.9]). In the DALI pipeline the colour jitter runs after the crop and resize, on
+    both views with the same factors: the factors have the official distribution, and jittering 224 + 112 px
+    views is far cheaper than the full image; its three ops run in a fixed order (contrast, brightness,
+    saturation) rather than torchvision's random order. The reference loader keeps the official order (jitter on
+    the full image, flip, crop).
+
+    ``masking``: ``MaskingGenerator`` options (default input_size=14, num_masking_patches=75, min_num_patches=16,
+    min_aspect=0.3). ``on_bad_file``: "skip" leaves out (and warns about, naming them) files that cannot be
+    decoded, listed in ``loader.bad_files``; "error" raises naming the file. A data set with no usable image is
+    an error. ``validate=False`` skips the up-front header check (for data sets known to be clean); bad files are
+    then found when decoding fails. ``shard_id``/``num_shards`` default to torch.distributed's global rank and
+    world size when initialised. ``pin_memory``: CPU batches in page-locked memory (for a CUDA consumer: a copy from
+    pageable memory makes the host wait for it, and ``non_blocking=True`` does not help).
+    """
+    if backend not in ("auto", "dali", "reference"):
+        raise ValueError(f"backend must be 'auto', 'dali' or 'reference', got {backend!r}")
+    if device not in ("gpu", "cpu"):
+        raise ValueError(f"device must be 'gpu' or 'cpu', got {device!r}")
+    kw = dict(
+        num_threads=num_threads,
+        seed=seed,
+        shard_id=shard_id,
+        num_shards=num_shards,
+        image_size=image_size,
+        tokenizer_size=tokenizer_size,
+        output_dtype=output_dtype,
+        normalization=normalization,
+        on_bad_file=on_bad_file,
+        masking=masking,
+        shuffle=shuffle,
+        validate=validate,
+    )
+    if backend == "reference" or (backend == "auto" and device == "cpu" and not dali_available()):
+        if device == "gpu":
+            raise ValueError("the reference loader runs on the CPU: pass device='cpu'")
+        if backend == "auto":
+            warnings.warn("NVIDIA DALI is not installed: using the reference PIL loader", stacklevel=2)
+        return ReferenceLoader(data_dir, batch_size, pin_memory=pin_memory, **kw)
+    return DaliLoader(data_dir, batch_size, device=device, pin_memory=pin_memory, **kw)

@@ -1,0 +1,61 @@
+"""The augmentation's pieces and constants, shared by the loaders (and the k-means tokenizer's views): the
+normalisations, the RandomResizedCrop box, the PIL colour jitter and DALL-E's logit-Laplace epsilon.
+
+The official BEiT augmentation (unilm ``beit/datasets.py``) per sample: one RandomResizedCrop box (scale 0.08-1,
+ratio 3/4-4/3), horizontal flip p=0.5, ColorJitter(0.4, 0.4, 0.4); the box resized bicubic for the model's view
+and Lanczos for the tokenizer's, which then goes through DALL-E's ``map_pixels`` ([0, 1] -> [0.1, 0.9]).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+INCEPTION_MEAN = (0.5, 0.5, 0.5)
+INCEPTION_STD = (0.5, 0.5, 0.5)
+NORMALIZATIONS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "inception": (INCEPTION_MEAN, INCEPTION_STD)}
+LOGIT_LAPLACE_EPS = 0.1  # DALL-E map_pixels: x -> (1 - 2 eps) x + eps
+CROP_SCALE = (0.08, 1.0)
+CROP_RATIO = (3 / 4, 4 / 3)
+JITTER = 0.4  # brightness, contrast and saturation factors ~ U(1 - 0.4, 1 + 0.4), as torchvision's ColorJitter
+GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, what PIL's convert("L") and torchvision use
+
+
+def random_resized_crop_box(
+    width: int, height: int, rng: np.random.Generator, scale=CROP_SCALE, ratio=CROP_RATIO
+) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop.get_params: (top, left, h, w), ten tries then a centre crop."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return top, left, h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def color_jitter(img, rng: np.random.Generator, strength: float = JITTER):
+    """torchvision's ColorJitter(strength, strength, strength) on a PIL image: factors ~ U(1 - s, 1 + s) applied
+    in a random order."""
+    from PIL import ImageEnhance
+
+    factors = rng.uniform(1 - strength, 1 + strength, size=3)
+    ops = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)
+    for k in rng.permutation(3):
+        img = ops[k](img).enhance(float(factors[k]))
+    return img
