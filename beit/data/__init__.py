@@ -36,7 +36,7 @@ ImageFolder (``main``).
 The modules:
     files       listing, image signature sniffing, validation, ``BadImageError``
     order       per-epoch, per-rank sample order, shards, seed mixing
-    transforms  normalisations, the RandomResizedCrop box, colour jitter, the logit-Laplace epsilon
+    transforms  normalisations, the RandomResizedCrop box, colour jitter, DALL-E's map_pixels and epsilon
     base        what both loaders share (``LoaderBase``), the masking options
     plugin      build (CMake) and load of the native DALI operators, their environment variables and cache
     dali        the DALI pipeline and ``DaliLoader``
@@ -82,7 +82,9 @@ from beit.data.transforms import (
     LOGIT_LAPLACE_EPS,
     NORMALIZATIONS,
     color_jitter,
+    map_pixels,
     random_resized_crop_box,
+    unmap_pixels,
 )
 
 __all__ = [
@@ -121,11 +123,13 @@ __all__ = [
     "load_dali_plugin",
     "main",
     "make_synthetic",
+    "map_pixels",
     "mask_config",
     "mix_seeds",
     "random_resized_crop_box",
     "require_dali",
     "resolve_shards",
     "synthetic_image",
+    "unmap_pixels",
     "validate_images",
 ]

@@ -19,7 +19,7 @@ import torch
 from beit.data.base import OUTPUT_DTYPES, LoaderBase
 from beit.data.files import BadImageError
 from beit.data.order import mix_seeds
-from beit.data.transforms import LOGIT_LAPLACE_EPS, NORMALIZATIONS, color_jitter, random_resized_crop_box
+from beit.data.transforms import NORMALIZATIONS, color_jitter, map_pixels, random_resized_crop_box
 from beit.masking import MaskingGenerator, mask_to_index
 
 
@@ -80,8 +80,7 @@ class ReferenceDataset(torch.utils.data.Dataset):
         if ld.output_dtype != "uint8":
             big = big.permute(2, 0, 1).float().div_(255)  # HWC -> CHW
             big = ((big - self.mean) / self.std).to(OUTPUT_DTYPES[ld.output_dtype])
-        small = torch.from_numpy(np.asarray(small).copy()).permute(2, 0, 1).float().div_(255)
-        small = small * (1 - 2 * LOGIT_LAPLACE_EPS) + LOGIT_LAPLACE_EPS
+        small = map_pixels(torch.from_numpy(np.asarray(small).copy()).permute(2, 0, 1).float().div_(255))  # CHW
         mask = MaskingGenerator(**ld.mask_cfg, rng=random.Random(mix_seeds(self.seed, j, 0x3A5C)))()
         mask = torch.from_numpy(mask.reshape(-1))  # [H, W] -> [N]
         if not valid:  # drawn all the same, so the valid samples' draws do not depend on where the padding falls

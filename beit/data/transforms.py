@@ -1,5 +1,5 @@
-"""The augmentation's pieces and constants, shared by the loaders (and the k-means tokenizer's views): the
-normalisations, the RandomResizedCrop box, the PIL colour jitter and DALL-E's logit-Laplace epsilon.
+"""The augmentation's pieces and constants, shared by the loaders and the tokenizers: the normalisations, the
+RandomResizedCrop box, the PIL colour jitter and DALL-E's pixel mapping (``map_pixels``, ``LOGIT_LAPLACE_EPS``).
 
 The official BEiT augmentation (unilm ``beit/datasets.py``) per sample: one RandomResizedCrop box (scale 0.08-1,
 ratio 3/4-4/3), horizontal flip p=0.5, ColorJitter(0.4, 0.4, 0.4); the box resized bicubic for the model's view
@@ -11,17 +11,33 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INCEPTION_MEAN = (0.5, 0.5, 0.5)
 INCEPTION_STD = (0.5, 0.5, 0.5)
 NORMALIZATIONS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "inception": (INCEPTION_MEAN, INCEPTION_STD)}
-LOGIT_LAPLACE_EPS = 0.1  # DALL-E map_pixels: x -> (1 - 2 eps) x + eps
+# DALL-E's logit-Laplace epsilon: map_pixels squeezes [0, 1] into [eps, 1 - eps] (dall_e/utils.py).
+LOGIT_LAPLACE_EPS = 0.1
 CROP_SCALE = (0.08, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
 JITTER = 0.4  # brightness, contrast and saturation factors ~ U(1 - 0.4, 1 + 0.4), as torchvision's ColorJitter
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, what PIL's convert("L") and torchvision use
+
+
+def map_pixels(x: torch.Tensor) -> torch.Tensor:
+    """[0, 1] -> [0.1, 0.9], the DALL-E encoder's input range. Accepts any float tensor of shape [..., C, H, W]."""
+    if not torch.is_floating_point(x):
+        raise TypeError(f"map_pixels expects a float tensor in [0, 1], got {x.dtype} (convert uint8 with x / 255)")
+    return (1 - 2 * LOGIT_LAPLACE_EPS) * x + LOGIT_LAPLACE_EPS
+
+
+def unmap_pixels(x: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`map_pixels`, clamped to [0, 1]."""
+    if not torch.is_floating_point(x):
+        raise TypeError(f"unmap_pixels expects a float tensor, got {x.dtype}")
+    return ((x - LOGIT_LAPLACE_EPS) / (1 - 2 * LOGIT_LAPLACE_EPS)).clamp(0, 1)
 
 
 def random_resized_crop_box(

@@ -1,4 +1,6 @@
-"""What both tokenizers share: the pixel mapping, the input checks, patch extraction and the file sniffing.
+"""What both tokenizers share: the pixel mapping (``map_pixels``, ``unmap_pixels`` and ``LOGIT_LAPLACE_EPS``,
+defined with the data pipeline in ``beit.data.transforms``), the input checks, patch extraction and the file
+sniffing.
 
 Both tokenizers take the 112 px view after ``map_pixels`` (values in [0.1, 0.9]), as the official BEiT data
 pipeline produces it, so the trainer can swap one for the other without touching its data.
@@ -13,27 +15,25 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from beit.data.transforms import LOGIT_LAPLACE_EPS, map_pixels, unmap_pixels
 from beit.fileformat import refuse_non_weights
 
-# DALL-E's logit-Laplace epsilon: map_pixels squeezes [0, 1] into [eps, 1 - eps] (dall_e/utils.py).
-LOGIT_LAPLACE_EPS = 0.1
+__all__ = [
+    "LOGIT_LAPLACE_EPS",
+    "VisualTokenizer",
+    "as_path",
+    "check_images",
+    "check_positions",
+    "map_pixels",
+    "patchify",
+    "scatter_positions",
+    "sniff_weights_file",
+    "unmap_pixels",
+]
+
 # Resampling (lanczos, bicubic) of a mapped image may overshoot [0.1, 0.9] a little; anything further out was not
 # mapped (ImageNet-normalised tensors go negative, raw [0, 1] images have dark and bright pixels).
 _RANGE_SLACK = 0.02
-
-
-def map_pixels(x: torch.Tensor) -> torch.Tensor:
-    """[0, 1] -> [0.1, 0.9], the DALL-E encoder's input range. Accepts any float tensor of shape [..., C, H, W]."""
-    if not torch.is_floating_point(x):
-        raise TypeError(f"map_pixels expects a float tensor in [0, 1], got {x.dtype} (convert uint8 with x / 255)")
-    return (1 - 2 * LOGIT_LAPLACE_EPS) * x + LOGIT_LAPLACE_EPS
-
-
-def unmap_pixels(x: torch.Tensor) -> torch.Tensor:
-    """The inverse of :func:`map_pixels`, clamped to [0, 1]."""
-    if not torch.is_floating_point(x):
-        raise TypeError(f"unmap_pixels expects a float tensor, got {x.dtype}")
-    return ((x - LOGIT_LAPLACE_EPS) / (1 - 2 * LOGIT_LAPLACE_EPS)).clamp(0, 1)
 
 
 def check_images(images: torch.Tensor, channels: int, patch_size: int, check_range: bool) -> None:
