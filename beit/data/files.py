@@ -19,32 +19,45 @@ class BadImageError(RuntimeError):
     """An image file that cannot be read or decoded (the message names it)."""
 
 
-def list_images(source: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+def list_images(
+    source: str | os.PathLike | Sequence[str | os.PathLike], *, extensions: Sequence[str] | None = None
+) -> list[str]:
     """The image files of an ImageFolder (class subfolders, labels ignored) or flat folder, searched recursively and
     sorted; of a text file list (one path per line, relative paths taken from the list's folder, ``#`` comments);
     or of a Python sequence of paths. Files with a non-image extension in folders are included so that validation
-    reports them rather than silently dropping them, except hidden files."""
+    reports them rather than silently dropping them, except hidden files.
+
+    ``extensions`` (e.g. ``(".jpg", ".png")``, compared case-insensitively) keeps only the files whose names end
+    with one of them, whatever the source, for a caller that reads the files without validating them. An empty
+    result is an error."""
     if isinstance(source, (list, tuple)):
         files = [os.fspath(p) for p in source]
         if not files:
             raise ValueError("the file list is empty")
-        return files
-    path = Path(source)
-    if not path.exists():
-        raise FileNotFoundError(f"data source {str(path)!r} does not exist")
-    if path.is_file():
-        lines = [ln.strip() for ln in path.read_text().splitlines()]
-        files = [str(p if Path(p).is_absolute() else path.parent / p) for p in lines if p and not p.startswith("#")]
+        where = "the file list"
+    else:
+        path = Path(source)
+        if not path.exists():
+            raise FileNotFoundError(f"data source {str(path)!r} does not exist")
+        if path.is_file():
+            lines = [ln.strip() for ln in path.read_text().splitlines()]
+            files = [str(p if Path(p).is_absolute() else path.parent / p) for p in lines if p and not p.startswith("#")]
+            if not files:
+                raise ValueError(f"file list {str(path)!r} names no files")
+        else:
+            files = sorted(
+                str(p)
+                for p in path.rglob("*")
+                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            )
+            if not files:
+                raise ValueError(f"data folder {str(path)!r} holds no files")
+        where = repr(str(path))
+    if extensions is not None:
+        suffixes = tuple(e.lower() for e in extensions)
+        files = [f for f in files if f.lower().endswith(suffixes)]
         if not files:
-            raise ValueError(f"file list {str(path)!r} names no files")
-        return files
-    files = sorted(
-        str(p)
-        for p in path.rglob("*")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
-    )
-    if not files:
-        raise ValueError(f"data folder {str(path)!r} holds no files")
+            raise ValueError(f"no files ending in {', '.join(extensions)} in {where}")
     return files
 
 

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from beit.data import random_resized_crop_box
+from beit.data import list_images, random_resized_crop_box
 from beit.tokenizer.common import (
     VisualTokenizer,
     as_path,
@@ -275,24 +275,6 @@ class KMeansTokenizer(VisualTokenizer):
 # Fitting from a folder of images
 
 
-def list_images(root: str | os.PathLike) -> list[Path]:
-    """The images under a folder tree (or named by a file list), by extension: beit.data's listing, which also
-    keeps other files so its validation can report them, less the files that are not images."""
-    from beit.data import list_images as list_files
-
-    root = as_path(root)
-    if not root.exists():
-        raise FileNotFoundError(f"--data {root} is not a folder; expected a folder (tree) of images")
-    try:
-        files = list_files(root)
-    except ValueError:  # an empty folder or list: reported below in this command's words
-        files = []
-    paths = [Path(p) for p in files if p.lower().endswith(IMAGE_EXTENSIONS)]
-    if not paths:
-        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
-    return paths
-
-
 class ImageViews(torch.utils.data.Dataset):
     """uint8 [3, size, size] views; the crop of image i in epoch e depends only on (seed, e, i)."""
 
@@ -363,7 +345,13 @@ def fit_kmeans_tokenizer(
         raise ValueError(f"max_images must be at least 1 (or left out for every image), got {max_images}")
     if out is not None and not str(out).endswith(".safetensors"):
         raise ValueError(f"--out {out}: the tokenizer is written as safetensors; give a path ending in .safetensors")
-    paths = list_images(data)
+    root = as_path(data)
+    if not root.exists():
+        raise FileNotFoundError(f"--data {root} is not a folder; expected a folder (tree) of images")
+    try:
+        paths = [Path(p) for p in list_images(root, extensions=IMAGE_EXTENSIONS)]
+    except ValueError:  # an empty folder or list, or no image among the files: said in this command's words
+        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}") from None
     if max_images is not None and max_images < len(paths):
         keep = np.random.default_rng([seed, 0]).permutation(len(paths))[:max_images]
         paths = [paths[i] for i in sorted(keep)]

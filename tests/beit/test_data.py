@@ -424,6 +424,21 @@ def test_sources_flat_folder_and_file_list(tmp_path, data_dir):
     assert list_images(files[:4]) == files[:4]
 
 
+def test_list_images_extension_filter(tmp_path, data_dir):
+    """``extensions`` keeps the files of any source whose names end with one of them, case-insensitively; a source
+    left with none is an error. Without it, folders keep their other files for validation to report."""
+    files = list_images(data_dir)
+    pngs = [f for f in files if f.endswith(".png")]
+    assert pngs and list_images(data_dir, extensions=(".PNG",)) == pngs
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "a.JPG").write_bytes(open(files[0], "rb").read())
+    assert list_images(tmp_path) == [str(tmp_path / "a.JPG"), str(tmp_path / "notes.txt")]
+    assert list_images(tmp_path, extensions=(".jpg", ".png")) == [str(tmp_path / "a.JPG")]
+    assert list_images([*files[:2], "x.txt"], extensions=(".jpg", ".png")) == files[:2]
+    with pytest.raises(ValueError, match=r"no files ending in \.gif"):
+        list_images(tmp_path, extensions=(".gif",))
+
+
 def test_imports_and_falls_back_without_dali(data_dir):
     code = (
         "import sys, warnings\n"
