@@ -3,8 +3,8 @@
 The step has static shapes (full batches, a padded mask index of ``num_mask_patches`` columns) and never waits for
 the host, so one optimizer step can be captured once and replayed: per micro-batch the tokenizer (no_grad), the
 MIM loss under autocast and the scaled backward, then unscaling, clipping, the fused AdamW step, the GradScaler
-update and the metric sums. The graph runs exactly ``beit.train.forward_backward`` and ``beit.train.optimizer_step``,
-so it computes what the eager trainer computes. Outside the graph, per step: copying the batch into static input
+update and the metric sums. The graph runs exactly ``beit.engine.train_step``, so it computes what the eager trainer
+computes. Outside the graph, per step: copying the batch into static input
 buffers, and writing the step's learning rate (and a scheduled weight decay) into device scalars with ``fill_``.
 
 What makes that correct, read in the torch 2.13 sources installed here (the device runs 2.11; these code paths
@@ -48,7 +48,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
-from beit.train import Metrics, forward_backward, optimizer_step, record_step
+from beit.engine import Metrics, MIMInputs, train_step
 
 # The eager warm-up steps run an optimizer built for capture; torch warns about that once per optimizer.
 _UNCAPTURED_WARNING = "This instance was constructed with capturable=True"
@@ -61,7 +61,7 @@ class CudaGraphStep:
     On a device other than CUDA every step runs the same code eagerly (tests and smoke runs of the code path).
     ``decay_groups``: indices of the param groups that get weight decay; ``scheduled_weight_decay``: the decay
     changes from step to step (else the value of the first step is kept, and a later change is an error).
-    ``fault_injection``: the loss is multiplied by a device scalar that ``step(..., inject_nan=True)`` sets to NaN.
+    ``loss_factor``: a device scalar the loss is multiplied by (``beit.engine.Faults``, tests), read on replay.
     """
 
     def __init__(
@@ -78,7 +78,7 @@ class CudaGraphStep:
         accum_steps: int = 1,
         decay_groups: Sequence[int] = (),
         scheduled_weight_decay: bool = False,
-        fault_injection: bool = False,
+        loss_factor: torch.Tensor | None = None,
         warmup_steps: int = 3,
     ):
         if accum_steps < 1:
@@ -121,7 +121,8 @@ class CudaGraphStep:
             for i in self.decay_groups:
                 groups[i]["weight_decay"] = 0.0
             self._hook = optimizer.register_step_pre_hook(self._decoupled_weight_decay)
-        self.loss_factor = torch.ones((), **f32) if fault_injection else None
+        self.loss_factor = loss_factor
+        self.prepare = MIMInputs(tokenizer, self.device)
 
         self.graph: torch.cuda.CUDAGraph | None = None
         self.steps_run = 0
@@ -149,7 +150,7 @@ class CudaGraphStep:
                 )
             dst.copy_(src, non_blocking=True)
 
-    def set_schedule(self, lr: float, weight_decay: float, inject_nan: bool = False) -> None:
+    def set_schedule(self, lr: float, weight_decay: float) -> None:
         """Write this step's learning rate and weight decay where the graph reads them (no recapture)."""
         self.lr.fill_(lr)
         self._lr_value = float(lr)
@@ -166,15 +167,13 @@ class CudaGraphStep:
                         )
                     g["weight_decay"] = float(weight_decay)
             self._wd_value = float(weight_decay)
-        if self.loss_factor is not None:
-            self.loss_factor.fill_(float("nan") if inject_nan else 1.0)
-        elif inject_nan:
-            raise ValueError("inject_nan needs fault_injection=True")
 
-    def step(self, lr: float, weight_decay: float, inject_nan: bool = False) -> None:
+    def step(self, lr: float | None = None, weight_decay: float | None = None) -> None:
         """One optimizer step on the loaded micro-batches: eager during warm-up, then the capture and replays.
-        The metrics are added on the device, as the eager trainer adds them."""
-        self.set_schedule(lr, weight_decay, inject_nan)
+        The metrics are added on the device, as the eager trainer adds them. ``lr`` and ``weight_decay`` given:
+        ``set_schedule`` them first."""
+        if lr is not None:
+            self.set_schedule(lr, self._wd_value if weight_decay is None else weight_decay)
         if self.graph is None:
             if self.device.type != "cuda" or self.steps_run < self.warmup_steps:
                 self._run_eager()
@@ -198,15 +197,11 @@ class CudaGraphStep:
 
     # -- internals ------------------------------------------------------------------------------------------------
     def _body(self) -> None:
-        acc: tuple = ()
-        for micro in range(self.accum_steps):
-            out = forward_backward(
-                self.step_module, self.tokenizer, self.inputs[micro], self.device, self.amp, self.scaler,
-                1.0 / self.accum_steps, loss_factor=self.loss_factor,
-            )  # fmt: skip
-            acc = out if micro == 0 else tuple(a + b for a, b in zip(acc, out))
-        grad_norm = optimizer_step(self.optimizer, self.scaler, self.clip_grad, self.precision, zero_grad=False)
-        record_step(self.metrics, acc, grad_norm, self.accum_steps)
+        train_step(
+            self.step_module, self.prepare, self.inputs, self.optimizer, self.scaler, self.metrics, amp=self.amp,
+            precision=self.precision, clip_grad=self.clip_grad, accum_steps=self.accum_steps,
+            loss_factor=self.loss_factor, zero_grad=False,
+        )  # fmt: skip
 
     def _run_eager(self) -> None:
         if any(not slot for slot in self.inputs):

@@ -40,7 +40,7 @@ A graph variant reports the whole step only: one replay has no phase boundaries 
 memory spans the eager warm-up and the capture, whose private pool keeps the activations' memory between replays;
 ``--max-batch`` skips it (an out-of-memory error inside a capture leaves no usable graph to bisect with). Without
 CUDA (``--quick`` on the CPU) a graph variant runs the captured code eagerly, as a smoke run of that code path.
-Every step, eager or replayed, ends with the trainer's device-side metric sums (``record_step``).
+Every step, eager or replayed, is the trainer's ``beit.engine.train_step``, metric sums included.
 
     python bench/train_throughput.py --out results/train.json                 # GPU: BEiT-B/16, batch 256, bf16
     python bench/train_throughput.py --quick                                  # CPU smoke run of the harness
@@ -67,10 +67,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 
 import beit  # noqa: E402
+from beit.engine import Metrics, MIMStep, train_step  # noqa: E402
 from beit.flops import peak_flops, tokenizer_flops_per_image, train_flops_per_image  # noqa: E402
 from beit.masking import MaskingGenerator, generate_masks  # noqa: E402
 from beit.optim import fused_adamw  # noqa: E402
-from beit.train import Metrics, MIMStep, optimizer_step, record_step  # noqa: E402
 
 IMPLS = ("ref", "sdpa", "compile", "triton", "triton+compile", "triton+graph")  # the default list
 EXTRA_IMPLS = ("sdpa+graph", "compile+tok", "triton+overlap")
@@ -160,21 +160,22 @@ def run_impl(impl: str, args, device, env, rows: list[dict] | None = None) -> li
         with torch.no_grad():
             return tokenizer.get_codebook_indices(tok_images, positions=positions).flatten(1) % vocab
 
+    amp = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+
     def one_step(with_tokenizer: bool, tokens: torch.Tensor | None = None):
-        """One step, its phase boundaries as events; ``tokens`` given: this batch's, made elsewhere (overlap)."""
-        t0 = timer()
-        if tokens is None:
-            tokens = tokenize() if with_tokenizer and tokenizer is not None else fixed_tokens
-        t1 = timer()
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            loss, correct, valid = step_mod(images, bool_masked_pos, mask_index, tokens)
-        t2 = timer()
-        scaler.scale(loss).backward()
-        t3 = timer()
-        grad_norm = optimizer_step(opt, scaler, 3.0, precision)
-        record_step(metrics, (loss.detach(), correct, valid), grad_norm, 1)
-        t4 = timer()
-        return t0, t1, t2, t3, t4
+        """One step (the trainer's ``train_step``), its phase boundaries as events; ``tokens`` given: this batch's,
+        made elsewhere (overlap)."""
+        marks = [timer()]
+
+        def prepare(_):
+            t = tokens
+            if t is None:
+                t = tokenize() if with_tokenizer and tokenizer is not None else fixed_tokens
+            return images, bool_masked_pos, mask_index, t
+
+        train_step(step_mod, prepare, [batch], opt, scaler, metrics, amp=amp, precision=precision, clip_grad=3.0,
+                   mark=lambda phase: marks.append(timer()))  # fmt: skip
+        return tuple(marks)  # before, then after the inputs, forward, backward and optimizer phases
 
     side = torch.cuda.Stream(device) if overlap and device.type == "cuda" else None
     ahead = {}  # the next batch's tokens, computed on the side stream
@@ -203,7 +204,6 @@ def run_impl(impl: str, args, device, env, rows: list[dict] | None = None) -> li
         """The captured step: warm-up and capture here, then a callable that replays it."""
         from beit.graphs import CudaGraphStep
 
-        amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
         gstep = CudaGraphStep(step_mod, tokenizer if with_tokenizer else None, opt, scaler, metrics, amp=amp,
                               precision=precision, clip_grad=3.0, warmup_steps=args.warmup)  # fmt: skip
         gstep.load(0, batch)  # the data are static here: loaded once, as the eager steps read them in place

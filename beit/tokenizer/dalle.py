@@ -54,6 +54,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from beit.precision import resolve_precision
 from beit.tokenizer.common import (
     VisualTokenizer,
     as_path,
@@ -63,19 +64,15 @@ from beit.tokenizer.common import (
     sniff_weights_file,
 )
 from beit_kernels import triton_available
-from beit_kernels.backend import native_bf16
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def auto_precision(device: torch.device | str) -> str:
-    """The encoder's precision for "auto": bf16 on a GPU that computes it (sm80+), fp16 on an older one (the
-    official module's choice, on the V100s of the paper; until 2026-11-27 fp32 here, a few times slower there), fp32
-    on the CPU."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return "fp32"
-    return "bf16" if native_bf16(device) else "fp16"
+    """The encoder's precision for "auto": the trainers' (``beit.precision``): bf16 on a GPU that computes it
+    (sm80+), fp16 on an older one (the official module's choice, on the V100s of the paper), fp32 on the CPU."""
+    return resolve_precision("auto", torch.device(device))
+
 EXPECTED_FILE = (
     "DALL-E encoder weights: OpenAI's encoder.pkl (https://cdn.openai.com/dall-e/encoder.pkl; "
     "download it with 'wget -O encoder.pkl URL', capital O) or a state dict with keys like 'blocks.input.w' "

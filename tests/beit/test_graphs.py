@@ -15,23 +15,13 @@ from _testutil import make_train_assets, tiny_run_args
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import beit
+from beit.engine import Faults, Metrics, MIMInputs, MIMStep, train_step
 from beit.graphs import CudaGraphStep
 from beit.masking import MaskingGenerator, generate_masks
 from beit.optim import cosine_scheduler, fused_adamw
 from beit.tokenizer.kmeans import KMeansTokenizer
-from beit.train import (
-    Dist,
-    Metrics,
-    MIMStep,
-    forward_backward,
-    list_checkpoints,
-    load_checkpoint,
-    main,
-    optimizer_step,
-    parse_args,
-    record_step,
-    train,
-)
+from beit.train import main, parse_args, train
+from beit.train_state import list_checkpoints, load_checkpoint
 
 CPU = torch.device("cpu")
 
@@ -109,30 +99,28 @@ def _train(model, tok, data, lrs, wds, *, captured_code, accum=1, nan_at=(), sch
     metrics = Metrics(CPU)
     amp = contextlib.nullcontext()
     step_module = MIMStep(model)
+    faults = Faults(nan_at, device=CPU)
     gstep = None
     if captured_code:
         gstep = CudaGraphStep(
             step_module, tok, opt, scaler, metrics, amp=amp, precision="fp32", clip_grad=3.0, accum_steps=accum,
-            decay_groups=decay_groups, fault_injection=bool(nan_at),
+            decay_groups=decay_groups, loss_factor=faults.loss_factor,
             scheduled_weight_decay=bool(len(set(wds)) > 1) if scheduled is None else scheduled,
         )  # fmt: skip
     batches = iter(data)
     for step, (lr, wd) in enumerate(zip(lrs, wds)):
+        faults.set_step(step)
         if gstep is not None:
             for micro in range(accum):
                 gstep.load(micro, next(batches))
-            gstep.step(float(lr), float(wd), inject_nan=step in nan_at)
+            gstep.step(float(lr), float(wd))
             continue
         for g in opt.param_groups:
             g["lr"] = float(lr)
             if g["weight_decay"] > 0:
                 g["weight_decay"] = float(wd)
-        acc = ()
-        for micro in range(accum):
-            out = forward_backward(step_module, tok, next(batches), CPU, amp, scaler, 1.0 / accum,
-                                   inject_nan=step in nan_at)  # fmt: skip
-            acc = out if micro == 0 else tuple(a + b for a, b in zip(acc, out))
-        record_step(metrics, acc, optimizer_step(opt, scaler, 3.0, "fp32"), accum)
+        assert train_step(step_module, MIMInputs(tok, CPU), batches, opt, scaler, metrics, amp=amp, precision="fp32",
+                          clip_grad=3.0, accum_steps=accum, loss_factor=faults.loss_factor)  # fmt: skip
     return model, metrics, opt, gstep
 
 
@@ -181,8 +169,6 @@ def test_an_injected_nonfinite_step_changes_nothing_and_is_counted(scheduled):
     sums = dict(zip(Metrics.NAMES, metrics.sums.tolist()))
     assert (sums["steps"], sums["nonfinite"], metrics.consecutive_nonfinite.item()) == (3, 1, 1)
     assert all(torch.isfinite(v).all() for v in after.state_dict().values())
-    with pytest.raises(ValueError, match="fault_injection"):
-        _train(model, tok, data, lrs[:1], wds[:1], captured_code=True)[3].step(1e-3, 0.5, inject_nan=True)
 
 
 def test_the_captured_step_needs_static_shapes_a_fused_optimizer_and_no_range_check():
@@ -373,9 +359,9 @@ def test_gpu_replays_read_the_new_lr_and_draw_new_drop_paths(assets):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     losses = []
     for _ in range(4):
-        metrics.read(Dist())
+        metrics.read()
         gstep.step(0.0, 0.05)
-        losses.append(metrics.read(Dist())[0]["loss"])
+        losses.append(metrics.read()[0]["loss"])
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     # One block drops, 4 samples: two replays draw the same masks with probability 1/16, four with 1/4096.

@@ -13,7 +13,9 @@ import pytest
 import torch
 from _testutil import TRAIN_IMAGES, make_train_assets, no_host_sync, tiny_run_args
 
-from beit.train import DEMO, TrainingError, list_checkpoints, load_checkpoint, main, parse_args, save_checkpoint
+from beit.errors import TrainingError
+from beit.train import DEMO, main, parse_args
+from beit.train_state import list_checkpoints, load_checkpoint, save_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -244,9 +246,9 @@ def test_gpu_training_step_never_syncs(assets, impl, precision):
     """forward_backward + optimizer_step, as the trainer runs them, under set_sync_debug_mode("error")."""
     import beit
     from beit.data import build_loader
+    from beit.engine import MIMInputs, MIMStep, forward_backward, optimizer_step
     from beit.optim import fused_adamw
     from beit.tokenizer import load_tokenizer
-    from beit.train import MIMStep, forward_backward, optimizer_step
 
     data, tok = assets
     device = torch.device("cuda")
@@ -260,11 +262,12 @@ def test_gpu_training_step_never_syncs(assets, impl, precision):
                           tokenizer_size=32, masking=masking)  # fmt: skip
     batches = [{k: v.to(device) for k, v in b.items()} for b, _ in zip(loader, range(3))]
     amp = torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-    forward_backward(step_module, tokenizer, batches[0], device, amp, scaler, 1.0)  # warm-up: compile, allocate
+    prepare = MIMInputs(tokenizer, device)
+    forward_backward(step_module, prepare(batches[0]), amp, scaler, 1.0)  # warm-up: compile, allocate
     optimizer_step(opt, scaler, 3.0, precision)
     with no_host_sync():
         for b in batches[1:]:
-            loss, correct, valid = forward_backward(step_module, tokenizer, b, device, amp, scaler, 1.0)
+            loss, correct, valid = forward_backward(step_module, prepare(b), amp, scaler, 1.0)
             grad_norm = optimizer_step(opt, scaler, 3.0, precision)
     torch.cuda.synchronize()
     assert torch.isfinite(loss) and valid > 0
@@ -274,7 +277,8 @@ def test_gpu_training_step_never_syncs(assets, impl, precision):
 
 
 def test_precision_and_argument_checks():
-    from beit.train import parse_args, resolve_precision
+    from beit.precision import resolve_precision
+    from beit.train import parse_args
 
     cpu = torch.device("cpu")
     assert resolve_precision("auto", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
@@ -415,7 +419,7 @@ def test_on_bad_file_error_stops_before_training_naming_the_file(assets, tmp_pat
 def test_auto_precision_is_fp16_on_a_gpu_without_native_bf16(monkeypatch, major):
     """A V100 (sm70) emulates bf16, and torch.cuda.is_bf16_supported() says True there: auto must still pick fp16
     with loss scaling, and an explicit bf16 is refused."""
-    from beit.train import resolve_precision
+    from beit.precision import resolve_precision
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)

@@ -1,0 +1,154 @@
+"""Training-state checkpoints (``checkpoint-NNNNNNNN.pth`` in a run folder) and the rules for resuming from them.
+
+A training state is what a run needs to continue exactly: model, optimizer, scaler, step, epoch, the batch within
+the epoch, every rank's RNG state, the data record and the options. Not to be confused with the weight layouts of
+``beit.checkpoint`` (official, timm, Hugging Face), which hold weights only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import random
+import re
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from beit.distributed import Dist
+from beit.errors import TrainingError
+
+CKPT_RE = re.compile(r"checkpoint-(\d+)\.pth$")
+REQUIRED_KEYS = ("model", "optimizer", "scaler", "step", "epoch", "batch_in_epoch", "args")
+
+
+def rng_state(device: torch.device) -> dict:
+    # NumPy's global generator is not saved: nothing here draws from it (the loaders seed their own).
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def gathered_rng_states(d: Dist) -> dict:
+    """Every rank's RNG state, keyed by rank (a collective: every rank calls it)."""
+    mine = rng_state(d.device)
+    if not d.enabled:
+        return {str(d.rank): mine}
+    gathered = [None] * d.world_size
+    dist.all_gather_object(gathered, mine)
+    return {str(r): s for r, s in enumerate(gathered)}
+
+
+def save_checkpoint(state: dict, output_dir: Path, step: int, keep: int) -> Path:
+    """Write atomically (temporary file, fsync, rename), then keep the newest ``keep`` checkpoints."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / f"checkpoint-{step:08d}.pth"
+    tmp = output_dir / f".{path.name}.tmp"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    with contextlib.suppress(OSError):  # make the rename itself durable where the OS allows it
+        fd = os.open(output_dir, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    for old in list_checkpoints(output_dir)[:-keep]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Checkpoints in the folder, oldest first."""
+    if not output_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if (m := CKPT_RE.search(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def load_checkpoint(path: str | os.PathLike, kind: str = "beit-pretrain") -> dict:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as e:
+        raise TrainingError(f"checkpoint not found: {path}") from e
+    except Exception as e:
+        raise TrainingError(f"{path} is not a readable training checkpoint ({type(e).__name__}: {e})") from e
+    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
+    if missing:
+        raise TrainingError(f"{path} is not a {kind} checkpoint: it lacks {', '.join(missing)}")
+    return ckpt
+
+
+def find_resume(resume: str, out_dir: Path) -> Path | None:
+    """``--resume``: "none", "auto" (the newest checkpoint in the run folder, if any) or a path."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        found = list_checkpoints(out_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not path.is_file():
+        raise TrainingError(f"--resume {resume}: no such checkpoint")
+    return path
+
+
+def check_compatible(ckpt: dict, args, path, keys: tuple[str, ...]) -> None:
+    """Refuse a resume whose options ``keys`` differ from the checkpoint's."""
+    old = ckpt["args"]
+    for key in keys:
+        if key in old and old[key] != getattr(args, key):
+            raise TrainingError(
+                f"{path} was written with --{key.replace('_', '-')} {old[key]}, this run has {getattr(args, key)}: "
+                "resume with the same settings or start a new output folder"
+            )
+
+
+def data_record(loader, world_size: int) -> dict:
+    """What an epoch's sample order depends on besides --seed and --batch-size: the files and the ranks."""
+    files = hashlib.sha256("\n".join(map(str, loader.files)).encode()).hexdigest()[:16]
+    return {"num_files": len(loader.files), "files_sha256": files, "world_size": world_size}
+
+
+def check_resume_point(ckpt: dict, seed: int, path, record: dict, out_dir: Path) -> None:
+    """Refuse a resume that would repeat or skip samples, or leave two histories in one folder."""
+    if ckpt["batch_in_epoch"] > 0:  # mid-epoch: the rest of the epoch must be the same sample order
+        old = dict(ckpt.get("data") or {}, seed=ckpt["args"].get("seed"))
+        new = dict(record, seed=seed)
+        changed = [k for k in ("seed", "world_size", "num_files", "files_sha256") if k in old and old[k] != new[k]]
+        if changed:
+            what = ", ".join(f"{k} {old[k]} -> {new[k]}" for k in changed)
+            raise TrainingError(
+                f"{path} stopped in the middle of epoch {ckpt['epoch']} (batch {ckpt['batch_in_epoch']}); resuming "
+                f"with another {what} would repeat some samples of that epoch and skip others: resume with the "
+                "same --seed, number of processes and data, or from a checkpoint at an epoch's end"
+            )
+    newer = [p for p in list_checkpoints(out_dir) if int(CKPT_RE.search(p.name).group(1)) > ckpt["step"]]
+    if newer:
+        raise TrainingError(
+            f"{out_dir} holds checkpoints newer than {path} (step {ckpt['step']}): {', '.join(p.name for p in newer)}."
+            " This run would write a second history beside them, its rotation would delete the older ones, and "
+            "--resume auto would later pick theirs: move them away, or give another --output-dir"
+        )
+
+
+def jsonable(d: dict) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
+
+
+def write_args(args, out_dir: Path) -> None:
+    """The resolved options, as a YAML file that works as a --config."""
+    (out_dir / "args.yaml").write_text(yaml.safe_dump(jsonable(vars(args)), sort_keys=True))
