@@ -3,7 +3,9 @@
 A device call is short and its machine goes back seconds after it ends, so a sweep's winners cannot be committed
 and re-measured in a second call. Instead ``train_throughput.py --tuned a.json,b.json`` installs them in the same
 call, and every row it writes records what it installed (``kernel_switches["tuned"]``): the step is measured with
-exactly the configuration that is then committed as the kernels' defaults.
+exactly the configuration that is then committed as the kernels' defaults. A winner is installed as a
+``beit_kernels.tuning.override`` of the table entries its sweep mode sets (``tune_glue.overrides``,
+``tune_attention.overrides``), undone when the caller's ``ExitStack`` closes.
 
 Per sweep mode, the baseline is the mode's first candidate (each sweep lists the kernel's current default first;
 ``tests/bench`` checks that for the glue kernels), at group scale 1. The two dk/dv kernels (``dkdv`` and
@@ -32,11 +34,12 @@ _FAMILY = {"dkdv_allq": "dkdv", "fused": "dkdv"}
 def _default_backward(mode: str, rows: list[dict]) -> str:
     """The attention backward the default takes at the shape and dtype of ``mode``'s rows, on this device."""
     import torch
-    import tune_attention
+
+    from beit_kernels import tuning
 
     shape, dtype = next((r["shape"], r["dtype"]) for r in rows if r["mode"] == mode)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return tune_attention.attn._backward_kernel(shape["N"], shape["D"], getattr(torch, dtype), device)
+    return tuning.attention_backward(shape["N"], shape["D"], getattr(torch, dtype), device)
 
 
 def _baseline_mode(mode: str, rows: list[dict]) -> str:
@@ -107,10 +110,12 @@ def _candidate_name(c: dict) -> str:
 
 
 def install(chosen: dict[str, dict], stack: contextlib.ExitStack) -> dict[str, str]:
-    """Enter each winner's patch on ``stack`` (one after another: each patch wraps what the last installed) and
+    """Enter each winner's override on ``stack`` (one after another: each on top of what the last installed) and
     record them in the harness's kernel switches. Returns ``{family: "mode:candidate[:g<scale>]"}``."""
     import tune_attention
     import tune_glue
+
+    from beit_kernels import tuning
 
     applied = {}
     saved = dict(harness.TUNED)
@@ -118,9 +123,9 @@ def install(chosen: dict[str, dict], stack: contextlib.ExitStack) -> dict[str, s
     for family, c in sorted(chosen.items()):
         mode, cand, gs = c["mode"], tuple(c["candidate"]), c["group_scale"]
         if mode in tune_attention.CANDIDATES:
-            stack.enter_context(tune_attention._patched(mode, cand, gs))
+            stack.enter_context(tuning.override(tune_attention.overrides(mode, cand, gs)))
         else:
-            stack.enter_context(tune_glue.patch(mode, cand))
+            stack.enter_context(tuning.override(tune_glue.overrides(mode, cand)))
         applied[family] = _candidate_name(c)
     harness.TUNED.update(applied)
     return applied

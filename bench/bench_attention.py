@@ -63,7 +63,7 @@ def _xformers_fn():
 
 def _error_note(e: Exception) -> str:
     """One line: xformers says why each of its operators declined on the lines after the first, and its first line
-    alone (all the H100 run of 2026-11-26 kept) does not say why."""
+    alone does not say why."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     return f"{type(e).__name__}: {' | '.join(lines)}"[:1200]
 

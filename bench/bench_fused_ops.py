@@ -30,7 +30,6 @@ its bias an fp32 parameter that the reference casts to bf16 first, as a Linear u
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 import warnings
@@ -106,8 +105,8 @@ def count_syncs(fn, device) -> int | None:
 
 def is_sync_warning(message: str) -> bool:
     """torch's warning for one synchronising call, not its once-per-process notice "Synchronization debug mode is
-    a prototype feature and does not yet detect all synchronizing operations", which the H100 runs of 2026-11-26
-    counted as a sync of the first op measured."""
+    a prototype feature and does not yet detect all synchronizing operations", which would count as a sync of the
+    first op measured."""
     return "called a synchronizing CUDA operation" in message
 
 
@@ -148,8 +147,8 @@ def measure(kernel, providers, leaves, grad_fn, shape, dtype, env, device, quick
             )
         )
         # The GPU's own time of a training call, apart from the host: one of these ops moves a few hundred MB at
-        # most, so its wall time can be the host's (masked_gather's Python side took 0.29 ms a call on the
-        # development CPU, 2026-11-27, against about 0.04 ms of GPU traffic). fwd+bwd only: each profiled pass
+        # most, so its wall time can be the host's (a launcher's Python side can take longer than its GPU
+        # traffic). fwd+bwd only: each profiled pass
         # costs the device call's stage time.
         gpu_ms = harness.kernel_time_ms(run_full, device, calls=2)
         if gpu_ms is not None:
@@ -188,17 +187,16 @@ def setup_patch_embed(B, img, p, D, device, autocast_dtype, compile_, uint8):
     std = torch.tensor(STD, device=device).view(1, 3, 1, 1) if uint8 else None
     norm = dict(mean=mean.view(3), std=std.view(3)) if uint8 else {}
     grad = torch.randn(B, N + 1, D, generator=g).to(device)
-    pe = importlib.import_module("beit_kernels.patch_embed")  # the module, not the function of the same name
 
     def ours(weight_grad="triton"):
-        # The weight-gradient GEMM is chosen when the forward runs (patch_embed._BWD_WEIGHT_GRAD).
-        with harness.patched_globals(pe, _BWD_WEIGHT_GRAD=weight_grad):
+        # The weight-gradient GEMM is chosen when the forward runs (tuning entry patch_embed.bwd).
+        with beit_kernels.tuning.override({"patch_embed.bwd": {"weight_grad": weight_grad}}):
             return beit_kernels.patch_embed(images, w, b, mask=mask, mask_token=mt, cls_token=cls, pos_embed=pos,
                                             **norm)  # fmt: skip
 
     providers = {
         "ours": ours,
-        # Materialised patches and a cuBLAS weight-gradient GEMM (off by default until timed, 2026-11-27).
+        # Materialised patches and a cuBLAS weight-gradient GEMM (off by default).
         "ours-cublas-wgrad": lambda: ours("cublas"),
         "reference": lambda: patch_chain(images, w, b, mask, mt, cls, pos, mean, std),
     }

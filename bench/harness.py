@@ -12,7 +12,6 @@ CPU, a perf_counter loop, for smoke runs of the harness only (its numbers say li
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import json
 import os
@@ -79,17 +78,14 @@ TUNED: dict[str, str] = {}
 def kernel_switches() -> dict:
     """The effective values of the kernels' run-wide switches, and the sweep winners installed in this process
     (empty where beit_kernels does not import)."""
-    import importlib
-
     try:
-        # The module, not the function of the same name that the package exports.
-        attention = importlib.import_module("beit_kernels.attention")
-    except Exception:  # noqa: BLE001  (no triton: no switches to report)
+        from beit_kernels import tuning
+    except Exception:  # noqa: BLE001  (beit_kernels does not import: no switches to report)
         return {}
     # As the switches resolve here at BEiT's attention shape: the fused backward, where it runs, replaces the dk/dv
     # kernels, so the all-queries one is reported off then.
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    backward = attention._backward_kernel(197, 64, torch.bfloat16, device)
+    backward = tuning.attention_backward(197, 64, torch.bfloat16, device)
     return {"dkdv_all_queries": backward == "dkdv_allq", "attn_bwd_fused": backward == "fused", "tuned": dict(TUNED)}
 
 
@@ -247,20 +243,6 @@ def format_table(rows: list[dict], columns: Iterable[str] = ("kernel", "provider
 
 # ----------------------------------------------------------------------------------------------------------------
 # Tile sweeps (tune_attention.py, tune_glue.py)
-
-
-@contextlib.contextmanager
-def patched_globals(module, **values):
-    """``module``'s globals replaced for the duration, restored after: a sweep installs a candidate tile this way,
-    since the launchers read their tile functions and constants at call time."""
-    saved = {k: getattr(module, k) for k in values}
-    for k, v in values.items():
-        setattr(module, k, v)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            setattr(module, k, v)
 
 
 def candidate_name(mode: str, cand, group_scale: float = 1) -> str:

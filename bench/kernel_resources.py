@@ -108,9 +108,12 @@ class Launch:
         return {k: v for k, v in self.signature if v.startswith("*")} | dict(self.constexprs)
 
 
+# The kernels the captures met, by ``Launch.kernel``: compiled from here (a forked worker inherits it).
+JIT_FUNCTIONS: dict[str, JITFunction] = {}
+
+
 def _jit(kernel: str) -> JITFunction:
-    mod, name = kernel.split(".")
-    return getattr(importlib.import_module(f"beit_kernels.{mod}"), name)
+    return JIT_FUNCTIONS[kernel]
 
 
 def specialise(fn: JITFunction, args: tuple, kwargs: dict) -> Launch:
@@ -138,6 +141,7 @@ def specialise(fn: JITFunction, args: tuple, kwargs: dict) -> Launch:
         if isinstance(key, str) and "D" in key:
             aligned.append(p.name)
     name = f"{fn.fn.__module__.split('.')[-1]}.{fn.fn.__name__}"
+    JIT_FUNCTIONS[name] = fn
     return Launch(name, tuple(signature), tuple(constexprs), tuple(aligned), options)
 
 
@@ -151,19 +155,20 @@ def captured_launches(shared: int):
         launches.append(specialise(self, args, kwargs))
 
     mods = [importlib.import_module(f"beit_kernels.{m}") for m in KERNEL_MODULES]
-    # The launch never happens, so a CPU tensor is fine; the tiles are those of the GPU being compiled for.
-    fakes = dict(check_kernel_device=lambda op, t: None, block_shared_memory=lambda device: shared)
-    saved = [(m, name, getattr(m, name)) for m in mods for name in fakes if hasattr(m, name)]
+    # The launch never happens, so a CPU tensor is fine (each module's device check, the public
+    # ``backend.check_kernel_device``, is switched off); the tiles are those of the GPU being compiled for.
+    saved = [(m, m.check_kernel_device) for m in mods]
     saved_run = JITFunction.run
     JITFunction.run = run
-    for m, name, _ in saved:
-        setattr(m, name, fakes[name])
+    for m, _ in saved:
+        m.check_kernel_device = lambda op, t: None
     try:
-        yield launches
+        with beit_kernels.tuning.override({"shared_memory": shared}):
+            yield launches
     finally:
         JITFunction.run = saved_run
-        for m, name, fn in saved:
-            setattr(m, name, fn)
+        for m, fn in saved:
+            m.check_kernel_device = fn
 
 
 # A multiple of 16, as the real 256 is, so the row counts the JIT sees (B N, B K) get the same divisibility.
@@ -195,20 +200,16 @@ def extra_launches(dtype: torch.dtype, head_dims: list[int]) -> None:
                                        mask_token=params[0], cls_token=params[1], pos_embed=params[2],
                                        mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375))  # fmt: skip
     out.float().sum().backward()
-    attention_module = importlib.import_module("beit_kernels.attention")
     # The half-precision backward kernels the default may not take: the all-queries dk/dv kernel (the default on
-    # sm90 only) and the fused backward (off by default) in both its forms, compiled for every target.
-    variants = [("DKDV_ALL_QUERIES", False), ("BWD_FUSED", False), ("BWD_FUSED", True)]
-    for switch, dkdv_t in variants if dtype != torch.float32 else ():
-        with contextlib.ExitStack() as stack:
-            stack.callback(setattr, attention_module, switch, getattr(attention_module, switch))
-            setattr(attention_module, switch, True)
-            if dkdv_t:  # the fused backward's transposed dk and dv, which the attention sweep may install
-                base = attention_module._block_config
-                stack.callback(setattr, attention_module, "_block_config", base)
-                attention_module._block_config = lambda k, *a, base=base: dict(
-                    base(k, *a), **({"DKDV_T": True} if k == "fused" else {})
-                )
+    # sm90 only) and the fused backward (off by default) in both its forms, the transposed dk and dv being one
+    # the attention sweep may install; compiled for every target.
+    variants = [
+        {"attention.dkdv_all_queries": True},
+        {"attention.bwd_fused": True},
+        {"attention.bwd_fused": True, "attention.fused": {"DKDV_T": True}},
+    ]
+    for entries in variants if dtype != torch.float32 else ():
+        with beit_kernels.tuning.override(entries):
             H, N = 2, 197
             qkv = torch.randn(B, N, 3, H, 64, dtype=dtype, requires_grad=True)
             bias = torch.zeros(H, N, N, requires_grad=True)

@@ -155,7 +155,7 @@ def errors(rows: list[dict]) -> tuple[str, bool]:
 def first_rows(rows: list[dict]) -> tuple[list[dict], int]:
     """The rows with the first of each (kernel, shape, dtype, mode, provider, metric), and how many were dropped.
     Ratios must come from one run: the largest-batch search, for one, re-times ref and triton with fewer steps, and
-    its rows, read last, once replaced the main run's in the table and the targets (H100 run, 2026-11-26)."""
+    its rows, read last, would replace the main run's in the table and the targets."""
     seen, kept = set(), []
     for r in rows:
         key = (*_key(r), r.get("provider"), r.get("metric"))

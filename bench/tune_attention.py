@@ -1,17 +1,18 @@
-"""Tile sweep of the attention kernels at one shape: each candidate of ``_block_config`` timed kernel by kernel.
+"""Tile sweep of the attention kernels at one shape: each candidate of an attention tile timed kernel by kernel.
 
-``beit_kernels.attention`` uses one fixed tile table (no autotuning: the dk/dv kernel accumulates into its bias
-buffer, which repeated launches would corrupt, and a fixed table keeps results reproducible). This script measures
-the candidates that table could hold, so the table is chosen from timings rather than from register counts:
+``beit_kernels.attention`` uses one fixed tile table, ``beit_kernels.tuning`` (no autotuning: the dk/dv kernel
+accumulates into its bias buffer, which repeated launches would corrupt, and a fixed table keeps results
+reproducible). This script measures the candidates that table could hold, each installed with
+``tuning.override``, so the table is chosen from timings rather than from register counts:
 
     fwd    the forward kernel alone, each (BLOCK_M, BLOCK_N, num_warps, num_stages) candidate
     dq     the whole backward (dq then dk/dv kernels, bias gradient on), the dq kernel's candidates, dk/dv default
     dkdv   the same with the dk/dv kernel's candidates, the dq kernel default; ``groups`` scales the number of
-           batch groups (programs and partial bias buffers) that ``_num_groups`` picks
-    dkdv_allq  the same with the all-queries dk/dv kernel switched on (``DKDV_ALL_QUERIES``, the default on sm90),
-           its (BLOCK_N, num_warps, num_stages) candidates (BLOCK_M is N's power of two), and group scales (on
-           top of its default ``ALL_QUERIES_GROUP_SCALE``); ``dkdv`` switches it off
-    fused  the whole backward in the fused kernel (``BWD_FUSED``, off by default), its (BLOCK_N, num_warps,
+           batch groups (programs and partial bias buffers), the table's ``attention.dkdv_groups`` scale
+    dkdv_allq  the same with the all-queries dk/dv kernel switched on (``attention.dkdv_all_queries``, the
+           default on sm90), its (BLOCK_N, num_warps, num_stages) candidates (BLOCK_M is N's power of two), and
+           group scales (on top of its default scale); ``dkdv`` switches it off
+    fused  the whole backward in the fused kernel (``attention.bwd_fused``, off by default), its (BLOCK_N, num_warps,
            num_stages, DKDV_T) candidates and group scales; the other backward kinds switch it off. It competes with the
            dk/dv kinds for one winner (``apply_tuning.py``): each times the whole backward
 
@@ -24,7 +25,6 @@ reported as an error row, not timed). Rows are the harness's long format; the ta
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 
@@ -33,8 +33,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 import harness  # noqa: E402
 import torch  # noqa: E402
 
-# The module, not the function of the same name that the package exports.
-attn = importlib.import_module("beit_kernels.attention")
+import beit_kernels  # noqa: E402,F401  (registers the torch.ops.beit_kernels launchers)
+from beit_kernels import tuning  # noqa: E402
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). The dq kernel's program owns BLOCK_M queries and loops over keys; the
 # dk/dv kernel's owns BLOCK_N keys and loops over queries.
@@ -47,13 +47,12 @@ CANDIDATES = {
              (128, 64, 8, 2), (64, 128, 8, 2), (64, 64, 4, 1)],
     # BLOCK_M is set by the launcher (N's power of two); the 0 only fills the tuple.
     "dkdv_allq": [(0, 16, 8, 2), (0, 16, 8, 1), (0, 32, 8, 2), (0, 32, 16, 1), (0, 16, 4, 1), (0, 64, 16, 1)],
-    # A fifth entry, DKDV_T: dk and dv as transposed products. From ptxas without a GPU (Triton 3.6, sm90, bf16,
-    # D = 64), bytes a thread spilled: 16 x 8 x 2 176, with DKDV_T 340; 16 x 16 x 1 184 (at 128 registers).
+    # A fifth entry, DKDV_T: dk and dv as transposed products.
     "fused": [(0, 16, 8, 2, 0), (0, 16, 8, 2, 1), (0, 16, 8, 1, 0), (0, 16, 16, 1, 0), (0, 16, 16, 1, 1),
               (0, 32, 8, 1, 0)],
 }
-# Scales of the batch groups that ``_num_groups`` picks, the first candidate's; the all-queries kernel's default
-# is already 4x the fill (``ALL_QUERIES_GROUP_SCALE``), so its sweep also tries fewer.
+# Scales of the batch groups that the table's default picks, the first candidate's; the all-queries kernel's
+# default is already 4x the fill (``attention.dkdv_allq_groups``), so its sweep also tries fewer.
 GROUP_SCALES = {"dkdv": (1, 2, 4, 8), "dkdv_allq": (1, 0.25, 0.5, 2), "fused": (1, 2, 0.5)}
 QUICK = {"fwd": [(16, 16, 4, 1), (32, 16, 4, 1)], "dq": [(16, 16, 4, 1)], "dkdv": [(16, 16, 4, 1)],
          "dkdv_allq": [(0, 16, 4, 1)], "fused": [(0, 16, 4, 1, 0), (0, 16, 4, 1, 1)]}
@@ -67,25 +66,21 @@ def _config(c):
     return dict(BLOCK_M=c[0], BLOCK_N=c[1], num_warps=c[2], num_stages=c[3])
 
 
-def _patched(kind: str | None, cand, group_scale: float = 1):
-    """A context that makes ``_block_config`` return ``cand`` for ``kind`` (others unchanged), scales the batch
-    groups of the kernel that sums the bias gradient, and switches on the backward kernel its kind times."""
-    base_config, base_groups = attn._block_config, attn._num_groups
-
-    def config(k, head_dim, dtype, shared):
-        if kind is not None and k == kind:
-            return _config(cand)
-        return base_config(k, head_dim, dtype, shared)
-
-    def groups(B, H, n_blocks, device, batch_broadcast, scale=1, per_sm=4):
-        g = base_groups(B, H, n_blocks, device, batch_broadcast, scale, per_sm)
-        return g if not batch_broadcast else max(1, min(int(g * group_scale), B // 2))
-
-    # The backward kinds choose their kernel; the others leave the default's choice as it is.
-    all_queries = {"dkdv_allq": True, "dkdv": False}.get(kind, attn.DKDV_ALL_QUERIES)
-    fused = {"fused": True, "dkdv_allq": False, "dkdv": False, "dq": False}.get(kind, attn.BWD_FUSED)
-    return harness.patched_globals(attn, _block_config=config, _num_groups=groups, DKDV_ALL_QUERIES=all_queries,
-                                   BWD_FUSED=fused)  # fmt: skip
+def overrides(kind: str, cand, group_scale: float = 1) -> dict:
+    """The ``tuning.override`` entries of a candidate: tile ``cand`` for ``kind``, the batch groups of the kernel
+    that sums the bias gradient scaled by ``group_scale`` (over what is in force), and the backward kernel its
+    kind times switched on (the other kinds leave that choice as it is)."""
+    entries: dict = {f"attention.{kind}": _config(cand)}
+    if group_scale != 1:
+        groups = f"attention.{kind}_groups"
+        entries[groups] = {"scale": tuning.get(groups)["scale"] * group_scale}
+    all_queries = {"dkdv_allq": True, "dkdv": False}.get(kind)
+    if all_queries is not None:
+        entries["attention.dkdv_all_queries"] = all_queries
+    fused = {"fused": True, "dkdv_allq": False, "dkdv": False, "dq": False}.get(kind)
+    if fused is not None:
+        entries["attention.bwd_fused"] = fused
+    return entries
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -109,8 +104,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, N, D] each
     bias = (torch.randn(H, N, N, generator=g) * 0.5).to(device)  # the shared relative position bias, fp32
     do = torch.randn(B, H, N, D, generator=g).to(device=device, dtype=dtype)
-    o_ref, lse_ref = attn.attention_fwd(q, k, v, bias, scale)
-    grads_ref = attn.attention_bwd(do, q, k, v, bias, o_ref, lse_ref, scale, True)
+    # The launchers, as the autograd functions call them: the forward alone, the backward alone.
+    fwd, bwd_op = torch.ops.beit_kernels.attention_fwd, torch.ops.beit_kernels.attention_bwd
+    o_ref, lse_ref = fwd(q, k, v, bias, scale)
+    grads_ref = bwd_op(do, q, k, v, bias, o_ref, lse_ref, scale, True)
 
     def close(a, b):
         tol = 1e-3 if dtype == torch.float32 else 2e-2
@@ -120,18 +117,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     def record(kind, cand, gs, fn, check):
         name = harness.candidate_name(kind, cand, gs)
-        harness.sweep_candidate(rows, args.out, "attention_tune", name, kind, fn, check, _patched(kind, cand, gs),
+        harness.sweep_candidate(rows, args.out, "attention_tune", name, kind, fn, check,
+                                tuning.override(overrides(kind, cand, gs)),
                                 device=device, rep_ms=args.rep_ms, quick=args.quick, shape=shape, dtype=dtype, env=env,
                                 config=_config(cand), group_scale=gs)  # fmt: skip
 
     kinds = args.kinds.split(",")
     if "fwd" in kinds:
         for cand in candidates["fwd"]:
-            record("fwd", cand, 1, lambda: attn.attention_fwd(q, k, v, bias, scale),
+            record("fwd", cand, 1, lambda: fwd(q, k, v, bias, scale),
                    lambda out: close(out[0], o_ref))  # fmt: skip
 
     def bwd():
-        return attn.attention_bwd(do, q, k, v, bias, o_ref, lse_ref, scale, True)
+        return bwd_op(do, q, k, v, bias, o_ref, lse_ref, scale, True)
 
     def bwd_close(out):
         return all(close(a, b) for a, b in zip(out, grads_ref, strict=True))
@@ -139,9 +137,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if "dq" in kinds:
         for cand in candidates["dq"]:
             record("dq", cand, 1, bwd, bwd_close)
+
     def applies(kind):  # the kernel a kind switches on may not take this shape, dtype or GPU
-        with _patched(kind, candidates[kind][0]):
-            return attn._backward_kernel(N, D, dtype, device) == kind
+        with tuning.override(overrides(kind, candidates[kind][0])):
+            return tuning.attention_backward(N, D, dtype, device) == kind
 
     for kind in ("dkdv", "dkdv_allq", "fused"):
         if kind not in kinds:

@@ -1,17 +1,17 @@
 """Tile sweep of the glue kernels at BEiT-B shapes: ``add_layer_norm`` and ``bias_gelu`` forward and backward, the
 tokenizer's ``conv_epilogue`` and the MIM head's chunk size.
 
-Each kernel file keeps one fixed choice (``layer_norm._tile``, ``_BWD_PROGRAMS_PER_SM``, ``_BWD_LOOP_STAGES``,
-``_BWD_JOINT_SUMS``; ``bias_gelu._FWD_TILE``, ``_BWD_TILE``, ``_BWD_LOOP_STAGES``; ``conv_epilogue._tile``;
-``linear_cross_entropy.default_chunk_size``); this script times the candidates they could hold, one launcher at a
-time, as ``tune_attention.py`` does for attention (``patch`` says which constants each candidate sets):
+Each kernel takes one fixed choice from ``beit_kernels.tuning`` (entries ``layer_norm.fwd``, ``layer_norm.bwd``,
+``bias_gelu.fwd``, ``bias_gelu.bwd``, ``conv_epilogue.epi``, ``conv_epilogue.epi_pool``,
+``linear_cross_entropy.ce``); this script times the candidates they could hold, one launcher at a time, as
+``tune_attention.py`` does for attention (``overrides`` says which entries each candidate sets):
 
     ln_fwd    add_layer_norm_fwd, (BLOCK_M, num_warps) candidates (BLOCK_D is the row, padded to a power of two)
     ln_bwd    add_layer_norm_bwd, (BLOCK_M, num_warps, programs per SM[, loop stages[, joint row sums]])
     gelu_fwd  bias_gelu_fwd, (BLOCK_M, BLOCK_D, num_warps)
     gelu_bwd  bias_gelu_bwd, (BLOCK_M, BLOCK_D, num_warps[, loop stages])
-              (loop stages: ``tl.range(num_stages=...)`` on the backward's row-tile loop, ``_BWD_LOOP_STAGES``,
-              0 or absent None, a loop the compiler does not pipeline; joint row sums: ``_BWD_JOINT_SUMS``)
+              (loop stages: ``tl.range(num_stages=...)`` on the backward's row-tile loop, ``loop_stages``,
+              0 or absent None, a loop the compiler does not pipeline; joint row sums: ``joint_sums``)
     epi       conv_epilogue, a block's tail (two biases, residual, ReLU), (widest BLOCK_C, elements a program,
               num_warps), at the DALL-E encoder's first group: 256 channels at 112 px
     epi_pool  the same with the 2x2 max-pool that ends a group
@@ -29,7 +29,6 @@ format; the table prints the fastest first.
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 
@@ -38,17 +37,12 @@ sys.path.insert(0, os.path.dirname(__file__))
 import harness  # noqa: E402
 import torch  # noqa: E402
 
-# The modules, not the functions of the same names that the package exports.
-ln = importlib.import_module("beit_kernels.layer_norm")
-bg = importlib.import_module("beit_kernels.bias_gelu")
-ce = importlib.import_module("beit_kernels.conv_epilogue")
-lce = importlib.import_module("beit_kernels.linear_cross_entropy")
+import beit_kernels  # noqa: E402
+from beit_kernels import tuning  # noqa: E402
 
 CANDIDATES = {
     "ln_fwd": [(4, 8), (2, 4), (4, 4), (8, 8), (8, 16), (1, 4)],
-    # Each list starts with the kernel's default (apply_tuning.py's baseline). The LayerNorm and GELU backward
-    # lists were re-centred on the winners of the H100 sweep of 2026-11-26 (commit eec3771), which are now the
-    # defaults; that sweep's lists and numbers are in bench/RESULTS.md.
+    # Each list starts with the kernel's default (apply_tuning.py's baseline), the others around it.
     "ln_bwd": [(1, 4, 8, 2), (1, 4, 8, 3), (1, 4, 16, 2), (1, 4, 4, 2), (1, 8, 8, 2), (1, 2, 8, 2), (2, 8, 2, 3),
                (2, 8, 4, 2), (2, 4, 8, 2), (1, 4, 8, 0), (1, 4, 8, 2, 1), (1, 4, 8, 3, 1)],
     "gelu_fwd": [(8, 512, 8), (4, 1024, 8), (16, 256, 8), (8, 512, 4), (16, 512, 8), (4, 512, 4)],
@@ -56,8 +50,7 @@ CANDIDATES = {
                  (8, 512, 8, 3), (32, 256, 8, 3), (16, 128, 4, 3)],
     "epi": [(128, 4096, 8), (64, 4096, 8), (256, 4096, 8), (128, 2048, 4), (128, 8192, 8), (256, 8192, 16)],
     "epi_pool": [(128, 4096, 8), (64, 4096, 8), (256, 4096, 8), (128, 2048, 4), (64, 2048, 4), (128, 8192, 8)],
-    # Chunks within the head's memory cap (``linear_cross_entropy._CHUNK_LOGITS``): one chunk of all 19200 rows was
-    # 3% faster (2026-11-26) but held its peak over a third of the unfused head's.
+    # Chunks within the head's memory cap (``linear_cross_entropy.ce``'s ``max_logits``).
     "lce": [(8192,), (4096,), (2048,)],
 }
 QUICK = {"ln_fwd": [(4, 4), (2, 4)], "ln_bwd": [(2, 4, 4), (1, 4, 8, 2), (2, 4, 4, 0, 1)], "gelu_fwd": [(4, 32, 4)],
@@ -65,47 +58,23 @@ QUICK = {"ln_fwd": [(4, 4), (2, 4)], "ln_bwd": [(2, 4, 4), (1, 4, 8, 2), (2, 4, 
          "lce": [(8,), (32,)]}  # fmt: skip
 
 
-def _ln_tile(cand, backward_only: bool):
-    base = ln._tile
-
-    def tile(D, backward):
-        if backward != backward_only:
-            return base(D, backward)
-        block_m, warps = cand[0], cand[1]
-        return block_m, base(D, backward)[1], warps
-
-    return tile
-
-
-def _epi_tile(cand, pool_only: bool):
-    base = ce._tile
-    widest, elements, warps = cand
-
-    def tile(C, pool):
-        if pool != pool_only:
-            return base(C, pool)
-        block_c = min(widest, ce.triton.next_power_of_2(max(C, 1)))
-        return max(1, elements // block_c), block_c, warps
-
-    return tile
-
-
-def patch(kind: str, cand):
-    """A context that installs ``cand`` for the sweep mode ``kind`` (``apply_tuning.py`` keeps one entered)."""
+def overrides(kind: str, cand) -> dict:
+    """The ``tuning.override`` entries that install ``cand`` for the sweep mode ``kind``."""
     if kind == "ln_fwd":
-        return harness.patched_globals(ln, _tile=_ln_tile(cand, False))
+        return {"layer_norm.fwd": dict(BLOCK_M=cand[0], num_warps=cand[1])}
     stages = cand[3] if len(cand) > 3 and cand[3] else None
     if kind == "ln_bwd":
         joint = len(cand) > 4 and bool(cand[4])
-        return harness.patched_globals(ln, _tile=_ln_tile(cand, True), _BWD_PROGRAMS_PER_SM=cand[2],
-                                       _BWD_LOOP_STAGES=stages, _BWD_JOINT_SUMS=joint)  # fmt: skip
+        return {"layer_norm.bwd": dict(BLOCK_M=cand[0], num_warps=cand[1], programs_per_sm=cand[2],
+                                       loop_stages=stages, joint_sums=joint)}  # fmt: skip
     if kind == "gelu_bwd":
-        return harness.patched_globals(bg, _BWD_TILE=tuple(cand[:3]), _BWD_LOOP_STAGES=stages)
+        return {"bias_gelu.bwd": dict(BLOCK_M=cand[0], BLOCK_D=cand[1], num_warps=cand[2], loop_stages=stages)}
     if kind.startswith("epi"):
-        return harness.patched_globals(ce, _tile=_epi_tile(cand, kind == "epi_pool"))
+        widest, elements, warps = cand
+        return {f"conv_epilogue.{kind}": dict(max_channels=widest, elements=elements, num_warps=warps)}
     if kind == "lce":
-        return harness.patched_globals(lce, default_chunk_size=lambda M, V, D, c=cand[0]: c)
-    return harness.patched_globals(bg, _FWD_TILE=tuple(cand))  # gelu_fwd
+        return {"linear_cross_entropy.ce": dict(chunk_rows=cand[0])}
+    return {"bias_gelu.fwd": dict(BLOCK_M=cand[0], BLOCK_D=cand[1], num_warps=cand[2])}  # gelu_fwd
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -141,26 +110,30 @@ def main(argv: list[str] | None = None) -> list[dict]:
     head_b = torch.zeros(V, device=device, dtype=act)
     head_t = torch.randint(0, V, (B * K,), generator=g).to(device)
 
+    # The launchers, as the autograd functions call them: each direction alone.
+    ops = torch.ops.beit_kernels
+
     def head():
-        chunk = lce.default_chunk_size(B * K, V, D)
-        return lce.linear_cross_entropy_fwd(head_x, head_w, head_b, head_t, -100, True, True, True, True, chunk)
+        chunk = tuning.cross_entropy_chunk(B * K, V)
+        return ops.linear_cross_entropy_fwd(head_x, head_w, head_b, head_t, -100, True, True, True, True, chunk)
 
     def epi(pool):
-        return ce.conv_epilogue(conv_out, conv_bias, residual=block_in, residual_bias=id_bias, gain=1 / 64, pool=pool)
+        return beit_kernels.conv_epilogue(conv_out, conv_bias, residual=block_in, residual_bias=id_bias, gain=1 / 64,
+                                          pool=pool)  # fmt: skip
 
     def ln_fwd():
-        return ln.add_layer_norm_fwd(x, branch, gamma, scale, w, b, 1e-6, act)
+        return ops.add_layer_norm_fwd(x, branch, gamma, scale, w, b, 1e-6, act)
 
     h, _, mean, rstd = ln_fwd()
 
     def ln_bwd():
-        return ln.add_layer_norm_bwd(grad_h, grad_y, h, branch, gamma, scale, w, mean, rstd, True, act, True, True)
+        return ops.add_layer_norm_bwd(grad_h, grad_y, h, branch, gamma, scale, w, mean, rstd, True, act, True, True)
 
     runs = {
         "ln_fwd": (ln_fwd, {"shape": dict(B=B, N=N, D=D)}),
         "ln_bwd": (ln_bwd, {"shape": dict(B=B, N=N, D=D)}),
-        "gelu_fwd": (lambda: bg.bias_gelu_fwd(fc1, fc1_bias), {"shape": dict(B=B, N=N, D=F)}),
-        "gelu_bwd": (lambda: bg.bias_gelu_bwd(grad_gelu, fc1, fc1_bias), {"shape": dict(B=B, N=N, D=F)}),
+        "gelu_fwd": (lambda: ops.bias_gelu_fwd(fc1, fc1_bias), {"shape": dict(B=B, N=N, D=F)}),
+        "gelu_bwd": (lambda: ops.bias_gelu_bwd(grad_gelu, fc1, fc1_bias), {"shape": dict(B=B, N=N, D=F)}),
         "epi": (lambda: epi(False), {"shape": dict(B=TB, C=TC, H=TS, W=TS)}),
         "epi_pool": (lambda: epi(True), {"shape": dict(B=TB, C=TC, H=TS, W=TS)}),
         "lce": (head, {"shape": dict(M=B * K, D=D, V=V)}),
@@ -180,7 +153,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 rows, args.out, "glue_tune", name, kind, fn,
                 lambda out, expected=expected: all(torch.allclose(a, e, rtol=2e-2, atol=2e-2)
                                                    for a, e in zip(outputs(out), expected, strict=True)),
-                patch(kind, cand), device=device, rep_ms=args.rep_ms, quick=args.quick,
+                tuning.override(overrides(kind, cand)), device=device, rep_ms=args.rep_ms, quick=args.quick,
                 shape=meta["shape"], dtype=act, env=env, candidate=list(cand))  # fmt: skip
     return harness.finish_sweep(rows, args.out)
 

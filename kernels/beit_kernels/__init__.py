@@ -3,8 +3,11 @@
 This package imports torch and triton only, never ``beit``, so other ViT code bases can use it on its own.
 ``beit_kernels.reference`` holds the plain-PyTorch reference of each public op (same signature); tests,
 benchmarks and the CPU path all use it. ``beit_kernels.backend`` tells which devices the Triton path suits.
+``beit_kernels.tuning`` holds every kernel's tile and switch choices, and ``tuning.override`` changes them for a
+block of code.
 """
 
+from beit_kernels import tuning
 from beit_kernels.backend import (
     IMPLS,
     resolve_impl,
@@ -38,4 +41,5 @@ __all__ = [
     "resolve_impl",
     "triton_available",
     "triton_matmul_ok",
+    "tuning",
 ]

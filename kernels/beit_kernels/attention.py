@@ -33,15 +33,17 @@ Design:
         element has one writer and a fixed summation order, so results are bitwise reproducible for a given
         device, batch size and dtype (there is no ``deterministic`` switch because there is nothing to switch).
         When the bias is broadcast over the batch, G <= B // 2: no [B, H, N, N] tensor is ever allocated.
-      _attn_bwd_dkdv_allq_kernel (``DKDV_ALL_QUERIES``, N <= 256, half precision, D <= 64; by default on sm90
-        only, where it was timed faster): the same with every query in one tile, so each program keeps its columns
+      _attn_bwd_dkdv_allq_kernel (tuning entry ``attention.dkdv_all_queries``, N <= 256, half precision,
+        D <= 64; by default on sm90 only): the same with every query in one tile, so each program keeps its columns
         of the bias gradient in registers across the group's batches and stores them once, where the other reads,
         adds and writes them back (with a barrier) for every batch and query block.
-      _attn_bwd_fused_kernel (``BWD_FUSED``, N <= 256, half precision, D <= 64; off by default, untimed): the
+      _attn_bwd_fused_kernel (tuning entry ``attention.bwd_fused``, N <= 256, half precision, D <= 64, a block
+        with 160 KiB of shared memory; off by default): the
         whole backward in one kernel, one program per (h, batch group), every query in one tile: per batch it walks
         the key blocks, computing P, dP, dS once for dq, dk, dv and the bias gradient (five products a tile against
         the two kernels' seven), dq summed in registers, the bias gradient read, added and written back per tile.
     fp32 inputs use IEEE fp32 dot products (not TF32), so fp32 results match PyTorch's fp32 math.
+    Tiles and the choice of backward kernel come from ``beit_kernels.tuning`` (fixed, not autotuned).
 
 Limits: self-attention only (q, k, v share N); no dropout and no causal mask (BEiT needs neither); a bias that
 broadcasts over heads but not over the batch gets a [B, H, N, N] fp32 partial gradient before the reduction.
@@ -55,7 +57,8 @@ import torch
 import triton
 import triton.language as tl
 
-from beit_kernels.backend import block_shared_memory, check_kernel_device, env_switch, fill_programs, interpreting
+from beit_kernels import tuning
+from beit_kernels.backend import check_kernel_device, fill_programs
 
 LOG2E = 1.4426950408889634
 
@@ -276,9 +279,8 @@ def _attn_bwd_dkdv_allq_kernel(
     """``_attn_bwd_dkdv_kernel`` for N <= BLOCK_M: every query in one tile, so a batch is one step and the bias
     gradient of this program's [N, BLOCK_N] columns sums over the group's batches in registers, stored once at
     the end: no read-add-write of the partial buffer, and no barrier, per step. The tile's math repeats that
-    kernel's on purpose: moving it into a shared helper changed how ptxas allocates the default kernel's registers
-    (its sm90 bf16 spills went from 28 to 132 bytes a thread, Triton 3.6, 2026-11-26), and that kernel is the
-    default everywhere but sm90."""
+    kernel's on purpose: in a shared helper, ptxas allocates the default kernel's registers worse (several times
+    the spills on sm90), and that kernel is the default everywhere but sm90."""
     pid_n = tl.program_id(0)
     h = tl.program_id(1)
     g = tl.program_id(2)
@@ -365,14 +367,14 @@ def _attn_bwd_fused_kernel(
             s = _dot(q, tl.trans(k), IEEE) * qk_scale
             if HAS_BIAS:
                 # Offsets in 32 bits, then one pointer add (here and for the bias gradient): a [BLOCK_M, BLOCK_N]
-                # tile of 64-bit pointers cost ptxas about 200 more bytes of spills a thread (sm90, 2026-11-27).
+                # tile of 64-bit pointers takes more registers and spills.
                 bias_offs = offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn
                 s += tl.load(bias_base + bias_offs, mask=mask_mn, other=0.0).to(tl.float32) * 1.4426950408889634
             p = tl.where(mask_mn, tl.exp2(s - lse[:, None]), 0.0)  # [BLOCK_M, BLOCK_N]
             # With DKDV_T, dv and dk as their transposes, [BLOCK_D, BLOCK_N] = [D, N] x [N, BLOCK_N]: dO and q are
             # then left operands, which Hopper's tensor cores read from shared memory, rather than right operands of
             # a 16-row product, which Triton keeps in registers across the key loop. Products in this order: p dies
-            # before dq's product (ptxas spilled 100 bytes a thread more with dq's first, sm90, 2026-11-27).
+            # before dq's product, which keeps fewer tiles live.
             if DKDV_T:
                 dv_t = tl.dot(tl.trans(do), p.to(do.dtype))
             else:
@@ -416,64 +418,6 @@ def _attn_bwd_fused_kernel(
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
-
-
-def _block_config(kind: str, head_dim: int, dtype: torch.dtype, shared: int) -> dict:
-    """Tile sizes of kernel ``kind`` ("fwd", "dq", "dkdv", "dkdv_allq" or "fused") on a GPU with ``shared`` bytes
-    of shared memory a block. Not autotuned: the dk/dv kernel accumulates into its bias buffer, which autotuning's
-    repeated launches would corrupt, and one fixed table keeps results reproducible. In the interpreter, large
-    tiles mean fewer Python-level steps.
-
-    ``bench/kernel_resources.py --check`` compiles every entry as the launch specialises it, for sm80 to sm120,
-    without a GPU, and a test runs it: each fits its GPU's shared memory. The three-stage forward
-    pipeline needs 112 to 120 KiB, more than sm86 and sm89 have (99), so those take two stages. Chosen without a
-    GPU (2026-11-26) from ptxas's register and spill counts (Triton 3.6 and 3.9), then, for half precision at
-    D <= 64, from ``bench/tune_attention.py`` on an H100 (2026-11-26, Triton 3.6, B=256, H=12, N=197, D=64, bf16;
-    table in bench/RESULTS.md): the forward at 128 x 32 took 0.38 ms against 0.73 at 128 x 64, and the whole
-    backward 1.39 ms with a 64 x 32 dq tile against 1.53 at 64 x 64; 64 x 64 stayed the fastest dk/dv tile. The
-    other entries are untimed. Known spills: the half-precision dk/dv kernel at 255 registers, about 350 bytes a
-    thread on sm80 to sm89 and 30 on sm90."""
-    if kind == "fused":
-        # BLOCK_M is N's power of two, set by the launcher; only GPUs with 160 KiB of shared memory a block take
-        # this kernel (``_fused_backward``). Untimed (2026-11-27, no GPU): 16 keys and 8 warps, the all-queries
-        # dk/dv kernel's tile; dq's [N, D] fp32 accumulator comes on top. ptxas (sm90, bf16, D = 64, Triton 3.6 /
-        # 3.9) spills 176 / 168 bytes a thread with 148 KiB of shared memory; DKDV_T (dk and dv as transposed
-        # products, all on Hopper's shared-memory tensor-core path) 340 / 224 with 84 KiB.
-        # ``bench/tune_attention.py --kinds fused`` times both.
-        return dict(BLOCK_N=16, num_warps=8, num_stages=1 if interpreting() else 2, DKDV_T=False)
-    if kind == "dkdv_allq":
-        # BLOCK_M is N's power of two, set by the launcher. From ptxas at N = 197, D = 64, bf16: with Triton 3.6,
-        # 16 keys, 8 warps and two stages fit sm90 in 229 registers without spills, where 32 keys spill 120 to 324
-        # bytes a thread; sm80 spills 460 bytes at best. Two stages take 94 KiB of shared memory: one below 160 KiB
-        # (sm86, sm89, sm120: 68 KiB). Timed on an H100 (2026-11-26, see ``_all_queries``): the fastest of six.
-        stages = 1 if interpreting() or shared < 160 * 1024 else 2
-        return dict(BLOCK_N=16, num_warps=8, num_stages=stages)
-    if interpreting():
-        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1)
-    if dtype == torch.float32:
-        # IEEE fp32 products run on the FMA units with their operands replicated across threads, so the tiles
-        # are small: the half-precision ones would need 192 KiB of shared memory (more than sm80 and sm86 have)
-        # and spill 5 to 30 KB a thread, and 32 x 32 spills 0.7 to 2.7 KB in the dk/dv kernel and at D = 128.
-        if head_dim > 64:
-            return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=2)
-        if kind == "dkdv":
-            return dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=2)
-        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)
-    fwd_stages = 3 if shared >= 160 * 1024 else 2
-    if head_dim <= 64:
-        if kind == "fwd":
-            return dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=fwd_stages)
-        if kind == "dq":
-            return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
-        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
-    if head_dim <= 128:
-        if kind == "fwd":
-            return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=fwd_stages)
-        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)
-    # Head dimensions up to 256: the 64-wide tiles would need 136 to 200 KiB of shared memory there.
-    if kind == "fwd":
-        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
-    return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)
 
 
 def _check_inputs(q, k, v, bias):
@@ -535,7 +479,7 @@ def attention_fwd(q, k, v, bias, scale: float) -> tuple[torch.Tensor, torch.Tens
     o = torch.empty((B, N, H, D), device=q.device, dtype=q.dtype).permute(0, 2, 1, 3)  # [B, H, N, D] view
     lse = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
     bias_v, sb = _bias_view(bias, B, H, N, q)
-    cfg = _block_config("fwd", D, q.dtype, block_shared_memory(q.device))
+    cfg = tuning.attention_tile("fwd", D, q.dtype, tuning.shared_memory(q.device))
     grid = (triton.cdiv(N, cfg["BLOCK_M"]), B * H)
     _attn_fwd_kernel[grid](
         q, k, v, bias_v, o, lse,
@@ -552,27 +496,6 @@ def attention_fwd(q, k, v, bias, scale: float) -> tuple[torch.Tensor, torch.Tens
     return o, lse
 
 
-# The all-queries dk/dv kernel (``_attn_bwd_dkdv_allq_kernel``) for sequences of at most this many tokens, in half
-# precision at D <= 64. On an H100 (bench/tune_attention.py, 2026-11-26, commit eec3771, Triton 3.6, B=256, H=12,
-# N=197, D=64, bf16, the bias shared over the batch) the whole backward took 1.321 ms with it at four times the
-# default kernel's batch groups (``ALL_QUERIES_GROUP_SCALE``), 1.360 at the same groups, against 1.381 with the
-# default dk/dv kernel at its best tile and groups (1.380). It is on by default on sm90 only (None: auto): it spills
-# on sm80 to sm89 and sm120 (``_block_config``) and was not timed there. BEIT_KERNELS_DKDV_ALL_QUERIES=1 switches
-# it on wherever it applies, 0 off; tests switch it on to check it in the interpreter.
-DKDV_ALL_QUERIES: bool | None = env_switch("BEIT_KERNELS_DKDV_ALL_QUERIES")
-ALL_QUERIES_MAX_N = 256
-ALL_QUERIES_GROUP_SCALE = 4
-
-
-def _all_queries(N: int, D: int, dtype: torch.dtype, device: torch.device | None = None) -> bool:
-    """Whether the backward takes the all-queries dk/dv kernel at this shape on ``device``."""
-    if N > ALL_QUERIES_MAX_N or D > 64 or dtype == torch.float32:
-        return False
-    if DKDV_ALL_QUERIES is None:
-        return device is not None and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
-    return DKDV_ALL_QUERIES
-
-
 def _num_groups(B: int, H: int, n_blocks: int, device: torch.device, batch_broadcast: bool, scale: float = 1,
                 per_sm: int = 4) -> int:  # fmt: skip
     """How many batch groups the dk/dv kernel uses: enough programs to fill the GPU (``per_sm`` a multiprocessor,
@@ -585,33 +508,6 @@ def _num_groups(B: int, H: int, n_blocks: int, device: torch.device, batch_broad
         target = 2 * n_blocks * H  # the interpreter: two groups, so the grouping path is exercised
     groups = round(max(1, math.ceil(target / (n_blocks * H))) * scale)
     return max(1, min(groups, B // 2))
-
-
-# The fused backward (``_attn_bwd_fused_kernel``: dq, dk, dv and the bias gradient in one kernel) for sequences of at
-# most this many tokens, in half precision at D <= 64. Off by default: it is untimed (written 2026-11-27 without a
-# GPU; ``bench/tune_attention.py --kinds fused`` times it against the default, and ``train_throughput.py --tuned``
-# installs it where it wins). BEIT_KERNELS_ATTN_BWD_FUSED=1 switches it on wherever it applies. Its programs are
-# large (an [N, D] fp32 accumulator and [N, 16] tiles at 8 warps), so it fills the GPU with one per multiprocessor.
-BWD_FUSED: bool = bool(env_switch("BEIT_KERNELS_ATTN_BWD_FUSED"))
-FUSED_MAX_N = 256
-FUSED_PROGRAMS_PER_SM = 1
-
-
-def _fused_backward(N: int, D: int, dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether the backward takes the fused kernel at this shape on ``device``. One of its two forms asks for 146
-    to 148 KiB of shared memory a block (``bench/kernel_resources.py``, Triton 3.6 and 3.9: the default on sm90
-    and sm100, ``DKDV_T`` on sm80): GPUs with less than 160 (sm86, sm89, sm120: 99 KiB) keep the two kernels."""
-    if not (BWD_FUSED and N <= FUSED_MAX_N and D <= 64 and dtype != torch.float32):
-        return False
-    return block_shared_memory(device) >= 160 * 1024  # unbounded in the interpreter
-
-
-def _backward_kernel(N: int, D: int, dtype: torch.dtype, device: torch.device) -> str:
-    """Which backward runs at this shape on ``device``: "fused", or the dq kernel then "dkdv_allq" or "dkdv" (the
-    names of ``bench/tune_attention.py``'s kinds)."""
-    if _fused_backward(N, D, dtype, device):
-        return "fused"
-    return "dkdv_allq" if _all_queries(N, D, dtype, device) else "dkdv"
 
 
 def attention_bwd(do, q, k, v, bias, o, lse, scale: float, bias_grad: bool, packed: bool = False):
@@ -627,7 +523,7 @@ def attention_bwd(do, q, k, v, bias, o, lse, scale: float, bias_grad: bool, pack
     else:
         dq, dk, dv = (torch.empty((B, N, H, D), device=q.device, dtype=q.dtype).permute(0, 2, 1, 3)
                       for _ in range(3))  # fmt: skip
-    fused = _backward_kernel(N, D, q.dtype, q.device) == "fused"
+    fused = tuning.attention_backward(N, D, q.dtype, q.device) == "fused"
     launch = _launch_fused_bwd if fused else _launch_two_kernel_bwd
     dbias_partial = launch(do, q, k, v, bias, o, lse, dq, dk, dv, scale, bias_grad)
     grads = (dqkv,) if packed else (dq, dk, dv)
@@ -664,10 +560,11 @@ def _launch_fused_bwd(do, q, k, v, bias, o, lse, dq, dk, dv, scale, bias_grad) -
     """``_attn_bwd_fused_kernel`` on a (H, groups) grid; returns the bias gradient's [G, H, N, N] partials."""
     B, H, N, D = q.shape
     bias_v, sb = _bias_view(bias, B, H, N, q)
-    cfg = _block_config("fused", D, q.dtype, block_shared_memory(q.device))
+    cfg = tuning.attention_tile("fused", D, q.dtype, tuning.shared_memory(q.device))
     cfg["BLOCK_M"] = max(16, triton.next_power_of_2(N))
+    per_sm, group_scale = tuning.attention_groups("fused")
     broadcast = _batch_broadcast(bias)
-    groups = _num_groups(B, H, 1, q.device, broadcast, per_sm=FUSED_PROGRAMS_PER_SM) if bias_grad else B
+    groups = _num_groups(B, H, 1, q.device, broadcast, group_scale, per_sm) if bias_grad else B
     per_group, groups = _group_sizes(B, groups)
     # Every element of a group's partial is stored by its first batch: no zeroing.
     dbias_partial = _partial_bias_grad(groups, H, N, bias_grad, False, q.device)
@@ -696,9 +593,9 @@ def _launch_two_kernel_bwd(do, q, k, v, bias, o, lse, dq, dk, dv, scale, bias_gr
     bias_v, sb = _bias_view(bias, B, H, N, q)
     block_d = max(16, triton.next_power_of_2(D))
     ieee = q.dtype == torch.float32
-    shared = block_shared_memory(q.device)
+    shared = tuning.shared_memory(q.device)
     delta = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
-    cfg = _block_config("dq", D, q.dtype, shared)
+    cfg = tuning.attention_tile("dq", D, q.dtype, shared)
     _attn_bwd_dq_kernel[(triton.cdiv(N, cfg["BLOCK_M"]), B * H)](
         q, k, v, bias_v, o, do, lse, delta, dq,
         q.stride(0), q.stride(1), q.stride(2),
@@ -712,14 +609,15 @@ def _launch_two_kernel_bwd(do, q, k, v, bias, o, lse, dq, dk, dv, scale, bias_gr
         HAS_BIAS=bias is not None, IEEE=ieee, BLOCK_D=block_d, **cfg,
     )  # fmt: skip
 
-    all_queries = _all_queries(N, D, q.dtype, q.device)
-    cfg = _block_config("dkdv_allq" if all_queries else "dkdv", D, q.dtype, shared)
+    all_queries = tuning.attention_all_queries(N, D, q.dtype, q.device)
+    kind = "dkdv_allq" if all_queries else "dkdv"
+    cfg = tuning.attention_tile(kind, D, q.dtype, shared)
     if all_queries:
         cfg["BLOCK_M"] = max(16, triton.next_power_of_2(N))
     n_blocks = triton.cdiv(N, cfg["BLOCK_N"])
-    scale_groups = ALL_QUERIES_GROUP_SCALE if all_queries else 1
+    per_sm, group_scale = tuning.attention_groups(kind)
     broadcast = _batch_broadcast(bias)
-    groups = _num_groups(B, H, n_blocks, q.device, broadcast, scale_groups) if bias_grad else B
+    groups = _num_groups(B, H, n_blocks, q.device, broadcast, group_scale, per_sm) if bias_grad else B
     per_group, groups = _group_sizes(B, groups)
     # The all-queries kernel stores every element of its partial once; the other adds into it.
     dbias_partial = _partial_bias_grad(groups, H, N, bias_grad, not all_queries, q.device)

@@ -37,7 +37,7 @@ def triton_matmul_ok(device: torch.device | str | None = None) -> bool:
 def native_bf16(device: torch.device | str) -> bool:
     """True when ``device`` is a CUDA GPU that computes in bf16 itself (sm80 and newer). Not
     ``torch.cuda.is_bf16_supported()``: that also says True where bf16 is only emulated, because it merely allocates
-    a bf16 tensor, which any CUDA GPU can (a V100 or T4, torch 2.13; review finding, 2026-11-27), and there autocast
+    a bf16 tensor, which any CUDA GPU can (a V100 or T4), and there autocast
     in bf16 loses fp16's loss scaling, SDPA's memory-efficient kernel and cuDNN's convolutions."""
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
@@ -71,8 +71,7 @@ def interpreter_problem(triton_version: str, numpy_version: str) -> str | None:
 
     Triton 3.6 and older convert a 1-element array to an int with ``int(array)`` when a kernel uses a runtime
     scalar as a loop bound (``range(0, N, BLOCK)``); NumPy 2.4 turned that deprecation into a TypeError, raised
-    from inside the kernel. Triton 3.7 squeezes the array first (checked in the 3.6, 3.7 and 3.8 wheels,
-    2026-11-26)."""
+    from inside the kernel. Triton 3.7 squeezes the array first."""
     if _major_minor(triton_version) < (3, 7) and _major_minor(numpy_version) >= (2, 4):
         return (
             f"Triton {triton_version}'s interpreter cannot run with NumPy {numpy_version} (it calls int() on a "
@@ -152,7 +151,7 @@ def add_t_matmul_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> to
 
 # Largest shared memory one block may opt into, KiB, by compute capability (CUDA programming guide), for a torch
 # that does not report it; unknown parts get the smallest figure of their family (sm80+, or the 48 KiB any block
-# has before sm80). The Volta and Turing rows were 99 until 2026-11-27 (review finding): 96 and 64 are right.
+# has before sm80).
 _SHARED_OPTIN_KIB = {(7, 0): 96, (7, 2): 96, (7, 5): 64, (8, 0): 163, (8, 7): 163, (9, 0): 227, (10, 0): 227,
                      (10, 3): 227, (12, 0): 99}  # fmt: skip
 _SHARED_OPTIN_MIN_KIB = 99

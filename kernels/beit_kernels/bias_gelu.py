@@ -23,7 +23,7 @@ Shapes and dtypes:
     out     x's shape, contiguous, in x's dtype. Gradients: x in its dtype, bias in its own dtype.
 
 Erf: ``tl.erf`` (fp32), in Triton since 2.x, in 3.6 and 3.9, and in the interpreter (via ``math.erf``).
-Tiles: timed on an H100 (2026-11-26; see ``_BWD_LOOP_STAGES``).
+Tiles: ``beit_kernels.tuning`` (entries ``bias_gelu.fwd`` and ``bias_gelu.bwd``).
 """
 
 from __future__ import annotations
@@ -32,22 +32,10 @@ import torch
 import triton
 import triton.language as tl
 
+from beit_kernels import tuning
 from beit_kernels.backend import check_kernel_device, check_vector, fill_programs
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-# (BLOCK_M, BLOCK_D, num_warps), chosen without a GPU (2026-11-26): 4096 elements a program (16 a thread), column
-# blocks that split D = 3072 (BEiT-B's MLP) whole. ptxas (sm90a) fits them in 56 and 80 registers without spills,
-# the backward's [BLOCK_M, BLOCK_D] fp32 accumulator included (at 4 warps it would take 197; sm80 takes 154). Retune
-# on a GPU.
-_FWD_TILE = (8, 512, 8)
-_BWD_TILE = (16, 256, 8)
-# Software pipelining of the backward's row-tile loop (``tl.range(num_stages=...)``): 3 stages took 0.346 ms a call
-# on an H100 against 0.399 without (bench/tune_glue.py, 2026-11-26, commit eec3771, bf16, 50432 x 3072; 2 stages
-# took 0.412). The forward's tile was within 3% of every alternative swept there; a second sweep around these
-# backward settings (commit 9d1b66f) found none 3% faster (16 x 128, 4 warps: 0.342 against 0.348).
-_BWD_LOOP_STAGES = 3
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Kernels
@@ -130,13 +118,6 @@ def _bias_gelu_bwd_kernel(
 # Host launchers
 
 
-def _tile(tile: tuple[int, int, int], D: int) -> tuple[int, int, int]:
-    """The tile, narrowed to D's power of two for narrow rows (more rows per program instead)."""
-    block_m, block_d, warps = tile
-    narrow = min(block_d, triton.next_power_of_2(D))
-    return block_m * (block_d // narrow), narrow, warps
-
-
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """x as [M, D] with a unit column stride: a view when the leading dimensions collapse, else a copy."""
     return x.reshape(-1, x.shape[-1])
@@ -150,7 +131,7 @@ def bias_gelu_fwd(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     M, D = x2.shape
     if M == 0 or D == 0:
         return out
-    block_m, block_d, warps = _tile(_FWD_TILE, D)
+    block_m, block_d, warps = tuning.bias_gelu_tile(D, backward=False)
     _bias_gelu_fwd_kernel[(triton.cdiv(M, block_m), triton.cdiv(D, block_d))](
         x2,
         bias if bias is not None else out,
@@ -180,7 +161,7 @@ def bias_gelu_bwd(
     grad_x = x.new_empty(x.shape)
     x2 = _rows(x)
     M, D = x2.shape
-    block_m, block_d, warps = _tile(_BWD_TILE, max(D, 1))
+    block_m, block_d, warps = tuning.bias_gelu_tile(max(D, 1), backward=True)
     n_row_tiles = triton.cdiv(M, block_m)
     n_col_tiles = triton.cdiv(D, block_d)
     if x.device.type == "cuda":
@@ -203,7 +184,7 @@ def bias_gelu_bwd(
             HAS_BIAS=bias is not None,
             BLOCK_M=block_m,
             BLOCK_D=block_d,
-            LOOP_STAGES=_BWD_LOOP_STAGES,
+            LOOP_STAGES=tuning.get("bias_gelu.bwd")["loop_stages"],
             num_warps=warps,
         )
     # A fixed-order sum over the G partials.

@@ -30,7 +30,7 @@ Shapes, dtypes and layout:
                    convolution output nobody else reads. Not with ``pool`` (the sizes differ).
 
 Limits: inference only, no backward (the tokenizer it serves is frozen); an input that requires grad under grad
-mode is refused. Tiles: timed on an H100 (2026-11-26; see ``_tile``).
+mode is refused. Tiles: ``beit_kernels.tuning`` (entries ``conv_epilogue.epi`` and ``conv_epilogue.epi_pool``).
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
+from beit_kernels import tuning
 from beit_kernels.backend import check_kernel_device, check_vector
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -123,18 +124,6 @@ def _conv_epilogue_kernel(
 # Host launchers
 
 
-def _tile(C: int, pool: bool) -> tuple[int, int, int]:
-    """(BLOCK_P, BLOCK_C, num_warps): 4096 elements a program, 16 a thread, a row of at most 128 channels (256
-    contiguous bytes in half precision). ``pool`` picks the max-pool's tile (its programs read four times the
-    elements they write) apart from the block tail's: ``tune_glue.py`` times them as ``epi_pool`` and ``epi``.
-    Chosen without a GPU, then timed on an H100 (2026-11-26, commit eec3771, bf16, 256 x 256 x 112 x 112): the
-    block tail took 2.234 ms, the best of six 2.187 (2% faster, below the 3% that changes a default); the pool
-    1.340 ms, the best 1.339. Both are near the H100's 3.35 TB/s: the tail moves 6.6 GB (two bf16 reads, two
-    writes of 822 M elements) at 2.9 TB/s, the pool 4.1 GB (writes at a quarter size) at 3.1 TB/s."""
-    block_c = min(128, triton.next_power_of_2(max(C, 1)))
-    return 4096 // block_c, block_c, 8
-
-
 def _channels_last_empty(like: torch.Tensor, shape, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(shape, device=like.device, dtype=dtype, memory_format=torch.channels_last)
 
@@ -158,7 +147,7 @@ def conv_epilogue_op(
     P = B * OH * OW
     if P == 0 or C == 0:
         return
-    block_p, block_c, warps = _tile(C, pool)
+    block_p, block_c, warps = tuning.conv_epilogue_tile(C, pool)
     _conv_epilogue_kernel[(triton.cdiv(P, block_p), triton.cdiv(C, block_c))](
         x,
         bias if bias is not None else x,

@@ -36,8 +36,8 @@ Shapes and dtypes:
                  Linear without the cast autocast would add). Statistics and every per-row step in fp32.
 Gradients: x, branch, gamma, weight, bias, each in its own dtype; either of grad_h and grad_y may be absent.
 
-Limits: D <= 4096 (a row is one block of registers; wider rows spill in the backward). Tiles: timed on an H100
-at D = 768 (2026-11-26; see ``_tile`` and ``_BWD_LOOP_STAGES``); other widths are untimed.
+Limits: D <= 4096 (a row is one block of registers; wider rows spill in the backward). Tiles: ``beit_kernels.tuning``
+(entries ``layer_norm.fwd`` and ``layer_norm.bwd``).
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
+from beit_kernels import tuning
 from beit_kernels.backend import check_kernel_device, check_vector, persistent_programs
 
 _MAX_D = 4096
@@ -168,9 +169,8 @@ def _add_ln_bwd_kernel(
     if HAS_GAMMA:
         g = tl.load(g_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     # [BLOCK_M, BLOCK_D] accumulators, reduced over rows once at the end. Column sums per tile (into [BLOCK_D]) cost
-    # fewer registers but three cross-warp reductions through shared memory, with barriers, every BLOCK_M rows. On
-    # an H100 (2026-11-26, bench_fused_ops, B=256, N=197, D=768, bf16 branch) fwd+bwd took 1.394 ms with those
-    # and 1.004 ms with these (the forward alone about 0.2 ms).
+    # fewer registers but three cross-warp reductions through shared memory, with barriers, every BLOCK_M rows,
+    # which made the backward much slower.
     acc_w = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     acc_b = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     acc_g = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
@@ -230,30 +230,6 @@ def _add_ln_bwd_kernel(
 # Host launchers
 
 
-# The backward's tiles, from bench/tune_glue.py on an H100 (2026-11-26, commit eec3771, bf16, B=256, N=197,
-# D=768): one row a program at 4 warps, 8 programs an SM, the row-tile loop software-pipelined over 2 stages
-# (``tl.range(num_stages=...)``) took 0.292 ms a call, against 0.396 ms for the earlier untimed choice (2 rows,
-# 8 warps, 4 programs an SM, no pipelining); the best without pipelining took 0.350 (1 row, 8 warps, 4 an SM).
-_BWD_LOOP_STAGES = 2
-_BWD_PROGRAMS_PER_SM = 8
-# The backward's two row sums (of xhat * w dy and of w dy) as one two-operand reduction: 1% faster in that sweep
-# with the earlier tiles (0.331 ms against 0.335 with 2 stages, 0.392 against 0.396 without), within the 3% that
-# changes a default, and not timed with the winning tile; so off (bench/tune_glue.py now sweeps it there).
-_BWD_JOINT_SUMS = False
-
-
-def _tile(D: int, backward: bool) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_D, num_warps): whole rows, several per program for narrow D. The forward moves 16 elements
-    a thread, the backward (more live tiles) 8, over at most 1024 elements a program (one row at D = 768: the
-    fastest backward tile on an H100, see ``_BWD_LOOP_STAGES``). The forward's tile was within 1% of every
-    alternative swept there. ptxas (sm80, sm90a) fits them without spills for D = 768 and 4096; D = 8192 would
-    spill."""
-    block_d = triton.next_power_of_2(D)
-    per_thread = 8 if backward else 16
-    block_m = max(1, min(16, (1024 if backward else 4096) // block_d))
-    return block_m, block_d, min(32, max(4, block_m * block_d // (32 * per_thread)))
-
-
 @torch.library.custom_op("beit_kernels::add_layer_norm_fwd", mutates_args=())
 def add_layer_norm_fwd(
     x: torch.Tensor,
@@ -274,7 +250,7 @@ def add_layer_norm_fwd(
     rstd = x.new_empty(R, dtype=torch.float32)
     if R == 0 or D == 0:
         return h, y, mean, rstd
-    block_m, block_d, warps = _tile(D, backward=False)
+    block_m, block_d, warps = tuning.layer_norm_tile(D, backward=False)
     dummy = mean
     _add_ln_fwd_kernel[(triton.cdiv(R, block_m),)](
         x,
@@ -344,9 +320,10 @@ def add_layer_norm_bwd(
     has_dy = grad_y is not None
     grad_x = h.new_empty(h.shape if need_x else (0,))
     grad_branch = h.new_empty(h.shape if need_branch else (0,), dtype=branch_dtype)
-    block_m, block_d, warps = _tile(max(D, 1), backward=True)
+    block_m, block_d, warps = tuning.layer_norm_tile(max(D, 1), backward=True)
+    bwd = tuning.get("layer_norm.bwd")
     n_tiles = triton.cdiv(R, block_m)
-    programs = persistent_programs(n_tiles, h.device, _BWD_PROGRAMS_PER_SM)
+    programs = persistent_programs(n_tiles, h.device, bwd["programs_per_sm"])
     f32 = dict(device=h.device, dtype=torch.float32)
     dg = torch.zeros(programs if gamma_grad else 0, D, **f32)
     dw = torch.zeros(programs if has_dy else 0, D, **f32)
@@ -387,8 +364,8 @@ def add_layer_norm_bwd(
             GAMMA_GRAD=gamma_grad,
             BLOCK_M=block_m,
             BLOCK_D=block_d,
-            LOOP_STAGES=_BWD_LOOP_STAGES,
-            JOINT_SUMS=_BWD_JOINT_SUMS,
+            LOOP_STAGES=bwd["loop_stages"],
+            JOINT_SUMS=bwd["joint_sums"],
             num_warps=warps,
         )
     else:  # nothing to launch: empty rows, or no incoming gradient at all

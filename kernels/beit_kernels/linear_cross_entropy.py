@@ -17,9 +17,8 @@ in place with dz / s (softmax minus one-hot, in [-1, 1]). dx for the chunk and t
 mean's 1/n_valid; the backward multiplies them by the incoming scalar gradient times s, in fp32, with n_valid read
 on the device (no host sync). The 1/n_valid waits for the backward because in fp16 it would underflow: at BEiT's
 n_valid = 9600 and V = 8192 a non-target dz is about 1e-8, below fp16's smallest subnormal, so the softmax part of
-every gradient rounded to 0 before a GradScaler's 2**16 could lift it (review finding, 2026-11-27: the bias
-gradient was 100% off against float64 in fp16). With no valid row, the loss is 0 and every gradient is 0 (n_valid
-is clamped to 1 and every dz is 0), never NaN.
+every gradient would round to 0 before a GradScaler's 2**16 could lift it. With no valid row, the loss is 0 and
+every gradient is 0 (n_valid is clamped to 1 and every dz is 0), never NaN.
 
 Memory (derived, BEiT-B at B=256: M = 19200, V = 8192, D = 768, bf16): the unfused Linear + CrossEntropy holds the
 [M, V] logits (315 MB), their fp32 upcast and log-softmax under autocast (629 MB each) and a same-size gradient;
@@ -41,11 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
+from beit_kernels import tuning
 from beit_kernels.backend import add_t_matmul_fp32, check_kernel_device
-
-_BLOCK_V = 2048
-_CE_WARPS = 8
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Kernels
@@ -66,7 +62,7 @@ def _ce_rows_kernel(
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * s_z
     offs = tl.arange(0, BLOCK_V)
-    # Vectors of one repeated value: the interpreter (Triton 3.9, 2026-11-26) mishandles masks mixing scalars and
+    # Vectors of one repeated value: the interpreter (Triton 3.9) mishandles masks mixing scalars and
     # vectors, so per-row scalars are kept as [BLOCK_V] broadcasts and reduced at the end.
     t = tl.load(target_ptr + row + offs * 0).to(tl.int64)
     valid = (t != ignore_index) & (t >= 0) & (t < V)
@@ -115,22 +111,12 @@ def _ce_rows_kernel(
 # Host launchers
 
 
-# The most logits a chunk holds: 2**26 elements (128 MiB in bf16), 8192 rows at V = 8192.
-_CHUNK_LOGITS = 1 << 26
-
-
 def default_chunk_size(M: int, V: int, D: int) -> int:
-    """Rows per chunk (a power of two): all M rows where their logits fit in ``_CHUNK_LOGITS`` elements, else the
-    most rows that fit. Fewer, larger chunks make fewer, larger cuBLAS products: on an H100 (bench/tune_glue.py,
-    2026-11-26, commit eec3771, bf16, BEiT-B at B=256: M = 19200, V = 8192, D = 768), the head with all its
-    gradients took 1.64 ms in one chunk, 1.69 in chunks of 8192 rows, 1.79 of 4096 and 2.21 of 2048 (Liger's rule,
-    M / ceil(V / D) rows, the earlier default). One chunk (315 MB of logits) raised the op's measured peak to
-    0.34 of Linear plus CrossEntropy's (bench_fused_ops.py, commit 9d1b66f), above the third that the head's
-    issue set; 8192 rows (134 MB) keep it below by count (about 0.23x; not re-measured yet), for 0.05 ms more a
-    step. Unlike Liger's rule, it ignores D."""
-    most = max(1, _CHUNK_LOGITS // max(V, 1))
-    most = 1 << (most.bit_length() - 1)  # the power of two at or below
-    return max(1, min(triton.next_power_of_2(max(M, 1)), most))
+    """Rows per chunk (a power of two) when ``chunk_size`` is not given: ``tuning.cross_entropy_chunk``, all M rows
+    where their logits fit in the table's ``max_logits`` elements, else the most rows that fit. Fewer, larger
+    chunks make fewer, larger cuBLAS products; the cap bounds the logits held at once. Unlike Liger's rule
+    (M / ceil(V / D) rows), it ignores D."""
+    return tuning.cross_entropy_chunk(M, V)
 
 
 @torch.library.custom_op("beit_kernels::linear_cross_entropy_fwd", mutates_args=())
@@ -167,6 +153,7 @@ def linear_cross_entropy_fwd(
         grad_x = torch.empty(M if need_grad_x else 0, D, device=dev, dtype=x.dtype)
         grad_w = torch.zeros(V if need_grad_w else 0, D, device=dev, dtype=torch.float32)
         grad_b = torch.zeros(V if need_grad_b else 0, device=dev, dtype=torch.float32)
+        ce = tuning.get("linear_cross_entropy.ce")
         for start in range(0, M, chunk_size):
             end = min(start + chunk_size, M)
             xc = x[start:end]  # [C, D]
@@ -183,8 +170,8 @@ def linear_cross_entropy_fwd(
                 z.stride(0),
                 ignore_index,
                 COMPUTE_GRAD=compute_grad,
-                BLOCK_V=min(_BLOCK_V, triton.next_power_of_2(V)),
-                num_warps=_CE_WARPS,
+                BLOCK_V=min(ce["BLOCK_V"], triton.next_power_of_2(V)),
+                num_warps=ce["num_warps"],
             )
             if not compute_grad:
                 continue

@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from beit_kernels import tuning
 from beit_kernels.backend import check_kernel_device, check_vector, persistent_programs
 
 _MAX_D = 65536
@@ -74,7 +75,7 @@ def _masked_gather_fwd_kernel(
     offs = tl.arange(0, BLOCK_D)
     d_ok = offs < D
     lane0 = offs == 0
-    # The index is broadcast to a vector: the interpreter (Triton 3.9, 2026-11-26) turns `vector & scalar-bool` into
+    # The index is broadcast to a vector: the interpreter (Triton 3.9) turns `vector & scalar-bool` into
     # an integer mask that tl.load rejects.
     raw = tl.load(idx_ptr + b.to(tl.int64) * s_ib + k * s_ik).to(tl.int64) + tl.zeros([BLOCK_D], dtype=tl.int64)
     valid = (raw >= 0) & (raw < T)
@@ -168,10 +169,6 @@ def _masked_gather_bwd_kernel(
 # Host launchers
 
 
-def _num_warps(block_d: int) -> int:
-    return 4 if block_d <= 1024 else 8 if block_d <= 4096 else 16
-
-
 @torch.library.custom_op("beit_kernels::masked_gather_fwd", mutates_args=())
 def masked_gather_fwd(
     x: torch.Tensor,
@@ -216,7 +213,7 @@ def masked_gather_fwd(
         HAS_W=ln_weight is not None,
         HAS_B=ln_bias is not None,
         BLOCK_D=block_d,
-        num_warps=_num_warps(block_d),
+        num_warps=tuning.masked_gather_warps(block_d),
     )
     torch._assert_async(
         ok, f"masked_gather: index values must be -1 (padding) or distinct positions in [0, {T}) within each row"
@@ -276,7 +273,7 @@ def masked_gather_bwd(
             HAS_LN=has_ln,
             HAS_W=ln_weight is not None,
             BLOCK_D=block_d,
-            num_warps=_num_warps(block_d),
+            num_warps=tuning.masked_gather_warps(block_d),
         )
     if not has_ln:
         return grad_x, dw.new_zeros(0), db.new_zeros(0)

@@ -137,8 +137,7 @@ class Attention(nn.Module):
             # The official indexing gives each of q, k, v a zero-filled [3, B, H, N, hd] gradient holding its slice,
             # which autograd adds up, then a copy back to [B, N, 3, H, hd]: by count, about 3 GB of memory traffic
             # a BEiT-B block at batch 256 in bf16. unbind's backward is one stack of dq, dk, dv into qkv's layout
-            # (0.5 GB), and the triton path's packed attention writes them there itself (2026-11-26; timed only as
-            # part of the whole step, bench/RESULTS.md).
+            # (0.5 GB), and the triton path's packed attention writes them there itself.
             qkv = qkv.reshape(B, N, 3, self.num_heads, -1)  # [B, N, 3, H, hd]
             if impl == "sdpa":
                 q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # [B, H, N, hd] views

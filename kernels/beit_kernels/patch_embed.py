@@ -34,8 +34,8 @@ Gradients: weight, bias, mask_token, cls_token, pos_embed (in their own dtypes).
 Limits: square patches, 3 channels; H and W multiples of p. fp32 GEMMs follow ``torch.backends.cudnn.allow_tf32``
 (as Conv2d does, TF32 by default on Ampere+); fp16/bf16 GEMMs accumulate in fp32. Mean and std given as Python
 sequences are copied to the device on each call (a host-to-device copy): pass device tensors in a training loop.
-The tiles are untimed (no GPU was available when this was written, 2026-11-26; see the constants). The weight
-gradient can also run as a cuBLAS GEMM on materialised patches (``_BWD_WEIGHT_GRAD``, off until timed).
+Tiles: ``beit_kernels.tuning`` (entries ``patch_embed.fwd`` and ``patch_embed.bwd``). The weight gradient can also
+run as a cuBLAS GEMM on materialised patches (``patch_embed.bwd``'s ``weight_grad``, off by default).
 """
 
 import math
@@ -44,24 +44,8 @@ import torch
 import triton
 import triton.language as tl
 
+from beit_kernels import tuning
 from beit_kernels.backend import add_t_matmul_fp32, check_kernel_device
-
-# Tiles chosen without a GPU (2026-11-26): the largest that ptxas (Triton 3.9's, sm80 and sm90a, bf16 out, fp32
-# and uint8 images) compiles without register spills; the gathered patch tile makes these kernels register-heavy
-# (about 200-255 registers a thread). Untimed: retune on a GPU.
-# Forward GEMM tile: rows (patches) x output features x reduction (pixels of a patch).
-_FWD_BLOCK_M, _FWD_BLOCK_N, _FWD_BLOCK_K, _FWD_WARPS, _FWD_STAGES = 64, 128, 64, 8, 3
-# Weight-gradient tile: output features x pixels, looping over patch rows. Wide D and K tiles, because each
-# program re-reads the image for its D tile and dY for its K tile: at BEiT-B that is 6 passes over each.
-_BWD_BLOCK_M, _BWD_BLOCK_D, _BWD_BLOCK_K, _BWD_WARPS, _BWD_STAGES = 32, 128, 128, 8, 2
-# The weight gradient's GEMM: "triton" (``_patch_embed_bwd_kernel``, the patches recomputed from the image) or
-# "cublas" (the patches materialised in the GEMM dtype, [B N, K]: 77 MB at BEiT-B, B=256, bf16, for the moment of
-# the GEMM at the very end of the backward, then dW = dX_p^T @ P in cuBLAS with an fp32 result). On an H100 the
-# Triton backward took about 2.5 ms (bench_fused_ops, fwd+bwd 3.047 ms less fwd 0.512, commit 9d1b66f), for a
-# 59 GFLOP GEMM (0.1 ms at 600 TFLOP/s) and about 0.3 GB of traffic; "cublas" is untimed (written 2026-11-27 without
-# a GPU; bench_fused_ops.py times it as ours-cublas-wgrad). Read when the forward runs, so a graph keeps its choice.
-_BWD_WEIGHT_GRAD = "triton"
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Kernels
@@ -315,7 +299,8 @@ def patch_embed_fwd(
     s_ib, s_ic, s_ih, s_iw = _image_strides(images)
     mask_u8 = mask.view(torch.uint8) if mask is not None else None
     dummy = out  # never dereferenced: the constexpr flags switch those loads off
-    grid = (triton.cdiv(D, _FWD_BLOCK_N) * triton.cdiv(B * T, _FWD_BLOCK_M),)
+    tile = tuning.get("patch_embed.fwd")
+    grid = (triton.cdiv(D, tile["BLOCK_N"]) * triton.cdiv(B * T, tile["BLOCK_M"]),)
     _patch_embed_fwd_kernel[grid](
         images,
         w2,
@@ -347,11 +332,7 @@ def patch_embed_fwd(
         HAS_POS=pos_embed is not None,
         NORM=scale is not None,
         DOT_PREC=_dot_precision(out_dtype),
-        BLOCK_M=_FWD_BLOCK_M,
-        BLOCK_N=_FWD_BLOCK_N,
-        BLOCK_K=_FWD_BLOCK_K,
-        num_warps=_FWD_WARPS,
-        num_stages=_FWD_STAGES,
+        **tile,
     )
     return out
 
@@ -376,7 +357,7 @@ def patch_embed_bwd(
     weight_grad: str = "triton",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """fp32 gradients (weight [D, 3, p, p], bias [D], mask_token [D], cls [D], pos [T, D]) from grad_out [B, T, D];
-    ``weight_grad`` picks the weight gradient's GEMM (see ``_BWD_WEIGHT_GRAD``)."""
+    ``weight_grad`` picks the weight gradient's GEMM (tuning entry ``patch_embed.bwd``)."""
     grad_out = grad_out.contiguous()
     B, T, D = grad_out.shape
     p = weight.shape[2]
@@ -393,10 +374,12 @@ def patch_embed_bwd(
     K = 3 * p * p
     f32 = dict(device=grad_out.device, dtype=torch.float32)
     MP = B * N
-    tiles = triton.cdiv(D, _BWD_BLOCK_D) * triton.cdiv(K, _BWD_BLOCK_K)
+    tile = {k: v for k, v in tuning.get("patch_embed.bwd").items() if k != "weight_grad"}
+    block_m = tile["BLOCK_M"]
+    tiles = triton.cdiv(D, tile["BLOCK_D"]) * triton.cdiv(K, tile["BLOCK_K"])
     # Enough row splits for about four programs per SM, but at least one BLOCK_M of rows in each.
-    splits = max(1, min(triton.cdiv(4 * _num_sms(grad_out.device), tiles), triton.cdiv(max(MP, 1), _BWD_BLOCK_M)))
-    rows_per_split = triton.cdiv(triton.cdiv(max(MP, 1), splits), _BWD_BLOCK_M) * _BWD_BLOCK_M
+    splits = max(1, min(triton.cdiv(4 * _num_sms(grad_out.device), tiles), triton.cdiv(max(MP, 1), block_m)))
+    rows_per_split = triton.cdiv(triton.cdiv(max(MP, 1), splits), block_m) * block_m
     splits = triton.cdiv(max(MP, 1), rows_per_split)
     dw = torch.zeros(splits, D, K, **f32)
     db = torch.zeros(splits, D, **f32)
@@ -404,7 +387,7 @@ def patch_embed_bwd(
     if MP > 0 and D > 0:
         s_ib, s_ic, s_ih, s_iw = _image_strides(images)
         mask_u8 = mask.view(torch.uint8) if mask is not None else None
-        grid = (triton.cdiv(D, _BWD_BLOCK_D), triton.cdiv(K, _BWD_BLOCK_K), splits)
+        grid = (triton.cdiv(D, tile["BLOCK_D"]), triton.cdiv(K, tile["BLOCK_K"]), splits)
         _patch_embed_bwd_kernel[grid](
             images,
             grad_out,
@@ -432,11 +415,7 @@ def patch_embed_bwd(
             HAS_CLS=int(has_cls),  # an int: it offsets the token index
             NORM=scale is not None,
             DOT_PREC=_dot_precision(grad_out.dtype),
-            BLOCK_M=_BWD_BLOCK_M,
-            BLOCK_D=_BWD_BLOCK_D,
-            BLOCK_K=_BWD_BLOCK_K,
-            num_warps=_BWD_WARPS,
-            num_stages=_BWD_STAGES,
+            **tile,
         )
     return dw.sum(0).view(D, 3, p, p), db.sum(0), dmt.sum(0), grad_cls.clone(), grad_pos
 
@@ -593,7 +572,8 @@ class PatchEmbedFunction(torch.autograd.Function):
         out = patch_embed_fwd(images, weight, bias, mask, mask_token, cls_token, pos_embed, scale, shift, out_dtype)
         ctx.save_for_backward(images, weight, mask, scale, shift)
         ctx.has = (bias is not None, mask is not None, cls_token is not None, pos_embed is not None)
-        ctx.weight_grad = _BWD_WEIGHT_GRAD
+        # Chosen when the forward runs, so a graph captured around it keeps its choice.
+        ctx.weight_grad = tuning.get("patch_embed.bwd")["weight_grad"]
         ctx.meta = tuple(
             (t.dtype, t.shape) if t is not None else None for t in (bias, mask_token, cls_token, pos_embed)
         )

@@ -229,12 +229,16 @@ def test_device_check_calls_scripts_and_implementations_that_exist():
 
 def test_tune_attention_quick_run_times_every_kind(tmp_path):
     """The tile sweep in the interpreter: every kind gets timed rows, each candidate agrees with the default."""
+    import importlib
     import json
 
     import tune_attention
 
-    attn = tune_attention.attn
-    before = (attn._block_config, attn._num_groups, attn.DKDV_ALL_QUERIES, attn.BWD_FUSED)
+    from beit_kernels import tuning
+
+    # Spies on the kernels themselves (no public way to see a launch): the module, not the function of its name.
+    attn = importlib.import_module("beit_kernels.attention")
+    before = tuning.overrides()
     out = tmp_path / "tune.json"
     launched = {"_attn_bwd_dkdv_allq_kernel": [], "_attn_bwd_fused_kernel": []}
     real = {name: getattr(attn, name) for name in launched}
@@ -249,7 +253,7 @@ def test_tune_attention_quick_run_times_every_kind(tmp_path):
     finally:
         for name, fn in real.items():
             setattr(attn, name, fn)
-    assert (attn._block_config, attn._num_groups, attn.DKDV_ALL_QUERIES, attn.BWD_FUSED) == before
+    assert tuning.overrides() == before == {}
     assert all(launched.values())  # the dkdv_allq and fused kinds ran their kernels
     assert not [r for r in rows if r["metric"] == "error"], rows
     assert {r["mode"] for r in rows if r["metric"] == "time"} == {"fwd", "dq", "dkdv", "dkdv_allq", "fused"}
@@ -342,18 +346,12 @@ def test_summary_keeps_the_first_row_of_each_key_and_lists_largest_batches():
 
 
 def test_tune_glue_quick_run_times_every_kind_and_restores_the_tiles():
-    import importlib
-
     import tune_glue
 
-    ln = importlib.import_module("beit_kernels.layer_norm")
-    bg = importlib.import_module("beit_kernels.bias_gelu")
-    ce = importlib.import_module("beit_kernels.conv_epilogue")
-    lce = importlib.import_module("beit_kernels.linear_cross_entropy")
+    from beit_kernels import tuning
 
     def current():
-        return (ln._tile, ln._BWD_PROGRAMS_PER_SM, ln._BWD_LOOP_STAGES, ln._BWD_JOINT_SUMS, bg._FWD_TILE,
-                bg._BWD_TILE, bg._BWD_LOOP_STAGES, ce._tile, lce.default_chunk_size)  # fmt: skip
+        return tuning.overrides(), {k: tuning.get(k) for k in tuning.TABLE}
 
     before = current()
     rows = tune_glue.main(["--quick", "--rep-ms", "1"])
@@ -400,25 +398,26 @@ def test_tokenizer_bench_quick_run(tmp_path):
 
 def test_tune_glue_lists_each_kernels_default_first():
     """apply_tuning.py takes a sweep mode's first candidate as the default it must beat."""
-    import importlib
-
     import tune_glue
 
-    ln = importlib.import_module("beit_kernels.layer_norm")
-    bg = importlib.import_module("beit_kernels.bias_gelu")
-    ce = importlib.import_module("beit_kernels.conv_epilogue")
-    lce = importlib.import_module("beit_kernels.linear_cross_entropy")
+    from beit_kernels import tuning
+
     first = {k: v[0] for k, v in tune_glue.CANDIDATES.items()}
-    assert first["ln_fwd"] == (ln._tile(768, False)[0], ln._tile(768, False)[2])
-    tile = ln._tile(768, True)
-    ln_bwd = (tile[0], tile[2], ln._BWD_PROGRAMS_PER_SM, ln._BWD_LOOP_STAGES) + (1,) * ln._BWD_JOINT_SUMS
+    assert first["ln_fwd"] == (tuning.layer_norm_tile(768, False)[0], tuning.layer_norm_tile(768, False)[2])
+    tile = tuning.layer_norm_tile(768, True)
+    bwd = tuning.get("layer_norm.bwd")
+    ln_bwd = (tile[0], tile[2], bwd["programs_per_sm"], bwd["loop_stages"]) + (1,) * bwd["joint_sums"]
     assert first["ln_bwd"] == ln_bwd
-    assert first["gelu_fwd"] == bg._FWD_TILE and first["gelu_bwd"] == bg._BWD_TILE + (bg._BWD_LOOP_STAGES,)
+    gelu_fwd, gelu_bwd = tuning.get("bias_gelu.fwd"), tuning.get("bias_gelu.bwd")
+    assert first["gelu_fwd"] == (gelu_fwd["BLOCK_M"], gelu_fwd["BLOCK_D"], gelu_fwd["num_warps"])
+    assert first["gelu_bwd"] == (gelu_bwd["BLOCK_M"], gelu_bwd["BLOCK_D"], gelu_bwd["num_warps"],
+                                 gelu_bwd["loop_stages"])  # fmt: skip
     for mode, pool in (("epi", False), ("epi_pool", True)):
-        block_p, block_c, warps = ce._tile(256, pool)
+        block_p, block_c, warps = tuning.conv_epilogue_tile(256, pool)
         assert first[mode] == (block_c, block_p * block_c, warps)
-    assert first["lce"] == (lce.default_chunk_size(256 * 75, 8192, 768),)
-    assert all(c * 8192 <= lce._CHUNK_LOGITS for (c,) in tune_glue.CANDIDATES["lce"])  # within the memory cap
+    assert first["lce"] == (tuning.cross_entropy_chunk(256 * 75, 8192),)
+    max_logits = tuning.get("linear_cross_entropy.ce")["max_logits"]
+    assert all(c * 8192 <= max_logits for (c,) in tune_glue.CANDIDATES["lce"])  # within the memory cap
 
 
 def _sweep_row(mode, cand, p50, group_scale=None, metric="time"):
@@ -433,10 +432,12 @@ def _sweep_row(mode, cand, p50, group_scale=None, metric="time"):
     return r
 
 
-def test_apply_tuning_chooses_winners_beyond_the_margin_only(monkeypatch):
+def test_apply_tuning_chooses_winners_beyond_the_margin_only():
     import apply_tuning
     import tune_attention
     import tune_glue
+
+    from beit_kernels import tuning
 
     ln0, ln1 = tune_glue.CANDIDATES["ln_bwd"][:2]
     g0, g1 = tune_glue.CANDIDATES["gelu_bwd"][:2]
@@ -451,31 +452,33 @@ def test_apply_tuning_chooses_winners_beyond_the_margin_only(monkeypatch):
         _sweep_row("epi", (1, 2, 3), 0.5),  # a mode without its baseline row: nothing to beat, nothing chosen
     ]  # fmt: skip
     # The interpreter's default is the dk/dv kernel: its first candidate is the family's baseline.
-    assert not tune_attention.attn._all_queries(197, 64, torch.bfloat16, torch.device("cpu"))
+    assert not tuning.attention_all_queries(197, 64, torch.bfloat16, torch.device("cpu"))
     chosen = apply_tuning.choose(rows, min_gain=0.03)
     assert set(chosen) == {"ln_bwd", "dkdv"}
     assert chosen["ln_bwd"]["candidate"] == list(ln1) and chosen["ln_bwd"]["baseline_p50"] == 1.0
     assert chosen["dkdv"]["mode"] == "dkdv_allq" and chosen["dkdv"]["baseline_p50"] == 2.0
     # Where the all-queries kernel is the default (sm90), its first candidate is the baseline: nothing beats 1.5.
-    monkeypatch.setattr(tune_attention.attn, "DKDV_ALL_QUERIES", True)
-    assert set(apply_tuning.choose(rows, min_gain=0.03)) == {"ln_bwd"}
-    # The fused backward competes in the same family; where it is the default, its first candidate is the baseline.
-    f0, f1 = tune_attention.CANDIDATES["fused"][:2]
-    rows += [_sweep_row("fused", f0, 1.4, 1), _sweep_row("fused", f1, 1.45, 1)]
-    chosen = apply_tuning.choose(rows, min_gain=0.03)
-    assert chosen["dkdv"]["mode"] == "fused" and chosen["dkdv"]["baseline_p50"] == 1.5
-    monkeypatch.setattr(tune_attention.attn, "BWD_FUSED", True)
-    assert set(apply_tuning.choose(rows, min_gain=0.03)) == {"ln_bwd"}
+    with tuning.override({"attention.dkdv_all_queries": True}):
+        assert set(apply_tuning.choose(rows, min_gain=0.03)) == {"ln_bwd"}
+        # The fused backward competes in the same family; where it is the default, its first candidate is the
+        # baseline.
+        f0, f1 = tune_attention.CANDIDATES["fused"][:2]
+        rows += [_sweep_row("fused", f0, 1.4, 1), _sweep_row("fused", f1, 1.45, 1)]
+        chosen = apply_tuning.choose(rows, min_gain=0.03)
+        assert chosen["dkdv"]["mode"] == "fused" and chosen["dkdv"]["baseline_p50"] == 1.5
+        with tuning.override({"attention.bwd_fused": True}):
+            assert set(apply_tuning.choose(rows, min_gain=0.03)) == {"ln_bwd"}
 
 
-def test_apply_tuning_drops_a_dq_winner_under_the_fused_backward(monkeypatch):
+def test_apply_tuning_drops_a_dq_winner_under_the_fused_backward():
     """The dq rows time the two-kernel backward: installing their winner would switch a fused backward off."""
     import contextlib
 
     import apply_tuning
     import tune_attention
 
-    attn = tune_attention.attn
+    from beit_kernels import tuning
+
     q0, q1 = tune_attention.CANDIDATES["dq"][:2]
     f0, f1 = tune_attention.CANDIDATES["fused"][:2]
     d0 = tune_attention.CANDIDATES["dkdv"][0]
@@ -488,50 +491,53 @@ def test_apply_tuning_drops_a_dq_winner_under_the_fused_backward(monkeypatch):
     assert set(chosen) == {"dkdv"} and chosen["dkdv"]["mode"] == "fused"
     with contextlib.ExitStack() as stack:
         apply_tuning.install(chosen, stack)
-        assert attn.BWD_FUSED
+        assert tuning.get("attention.bwd_fused")
     # The fused backward as the default, nothing beating it: the dq winner goes too.
-    monkeypatch.setattr(attn, "BWD_FUSED", True)
-    assert apply_tuning.choose(dq_rows + [_sweep_row("fused", f0, 1.0, 1), _sweep_row("fused", f1, 0.99, 1)]) == {}
+    with tuning.override({"attention.bwd_fused": True}):
+        fused_rows = [_sweep_row("fused", f0, 1.0, 1), _sweep_row("fused", f1, 0.99, 1)]
+        assert apply_tuning.choose(dq_rows + fused_rows) == {}
 
 
 def test_apply_tuning_installs_for_the_run_and_rows_record_it(tmp_path):
     """train_throughput --tuned: the winners are in place during the run, recorded in every row, gone after."""
     import contextlib
-    import importlib
 
     import apply_tuning
     import train_throughput
-    import tune_attention
     import tune_glue
 
-    ln = importlib.import_module("beit_kernels.layer_norm")
-    attn = tune_attention.attn
+    from beit_kernels import tuning
+
+    def ln_bwd():
+        bwd = tuning.get("layer_norm.bwd")
+        return bwd["loop_stages"], bwd["joint_sums"], bwd["programs_per_sm"]
+
     with contextlib.ExitStack() as stack:
         applied = apply_tuning.install(
             {"ln_bwd": dict(mode="ln_bwd", candidate=[2, 8, 4, 3, 1], group_scale=1),
              "dkdv": dict(mode="dkdv_allq", candidate=[0, 16, 8, 1], group_scale=2)}, stack)  # fmt: skip
         assert applied == {"ln_bwd": "ln_bwd:2x8x4x3x1", "dkdv": "dkdv_allq:0x16x8x1:g2"}
-        assert ln._BWD_LOOP_STAGES == 3 and ln._BWD_JOINT_SUMS and ln._tile(768, True)[0] == 2
-        assert ln._BWD_PROGRAMS_PER_SM == 4
-        assert attn.DKDV_ALL_QUERIES and harness.kernel_switches()["tuned"] == applied
+        assert ln_bwd()[:2] == (3, True) and tuning.layer_norm_tile(768, True)[0] == 2
+        assert ln_bwd()[2] == 4
+        assert tuning.get("attention.dkdv_all_queries") and harness.kernel_switches()["tuned"] == applied
     assert not harness.TUNED
-    assert (ln._BWD_LOOP_STAGES, ln._BWD_JOINT_SUMS, ln._BWD_PROGRAMS_PER_SM) == (2, False, 8)
-    assert attn.DKDV_ALL_QUERIES is None
+    assert ln_bwd() == (2, False, 8)
+    assert tuning.get("attention.dkdv_all_queries") is None
     # The fused backward as the dk/dv family's winner: switched on with its tile.
     with contextlib.ExitStack() as stack:
         applied = apply_tuning.install({"dkdv": dict(mode="fused", candidate=[0, 16, 8, 2, 1], group_scale=2)}, stack)
         assert applied == {"dkdv": "fused:0x16x8x2x1:g2"}
-        assert attn.BWD_FUSED and attn.DKDV_ALL_QUERIES is None  # unused while the fused kernel runs
-        cfg = attn._block_config("fused", 64, torch.bfloat16, 227 * 1024)
+        # The all-queries switch is left as it is: unused while the fused kernel runs.
+        assert tuning.get("attention.bwd_fused") and tuning.get("attention.dkdv_all_queries") is None
+        cfg = tuning.attention_tile("fused", 64, torch.bfloat16, 227 * 1024)
         assert cfg == dict(BLOCK_N=16, num_warps=8, num_stages=2, DKDV_T=True)
-    assert attn.BWD_FUSED is False and attn.DKDV_ALL_QUERIES is None
+    assert tuning.get("attention.bwd_fused") is False and tuning.get("attention.dkdv_all_queries") is None
 
     sweep = tmp_path / "sweep.json"
     l0, l1 = tune_glue.CANDIDATES["ln_fwd"][:2]
     sweep.write_text(json.dumps([_sweep_row("ln_fwd", l0, 1.0), _sweep_row("ln_fwd", l1, 0.5)]))
-    before = ln._tile
     rows = train_throughput.main(["--quick", "--impls", "triton", "--tokenizer", "none", "--tuned", str(sweep)])
-    assert ln._tile is before and not harness.TUNED
+    assert tuning.overrides() == {} and not harness.TUNED
     timed = [r for r in rows if r["metric"] == "throughput"]
     assert timed and all(r["kernel_switches"]["tuned"] == {"ln_fwd": "ln_fwd:" + "x".join(map(str, l1))}
                          for r in timed)  # fmt: skip
@@ -627,8 +633,9 @@ def test_tune_attention_lists_the_sm90_defaults_first(monkeypatch):
     """apply_tuning.py takes each attention sweep's first candidate as the H100's default (bf16, D=64)."""
     import tune_attention
 
-    attn = tune_attention.attn
-    monkeypatch.setattr(attn, "interpreting", lambda: False)
+    from beit_kernels import tuning
+
+    monkeypatch.setattr(tuning, "interpreting", lambda: False)
     for kind, cands in tune_attention.CANDIDATES.items():
-        assert tune_attention._config(cands[0]) == attn._block_config(kind, 64, torch.bfloat16, 227 * 1024), kind
+        assert tune_attention._config(cands[0]) == tuning.attention_tile(kind, 64, torch.bfloat16, 227 * 1024), kind
     assert all(scales[0] == 1 for scales in tune_attention.GROUP_SCALES.values())

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import beit_kernels
-from beit_kernels import reference
+from beit_kernels import reference, tuning
 from beit_kernels.attention import _num_groups
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -98,9 +98,8 @@ def test_gpu_tile_table(monkeypatch, dtype, D):
     otherwise takes 64 x 64 tiles for everything; N = 37 leaves a partial block at the end."""
     if DEVICE == "cuda":
         pytest.skip("the GPU runs these tiles in every test")
-    at = importlib.import_module("beit_kernels.attention")
-    monkeypatch.setattr(at, "interpreting", lambda: False)
-    configs = [at._block_config(k, D, dtype, 99 * 1024) for k in ("fwd", "dq", "dkdv")]  # an sm86's shared memory
+    monkeypatch.setattr(tuning, "interpreting", lambda: False)
+    configs = [tuning.attention_tile(k, D, dtype, 99 * 1024) for k in ("fwd", "dq", "dkdv")]  # an sm86's shared memory
     tiles = {(c["BLOCK_M"], c["BLOCK_N"]) for c in configs}
     assert tiles != {(64, 64)}
     B, H, N = 3, 1, 37
@@ -135,10 +134,10 @@ def test_other_broadcast_bias_shapes(bias_shape):
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["two_kernels", "fused"])
-def test_bias_as_an_expanded_view(monkeypatch, fused):
+def test_bias_as_an_expanded_view(tuned, fused):
     """A shared [H, N, N] bias passed as its expand to [B, H, N, N] (stride 0 over the batch): the op returns one
     gradient per batch, and autograd sums them into the shared bias once, through the expand."""
-    monkeypatch.setattr(importlib.import_module("beit_kernels.attention"), "BWD_FUSED", fused)
+    tuned({"attention.bwd_fused": fused})
     B, H, N, D = 3, 2, 20, 16
     q, k, v, bias, do = make_inputs(B, H, N, D, torch.float16, (H, N, N))
     beit_kernels.attention(q, k, v, bias.expand(B, H, N, N)).backward(do)
@@ -164,13 +163,13 @@ def test_bias_without_gradient(bias_kind):
     "shape", [(3, 2, 50, 64), (2, 3, 7, 32), (5, 1, 33, 16), (6, 2, 19, 32)], ids=lambda s: "x".join(map(str, s))
 )
 @pytest.mark.parametrize("bias_kind", ["none", "HNN", "BHNN"])
-def test_all_queries_dkdv_kernel(monkeypatch, shape, bias_kind):
+def test_all_queries_dkdv_kernel(monkeypatch, tuned, shape, bias_kind):
     """The all-queries dk/dv kernel (the default on sm90 only, so not in the interpreter), switched on: the same
     gradients within the error bound, the bias gradient summed over batch groups in registers."""
     attn_mod = importlib.import_module("beit_kernels.attention")
-    monkeypatch.setattr(attn_mod, "DKDV_ALL_QUERIES", True)
+    tuned({"attention.dkdv_all_queries": True})
     B, H, N, D = shape
-    assert attn_mod._all_queries(N, D, torch.float16) and not attn_mod._all_queries(N, D, torch.float32)
+    assert tuning.attention_all_queries(N, D, torch.float16) and not tuning.attention_all_queries(N, D, torch.float32)
     launched = []
     real = attn_mod._attn_bwd_dkdv_allq_kernel
     monkeypatch.setattr(
@@ -202,15 +201,9 @@ def _spy_fused(monkeypatch, attn_mod) -> list:
     return launched
 
 
-def _set_dkdv_t(monkeypatch, attn_mod, value: bool):
+def _set_dkdv_t(tuned, value: bool):
     """The fused backward's tile, with dk and dv as transposed products (``DKDV_T``) or not."""
-    base_config = attn_mod._block_config
-
-    def config(kind, *args):
-        cfg = base_config(kind, *args)
-        return dict(cfg, DKDV_T=value) if kind == "fused" else cfg
-
-    monkeypatch.setattr(attn_mod, "_block_config", config)
+    tuned({"attention.fused": {"DKDV_T": value}})
 
 
 @pytest.mark.parametrize(
@@ -218,22 +211,22 @@ def _set_dkdv_t(monkeypatch, attn_mod, value: bool):
 )
 @pytest.mark.parametrize("bias_kind", ["none", "HNN", "1HNN", "BHNN"])
 @pytest.mark.parametrize("dkdv_t", [False, True], ids=["dkdv", "dkdv_t"])
-def test_fused_backward_kernel(monkeypatch, shape, bias_kind, dkdv_t):
+def test_fused_backward_kernel(monkeypatch, tuned, shape, bias_kind, dkdv_t):
     """The fused backward (off by default), switched on, with dk and dv as plain or transposed products: one launch
     on an (H, groups) grid gives the gradients within the error bound, its partial bias buffer starting as NaN."""
     attn_mod = importlib.import_module("beit_kernels.attention")
-    monkeypatch.setattr(attn_mod, "BWD_FUSED", True)
-    _set_dkdv_t(monkeypatch, attn_mod, dkdv_t)
+    tuned({"attention.bwd_fused": True})
+    _set_dkdv_t(tuned, dkdv_t)
     B, H, N, D = shape
     cpu = torch.device("cpu")
-    assert attn_mod._fused_backward(N, D, torch.float16, cpu) and not attn_mod._fused_backward(N, D, torch.float32, cpu)
-    assert not attn_mod._fused_backward(257, 64, torch.float16, cpu)
-    assert not attn_mod._fused_backward(N, 128, torch.float16, cpu)
+    fused_at = tuning.attention_fused
+    assert fused_at(N, D, torch.float16, cpu) and not fused_at(N, D, torch.float32, cpu)
+    assert not fused_at(257, 64, torch.float16, cpu)
+    assert not fused_at(N, 128, torch.float16, cpu)
     # Where a block gets under 160 KiB of shared memory (sm86, sm89, sm120), the two kernels stay.
     for shared, fused in ((99 * 1024, False), (163 * 1024, True), (227 * 1024, True)):
-        with monkeypatch.context() as m:
-            m.setattr(attn_mod, "block_shared_memory", lambda device, shared=shared: shared)
-            assert attn_mod._fused_backward(N, D, torch.float16, cpu) == fused
+        with tuning.override({"shared_memory": shared}):
+            assert fused_at(N, D, torch.float16, cpu) == fused
     launched = _spy_fused(monkeypatch, attn_mod)
     for name in ("_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dkdv_allq_kernel"):
         monkeypatch.setattr(attn_mod, name, None)  # the two-kernel path must not run
@@ -249,7 +242,7 @@ def test_fused_backward_at_beit_length(monkeypatch):
     attn_mod = importlib.import_module("beit_kernels.attention")
     B, N, H, D = 3, 197, 2, 64
     cpu = torch.device("cpu")
-    assert attn_mod.FUSED_MAX_N == 256 and not attn_mod._fused_backward(N, D, torch.float16, cpu)  # off by default
+    assert tuning.FUSED_MAX_N == 256 and not tuning.attention_fused(N, D, torch.float16, cpu)  # off by default
     launched = _spy_fused(monkeypatch, attn_mod)
     g = torch.Generator().manual_seed(3)
     qkv = torch.randn(B, N, 3, H, D, generator=g).to(DEVICE, torch.float16).requires_grad_()
@@ -257,12 +250,11 @@ def test_fused_backward_at_beit_length(monkeypatch):
     do = torch.randn(B, N, H, D, generator=g).to(DEVICE, torch.float16)
     grads = {}
     for fused in (False, True):
-        monkeypatch.setattr(attn_mod, "BWD_FUSED", fused)
-        assert attn_mod._fused_backward(N, D, torch.float16, cpu) == attn_mod._fused_backward(
-            256, D, torch.float16, cpu
-        )
-        assert attn_mod._fused_backward(N, D, torch.float16, cpu) == fused
-        beit_kernels.attention_qkvpacked(qkv, bias).backward(do)
+        with tuning.override({"attention.bwd_fused": fused}):
+            fused_at = tuning.attention_fused
+            assert fused_at(N, D, torch.float16, cpu) == fused_at(256, D, torch.float16, cpu)
+            assert fused_at(N, D, torch.float16, cpu) == fused
+            beit_kernels.attention_qkvpacked(qkv, bias).backward(do)
         grads[fused] = (qkv.grad, bias.grad)
         qkv.grad = bias.grad = None
     assert [grid[0] for grid, _ in launched] == [H]  # one launch, the fused one; its partial started as NaN
@@ -352,8 +344,8 @@ def test_backward_switches_from_the_environment():
     import sys
 
     # The module, not the function of the same name that the package exports.
-    code = "import importlib; m = importlib.import_module('beit_kernels.attention'); print(m.DKDV_ALL_QUERIES, "
-    code += "m.BWD_FUSED)"
+    code = "from beit_kernels import tuning; print(tuning.get('attention.dkdv_all_queries'), "
+    code += "tuning.get('attention.bwd_fused'))"
     env = {k: v for k, v in os.environ.items() if not k.startswith("BEIT_KERNELS_")}
     env["TRITON_INTERPRET"] = "1"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -488,16 +480,16 @@ def test_gpu_real_shapes(dtype, heads, bias_kind):
     check(*make_inputs(B, heads, N, D, dtype, bias_shapes(B, heads, N)[bias_kind]))
 
 
-def test_all_queries_default_is_sm90_only_and_scales_its_groups(monkeypatch):
-    attn_mod = importlib.import_module("beit_kernels.attention")
-    monkeypatch.setattr(attn_mod, "DKDV_ALL_QUERIES", None)
-    assert not attn_mod._all_queries(197, 64, torch.bfloat16, torch.device("cpu"))
-    monkeypatch.setattr(attn_mod.torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    assert attn_mod._all_queries(197, 64, torch.bfloat16, torch.device("cuda"))
-    assert not attn_mod._all_queries(197, 64, torch.float32, torch.device("cuda"))
-    assert not attn_mod._all_queries(257, 64, torch.bfloat16, torch.device("cuda"))
-    monkeypatch.setattr(attn_mod.torch.cuda, "get_device_capability", lambda device=None: (8, 0))
-    assert not attn_mod._all_queries(197, 64, torch.bfloat16, torch.device("cuda"))
+def test_all_queries_default_is_sm90_only_and_scales_its_groups(monkeypatch, tuned):
+    tuned({"attention.dkdv_all_queries": None})
+    all_queries = tuning.attention_all_queries
+    assert not all_queries(197, 64, torch.bfloat16, torch.device("cpu"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert all_queries(197, 64, torch.bfloat16, torch.device("cuda"))
+    assert not all_queries(197, 64, torch.float32, torch.device("cuda"))
+    assert not all_queries(257, 64, torch.bfloat16, torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert not all_queries(197, 64, torch.bfloat16, torch.device("cuda"))
     # Groups scale on top of the fill, within B // 2.
     assert _num_groups(256, 12, 13, torch.device("cpu"), True, scale=4) == 8
     assert _num_groups(6, 12, 13, torch.device("cpu"), True, scale=4) == 3
@@ -506,20 +498,18 @@ def test_all_queries_default_is_sm90_only_and_scales_its_groups(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("kernel", ["all_queries", "dkdv", "fused", "fused_t"])
 @pytest.mark.parametrize("bias_kind", ["HNN", "BHNN"])
-def test_gpu_backward_kernels_real_shape(monkeypatch, bias_kind, kernel):
+def test_gpu_backward_kernels_real_shape(tuned, bias_kind, kernel):
     """Every backward (the all-queries dk/dv kernel is the default on sm90, the other elsewhere; the fused one, with
     dk and dv as plain or transposed products, is off by default), compiled for this GPU, at BEiT-B's shape in
     bf16."""
-    attn_mod = importlib.import_module("beit_kernels.attention")
     fused = kernel.startswith("fused")
-    if fused and attn_mod.block_shared_memory(torch.device(DEVICE)) < 160 * 1024:
+    if fused and tuning.shared_memory(torch.device(DEVICE)) < 160 * 1024:
         pytest.skip("the fused backward needs 160 KiB of shared memory a block")
-    monkeypatch.setattr(attn_mod, "DKDV_ALL_QUERIES", kernel == "all_queries")
-    monkeypatch.setattr(attn_mod, "BWD_FUSED", fused)
-    _set_dkdv_t(monkeypatch, attn_mod, kernel == "fused_t")
+    tuned({"attention.dkdv_all_queries": kernel == "all_queries", "attention.bwd_fused": fused})
+    _set_dkdv_t(tuned, kernel == "fused_t")
     B, H, N, D = 8, 12, 197, 64
-    assert attn_mod._all_queries(N, D, torch.bfloat16, torch.device(DEVICE)) == (kernel == "all_queries")
-    assert attn_mod._fused_backward(N, D, torch.bfloat16, torch.device(DEVICE)) == fused
+    assert tuning.attention_all_queries(N, D, torch.bfloat16, torch.device(DEVICE)) == (kernel == "all_queries")
+    assert tuning.attention_fused(N, D, torch.bfloat16, torch.device(DEVICE)) == fused
     check(*make_inputs(B, H, N, D, torch.bfloat16, bias_shapes(B, H, N)[bias_kind]))
 
 

@@ -135,10 +135,8 @@ def test_bad_inputs_raise(x, bias, err, match):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("loop_stages", [None, 3])
-def test_gpu_bf16_beit_b_matches_reference(monkeypatch, loop_stages):
-    import importlib
-
-    monkeypatch.setattr(importlib.import_module("beit_kernels.bias_gelu"), "_BWD_LOOP_STAGES", loop_stages)
+def test_gpu_bf16_beit_b_matches_reference(tuned, loop_stages):
+    tuned({"bias_gelu.bwd": {"loop_stages": loop_stages}})
     g = torch.Generator().manual_seed(6)
     x = torch.randn(32, 197, 3072, dtype=torch.float64, generator=g).cuda() * 3
     bias = torch.randn(3072, dtype=torch.float64, generator=g).cuda()

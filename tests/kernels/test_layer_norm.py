@@ -1,7 +1,5 @@
 """add_layer_norm: the residual add (layer scale, drop path) fused with LayerNorm, against its float64 reference."""
 
-import importlib
-
 import pytest
 import torch
 from _testutil import check_close, no_host_sync
@@ -50,11 +48,9 @@ CASES = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("B,N,D,parts,drop,grads", CASES)
 @pytest.mark.parametrize("variant", ["default", "joint_sums_no_loop_stages"])
-def test_add_layer_norm_matches_reference(monkeypatch, dtype, B, N, D, parts, drop, grads, variant):
+def test_add_layer_norm_matches_reference(tuned, dtype, B, N, D, parts, drop, grads, variant):
     if variant != "default":  # the alternatives bench/tune_glue.py sweeps: joint sums, an unpipelined loop
-        ln = importlib.import_module("beit_kernels.layer_norm")
-        monkeypatch.setattr(ln, "_BWD_JOINT_SUMS", True)
-        monkeypatch.setattr(ln, "_BWD_LOOP_STAGES", None)
+        tuned({"layer_norm.bwd": {"joint_sums": True, "loop_stages": None}})
     g = torch.Generator().manual_seed(1)
     tensors = make_inputs(B, N, D, parts, g)
     grad_h = torch.randn(B, N, D, dtype=torch.float64, generator=g) if "h" in grads else None
@@ -208,11 +204,9 @@ def test_bad_inputs_raise(args, kw, err, match):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("variant", ["default", "joint_sums_no_loop_stages"])
-def test_gpu_bf16_beit_b_matches_reference(monkeypatch, variant):
+def test_gpu_bf16_beit_b_matches_reference(tuned, variant):
     if variant != "default":  # the alternatives bench/tune_glue.py sweeps: joint sums, an unpipelined loop
-        ln = importlib.import_module("beit_kernels.layer_norm")
-        monkeypatch.setattr(ln, "_BWD_JOINT_SUMS", True)
-        monkeypatch.setattr(ln, "_BWD_LOOP_STAGES", None)
+        tuned({"layer_norm.bwd": {"joint_sums": True, "loop_stages": None}})
     B, N, D = 64, 197, 768
     g = torch.Generator().manual_seed(6)
     tensors = [t.cuda() for t in make_inputs(B, N, D, "rgwb", g)]

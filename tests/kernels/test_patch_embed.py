@@ -63,8 +63,8 @@ CASES = [
 @pytest.mark.parametrize("weight_grad", ["triton", "cublas"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("B,H,W,p,D,uint8,cls,pos,norm", CASES)
-def test_patch_embed_matches_reference(monkeypatch, dtype, B, H, W, p, D, uint8, cls, pos, norm, weight_grad):
-    monkeypatch.setattr(importlib.import_module("beit_kernels.patch_embed"), "_BWD_WEIGHT_GRAD", weight_grad)
+def test_patch_embed_matches_reference(tuned, dtype, B, H, W, p, D, uint8, cls, pos, norm, weight_grad):
+    tuned({"patch_embed.bwd": {"weight_grad": weight_grad}})
     images, mask, params = make_inputs(B, H, W, p, D, uint8=uint8, cls=cls, pos=pos)
     N = (H // p) * (W // p)
     grad_out = torch.randn(B, N + int(cls), D, dtype=torch.float64)
@@ -215,17 +215,17 @@ def test_opcheck_registrations():
         torch.ops.beit_kernels.patch_embed_bwd(*bwd_args, "cudnn")
 
 
-def test_weight_grad_choice_is_read_at_forward_time(monkeypatch):
+def test_weight_grad_choice_is_read_at_forward_time(monkeypatch, tuned):
     """The backward runs the weight-gradient GEMM chosen when its forward ran (a captured graph keeps it)."""
     pe = importlib.import_module("beit_kernels.patch_embed")
     images, mask, params = make_inputs(2, 32, 32, 16, 24, uint8=True)
     p = cast(params, grad=True)
-    monkeypatch.setattr(pe, "_BWD_WEIGHT_GRAD", "cublas")
+    tuned({"patch_embed.bwd": {"weight_grad": "cublas"}})
     out = embed(beit_kernels.patch_embed, images, mask, p)
     called = []
     real = pe._weight_grads_cublas
     monkeypatch.setattr(pe, "_weight_grads_cublas", lambda *a: called.append(1) or real(*a))
-    monkeypatch.setattr(pe, "_BWD_WEIGHT_GRAD", "triton")
+    tuned({"patch_embed.bwd": {"weight_grad": "triton"}})
     out.sum().backward()
     assert called == [1]
 
@@ -287,8 +287,8 @@ def test_mean_and_std_as_any_iterable_of_three():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("weight_grad", ["triton", "cublas"])
-def test_gpu_bf16_beit_b_matches_reference(monkeypatch, weight_grad):
-    monkeypatch.setattr(importlib.import_module("beit_kernels.patch_embed"), "_BWD_WEIGHT_GRAD", weight_grad)
+def test_gpu_bf16_beit_b_matches_reference(tuned, weight_grad):
+    tuned({"patch_embed.bwd": {"weight_grad": weight_grad}})
     B, D = 64, 768
     images, mask, params = make_inputs(B, 224, 224, 16, D, uint8=True, device="cuda")
     grad_out = torch.randn(B, 197, D, dtype=torch.float64, device="cuda")
