@@ -33,8 +33,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn as nn
 
-import beit_kernels
-from beit_kernels import reference as kernel_reference
+from beit.mim_plans import static_mim_loss
 from beit_kernels.backend import IMPLS, resolve_impl
 from beit_kernels.nn import (  # noqa: F401  (re-exported: the model's building blocks live with the kernels)
     Attention,
@@ -98,6 +97,15 @@ class DropPath(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return drop_path(x, self.drop_prob, self.training)
+
+    def sample_scale(self, batch: int, dtype: torch.dtype, device) -> torch.Tensor | None:
+        """What ``forward`` multiplies a batch's branch by, as a per-sample scale [B] (0 or 1/keep_prob) drawn as
+        ``forward`` draws it; None when every sample is kept (p = 0, or eval mode). For fused kernels that take
+        the scale instead of the module."""
+        if self.drop_prob == 0.0 or not self.training:
+            return None
+        keep = 1 - self.drop_prob
+        return keep_draw(batch, keep, dtype, device).div_(keep)
 
     def extra_repr(self) -> str:
         return f"p={self.drop_prob}"
@@ -414,50 +422,6 @@ class VisionTransformerForMaskedImageModeling(nn.Module):
             x = blk(x, rel_pos_bias=rel_pos_bias)
         return x
 
-    def _run_blocks_fused(self, x: torch.Tensor) -> torch.Tensor:
-        """``_run_blocks`` with the glue in fused kernels: each residual add (layer scale, drop path) is fused with
-        the LayerNorm that follows it, and fc1's bias with the GELU. The same math and the same random draws (drop
-        path: one uniform per sample and branch, in the official order) as ``Block.forward``."""
-        rel_pos_bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None
-        act = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
-        # The official residual stream is fp32 under autocast (the fp32 gamma promotes the first add); keep it so.
-        x = x.float() if act is not None else x
-        blocks = self.blocks
-        n1 = blocks[0].norm1
-        _, y = beit_kernels.add_layer_norm(x, None, None, n1.weight, n1.bias, eps=n1.eps, y_dtype=act)
-        h = x
-        for i, blk in enumerate(blocks):
-            a = blk.attn(y, rel_pos_bias=rel_pos_bias)
-            n2 = blk.norm2
-            scale = self._drop_scale(blk, a, blk.gamma_1)
-            h, y = beit_kernels.add_layer_norm(
-                h, a, blk.gamma_1, n2.weight, n2.bias, eps=n2.eps, sample_scale=scale, y_dtype=act
-            )
-            fc1, fc2 = blk.mlp.fc1, blk.mlp.fc2
-            m = blk.mlp.drop(fc2(beit_kernels.bias_gelu(torch.nn.functional.linear(y, fc1.weight), fc1.bias)))
-            scale = self._drop_scale(blk, m, blk.gamma_2)
-            if i + 1 < len(blocks):
-                n1 = blocks[i + 1].norm1
-                h, y = beit_kernels.add_layer_norm(
-                    h, m, blk.gamma_2, n1.weight, n1.bias, eps=n1.eps, sample_scale=scale, y_dtype=act
-                )
-            else:
-                # The final norm is applied to the masked rows only, by masked_gather: only h is wanted here. The
-                # fused add still beats three elementwise passes (and their backwards) with its unused
-                # normalisation; y gets no gradient, so the backward skips the LayerNorm part.
-                h, _ = beit_kernels.add_layer_norm(h, m, blk.gamma_2, None, None, sample_scale=scale, y_dtype=act)
-        return h
-
-    def _drop_scale(self, blk: Block, branch: torch.Tensor, gamma: torch.Tensor | None) -> torch.Tensor | None:
-        """Drop path as a per-sample scale [B] (0 or 1/keep_prob), drawn as ``drop_path`` draws it: one uniform per
-        sample in the dtype of ``gamma * branch``."""
-        p = getattr(blk.drop_path, "drop_prob", 0.0)
-        if p == 0.0 or not self.training:
-            return None
-        keep = 1 - p
-        dtype = branch.dtype if gamma is None else torch.promote_types(branch.dtype, gamma.dtype)
-        return keep_draw(branch.shape[0], keep, dtype, branch.device).div_(keep)
-
     def _check_mim_inputs(self, images, bool_masked_pos, mask_index, tokens):
         if bool_masked_pos is None:
             raise ValueError("forward_mim_loss needs bool_masked_pos")
@@ -493,6 +457,8 @@ class VisionTransformerForMaskedImageModeling(nn.Module):
         and no sync (padded gather, norm on the masked rows, cross-entropy with ignore_index on the padding).
         "triton": fused kernels (patch embedding with the blend and cls, gather with the final LayerNorm, chunked
         linear cross-entropy); no sync. Without a masked patch the last two give a zero loss and zero gradients.
+        The model holds the official computation; the execution plans of "sdpa" and "triton" live in
+        ``beit.mim_plans``.
         """
         bool_masked_pos = self._check_mim_inputs(images, bool_masked_pos, mask_index, tokens)
         impl = resolve_impl(self.impl, images.device)
@@ -503,34 +469,7 @@ class VisionTransformerForMaskedImageModeling(nn.Module):
             loss = torch.nn.functional.cross_entropy(logits, labels)
             num_correct = (logits.argmax(dim=-1) == labels).sum()
             return loss.float(), num_correct, bool_masked_pos.sum()
-        ignore_index = -100
-        valid = mask_index >= 0
-        labels = tokens.gather(1, mask_index.clamp(min=0).long())  # [B, K]
-        labels = torch.where(valid, labels.long(), ignore_index).reshape(-1)  # [B K], -100 on padding
-        rows = torch.where(valid, mask_index + 1, -1)  # token positions: skip the cls row
-        norm = dict(ln_weight=self.norm.weight, ln_bias=self.norm.bias, eps=self.norm.eps)
-        if impl == "triton":
-            proj = self.patch_embed.proj
-            x = beit_kernels.patch_embed(
-                images,
-                proj.weight,
-                proj.bias,
-                mask=bool_masked_pos,
-                mask_token=self.mask_token,
-                cls_token=self.cls_token,
-                pos_embed=self.pos_embed,
-            )  # [B, N+1, D]
-            run = self._run_blocks_fused if self.config.fused_glue else self._run_blocks
-            x = run(self.pos_drop(x))
-            feats = beit_kernels.masked_gather(x, rows, **norm)  # [B K, D]
-            ops = beit_kernels
-        else:
-            x = self._run_blocks(self._embed(images, bool_masked_pos))
-            feats = kernel_reference.masked_gather(x, rows, **norm)
-            ops = kernel_reference
-        return ops.linear_cross_entropy(
-            feats, self.lm_head.weight, self.lm_head.bias, labels, ignore_index=ignore_index, return_counts=True
-        )
+        return static_mim_loss(self, images, bool_masked_pos, mask_index, tokens, impl)
 
 
 Beit = VisionTransformerForMaskedImageModeling
