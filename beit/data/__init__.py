@@ -84,6 +84,7 @@ from beit.data.transforms import (
     color_jitter,
     map_pixels,
     random_resized_crop_box,
+    resized_crop,
     unmap_pixels,
 )
 
@@ -128,6 +129,7 @@ __all__ = [
     "mix_seeds",
     "random_resized_crop_box",
     "require_dali",
+    "resized_crop",
     "resolve_shards",
     "synthetic_image",
     "unmap_pixels",

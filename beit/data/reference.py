@@ -19,7 +19,7 @@ import torch
 from beit.data.base import OUTPUT_DTYPES, LoaderBase
 from beit.data.files import BadImageError
 from beit.data.order import mix_seeds
-from beit.data.transforms import NORMALIZATIONS, color_jitter, map_pixels, random_resized_crop_box
+from beit.data.transforms import NORMALIZATIONS, color_jitter, map_pixels, random_resized_crop_box, resized_crop
 from beit.masking import MaskingGenerator, mask_to_index
 
 
@@ -71,11 +71,9 @@ class ReferenceDataset(torch.utils.data.Dataset):
         img = color_jitter(img, rng)
         if rng.random() < 0.5:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        top, left, h, w = random_resized_crop_box(img.width, img.height, rng)
-        # Crop, then resize (torchvision's resized_crop): resize(box=...) would let the filter reach past the box.
-        img = img.crop((left, top, left + w, top + h))
-        big = img.resize((ld.image_size, ld.image_size), Image.Resampling.BICUBIC)
-        small = img.resize((ld.tokenizer_size, ld.tokenizer_size), Image.Resampling.LANCZOS)
+        box = random_resized_crop_box(img.width, img.height, rng)
+        big = resized_crop(img, box, ld.image_size, Image.Resampling.BICUBIC)
+        small = resized_crop(img, box, ld.tokenizer_size, Image.Resampling.LANCZOS)
         big = torch.from_numpy(np.asarray(big).copy())  # [S, S, 3] uint8
         if ld.output_dtype != "uint8":
             big = big.permute(2, 0, 1).float().div_(255)  # HWC -> CHW

@@ -1,5 +1,6 @@
 """The augmentation's pieces and constants, shared by the loaders and the tokenizers: the normalisations, the
-RandomResizedCrop box, the PIL colour jitter and DALL-E's pixel mapping (``map_pixels``, ``LOGIT_LAPLACE_EPS``).
+RandomResizedCrop box and its crop-and-resize (the reference loader's views and the k-means tokenizer's), the PIL
+colour jitter and DALL-E's pixel mapping (``map_pixels``, ``LOGIT_LAPLACE_EPS``).
 
 The official BEiT augmentation (unilm ``beit/datasets.py``) per sample: one RandomResizedCrop box (scale 0.08-1,
 ratio 3/4-4/3), horizontal flip p=0.5, ColorJitter(0.4, 0.4, 0.4); the box resized bicubic for the model's view
@@ -63,6 +64,14 @@ def random_resized_crop_box(
     else:
         w, h = width, height
     return (height - h) // 2, (width - w) // 2, h, w
+
+
+def resized_crop(img, box: tuple[int, int, int, int], size: int, resample):
+    """The ``box`` (top, left, height, width, as ``random_resized_crop_box`` gives it) of a PIL image, resized to
+    ``size`` x ``size`` with ``resample``. Crop, then resize, as torchvision's resized_crop: a resize with ``box=``
+    would let the filter reach past the box's edges."""
+    top, left, h, w = box
+    return img.crop((left, top, left + w, top + h)).resize((size, size), resample)
 
 
 def color_jitter(img, rng: np.random.Generator, strength: float = JITTER):

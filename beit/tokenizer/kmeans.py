@@ -14,8 +14,9 @@ Fitting (``beit-tokenizer fit --data DIR --vocab-size N --out FILE``):
   * images: every .jpg/.jpeg/.png/.bmp/.webp/.tif/.tiff/.ppm/.pgm file under DIR (any folder tree), read with
     PIL and converted to RGB;
   * views: BEiT's second view, a random resized crop (area 8-100 %, aspect 3/4-4/3, 10 tries then a centre crop),
-    resized to 112 px with Lanczos, flipped with probability 1/2; colour jitter is left out (it only widens the
-    colour distribution the codebook must cover). Each epoch draws new crops;
+    cropped then resized to 112 px with Lanczos (``beit.data.transforms``, as the reference loader's tokenizer
+    view), flipped with probability 1/2; colour jitter is left out (it only widens the colour distribution the
+    codebook must cover). Each epoch draws new crops;
   * patches: [0, 1] pixels through ``map_pixels`` then cut into 8x8x3 = 192-value vectors (channel-major);
   * initialisation: ``vocab_size`` distinct patches drawn at random from about three times as many;
   * updates: Sculley's mini-batch k-means (each centroid is the running mean of every patch ever assigned to it);
@@ -40,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from beit.data import list_images, random_resized_crop_box
+from beit.data import list_images, random_resized_crop_box, resized_crop
 from beit.tokenizer.common import (
     VisualTokenizer,
     as_path,
@@ -295,9 +296,8 @@ class ImageViews(torch.utils.data.Dataset):
             raise ValueError(f"cannot read image {path}: {e}") from None
         # The epoch offset keeps the initialisation draws (epoch -1) apart from the training ones.
         rng = np.random.default_rng([self.seed, self.epoch + 1, i])
-        top, left, h, w = random_resized_crop_box(im.width, im.height, rng)  # BEiT's RandomResizedCrop
-        box = (left, top, left + w, top + h)
-        im = im.resize((self.size, self.size), Image.Resampling.LANCZOS, box=box)
+        box = random_resized_crop_box(im.width, im.height, rng)  # BEiT's RandomResizedCrop
+        im = resized_crop(im, box, self.size, Image.Resampling.LANCZOS)
         if rng.random() < 0.5:
             im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         arr = np.asarray(im, dtype=np.uint8)  # H, W, 3
