@@ -73,6 +73,7 @@ def auto_precision(device: torch.device | str) -> str:
     (sm80+), fp16 on an older one (the official module's choice, on the V100s of the paper), fp32 on the CPU."""
     return resolve_precision("auto", torch.device(device))
 
+
 EXPECTED_FILE = (
     "DALL-E encoder weights: OpenAI's encoder.pkl (https://cdn.openai.com/dall-e/encoder.pkl; "
     "download it with 'wget -O encoder.pkl URL', capital O) or a state dict with keys like 'blocks.input.w' "
@@ -229,9 +230,8 @@ class DalleEncoder(VisualTokenizer):
         tensor-core dot) when channels_last is on. ``pad_input_channels`` (fused path, half precision; 0, the
         default, or 1: none) zero-pads the image's 3 channels to a multiple of it for the 7x7 input convolution, as
         NVIDIA's convolution guide advises for tensor cores (cuDNN pads internally otherwise); the zeros add exact
-        zeros, but the convolution may round differently. Slower on an H100 (bench_tokenizer.py, 2026-11-26, commit
-        9d1b66f, bf16, 256 images: 44.4 ms against 42.7), so off by default. Every argument is checked before any
-        setting changes."""
+        zeros, but the convolution may round differently. Off by default: slower on an H100 (bench_tokenizer.py's
+        pad8 provider, bench/RESULTS.md). Every argument is checked before any setting changes."""
         if precision == "auto":
             precision = auto_precision(self.blocks.input.w.device)
         if precision is not None and precision not in PRECISIONS:

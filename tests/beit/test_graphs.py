@@ -310,7 +310,7 @@ def test_gpu_captured_step_skips_nonfinite_steps_and_backs_off_the_fp16_scale(as
     skipped = {m["step"] - 1: m["nonfinite_steps"] for m in res["history"]}  # the log after step s says step s + 1
     assert skipped[1] == 1 and skipped[6] == 1, skipped
     # Step 0 runs at the initial 2^16 with its lm_head gradient at about 95% of fp16's range on this model (a CPU
-    # simulation, 2026-11-26): it may overflow on its own, which the scaler handles as it should. No other may.
+    # simulation): it may overflow on its own, which the scaler handles as it should. No other may.
     assert all(n == 0 for s, n in skipped.items() if s not in (0, 1, 6)), skipped
     ckpt = load_checkpoint(list_checkpoints(tmp_path)[-1])
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())

@@ -61,7 +61,7 @@ def test_fused_path_matches_the_official_path(impl, abs_pos):
 
 
 def test_fused_path_under_fp16_autocast():
-    # fp16, not bf16: the Triton interpreter's bf16 dot is wrong (2026-11-26); bf16 runs in the gpu test below.
+    # fp16, not bf16: the Triton interpreter's bf16 dot is wrong; bf16 runs in the gpu test below.
     images, mask, index, tokens = batch()
     ref_model = small_model("ref")
     model = small_model("triton")

@@ -68,8 +68,8 @@ def test_torchrun_two_processes_on_gloo(assets, tmp_path):
             res = train(args, record_samples=True)
             torch.save({"state": res["model"].state_dict(), "samples": res["samples"]},
                        os.path.join(args.output_dir, f"rank{os.environ['RANK']}.pt"))
-            # As beit.train.main does: a gloo group left alive at exit can abort the process (2026-11-26: about
-            # one run in ten here ended in "terminate called without an active exception").
+            # As beit.train.main does: a gloo group left alive at exit can abort the process ("terminate called
+            # without an active exception").
             dist.destroy_process_group()
             """
         )
@@ -271,8 +271,8 @@ def test_gpu_training_step_never_syncs(assets, impl, precision):
             grad_norm = optimizer_step(opt, scaler, 3.0, precision)
     torch.cuda.synchronize()
     assert torch.isfinite(loss) and valid > 0
-    # fp16 starts at a loss scale of 2^16, at which this tiny model's lm_head gradient may overflow (a CPU
-    # simulation, 2026-11-26): the scaler then skips the step and halves the scale, as it should.
+    # fp16 starts at a loss scale of 2^16, at which this tiny model's lm_head gradient may overflow (seen in a CPU
+    # simulation): the scaler then skips the step and halves the scale, as it should.
     assert torch.isfinite(grad_norm) or (precision == "fp16" and scaler.get_scale() < 2.0**16)
 
 
