@@ -55,12 +55,14 @@ class MIMInputs:
 
 
 class Metrics:
-    """Device-side sums between log points: reading them is the only host synchronisation of the loop."""
+    """Device-side sums between log points: reading them is the only host synchronisation of the loop.
+    ``accuracy_name``: the log key of correct / count ("mim_acc" for pretraining)."""
 
     NAMES = ("loss", "correct", "valid", "grad_norm", "steps", "nonfinite")
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, accuracy_name: str = "mim_acc"):
         self.device = device
+        self.accuracy_name = accuracy_name
         self.sums = torch.zeros(len(self.NAMES), dtype=torch.float64, device=device)
         self.consecutive_nonfinite = torch.zeros((), dtype=torch.int64, device=device)
 
@@ -87,7 +89,7 @@ class Metrics:
         good = max(s["steps"] - s["nonfinite"], 1)
         out = {
             "loss": s["loss"] / good,
-            "mim_acc": s["correct"] / max(s["valid"], 1),
+            self.accuracy_name: s["correct"] / max(s["valid"], 1),
             "grad_norm": s["grad_norm"] / good,
             "nonfinite_steps": int(s["nonfinite"]),
         }

@@ -166,7 +166,7 @@ def run_loop(
             m["max_memory_gib"] = torch.cuda.max_memory_allocated(d.device) / 2**30
         last_metrics.clear()
         last_metrics.update(m)
-        sinks.log(m, postfix=dict(loss=f"{m['loss']:.3f}", acc=f"{m['mim_acc']:.3f}", ips=f"{ips:.0f}"))
+        sinks.log(m, postfix=dict(loss=f"{m['loss']:.3f}", acc=f"{m[metrics.accuracy_name]:.3f}", ips=f"{ips:.0f}"))
         if consecutive >= opts.max_nonfinite:
             raise TrainingError(
                 f"{consecutive} non-finite steps in a row at step {pos.step}: stopping. The last good "
