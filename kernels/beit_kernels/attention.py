@@ -92,13 +92,13 @@ def _store_rows(base, offs, stride, offs_d, mask_rows, D, value):
 
 
 @triton.jit
-def _scores(q, k, bias_base, offs_m, offs_n, mask_m, mask_n, stride_bm, stride_bn, qk_scale,
+def _scores(q, k, bias_base, offs_m, offs_n, mask_m, mask_n, s_bm, s_bn, qk_scale,
             HAS_BIAS: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
     """Base-2 logits of a [BLOCK_M, BLOCK_N] tile: (scale * q @ k^T + bias) * log2(e)."""
     s = _dot(q, tl.trans(k), IEEE) * qk_scale
     if HAS_BIAS:
         bias = tl.load(
-            bias_base + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn,
+            bias_base + offs_m[:, None] * s_bm + offs_n[None, :] * s_bn,
             mask=mask_m[:, None] & mask_n[None, :],
             other=0.0,
         )
@@ -108,12 +108,12 @@ def _scores(q, k, bias_base, offs_m, offs_n, mask_m, mask_n, stride_bm, stride_b
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, BIAS, O, LSE,  #
-    stride_qb, stride_qh, stride_qn,  #
-    stride_kb, stride_kh, stride_kn,  #
-    stride_vb, stride_vh, stride_vn,  #
-    stride_bb, stride_bh, stride_bm, stride_bn,  #
-    stride_ob, stride_oh, stride_on,  #
+    q_ptr, k_ptr, v_ptr, bias_ptr, o_ptr, lse_ptr,  #
+    s_qb, s_qh, s_qn,  #
+    s_kb, s_kh, s_kn,  #
+    s_vb, s_vh, s_vn,  #
+    s_bb, s_bh, s_bm, s_bn,  #
+    s_ob, s_oh, s_on,  #
     H, N, D, qk_scale,  #
     HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,  #
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,  #
@@ -125,10 +125,10 @@ def _attn_fwd_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < N
-    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qn, offs_d, mask_m, D)
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
-    bias_base = BIAS + b * stride_bb + h * stride_bh
+    q = _load_rows(q_ptr + b * s_qb + h * s_qh, offs_m, s_qn, offs_d, mask_m, D)
+    k_base = k_ptr + b * s_kb + h * s_kh
+    v_base = v_ptr + b * s_vb + h * s_vh
+    bias_base = bias_ptr + b * s_bb + h * s_bh
 
     # Row max and row sum of the online softmax, in base 2 (exp2 is the fast path).
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -137,8 +137,8 @@ def _attn_fwd_kernel(
     for start_n in range(0, N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
-        k = _load_rows(k_base, offs_n, stride_kn, offs_d, mask_n, D)
-        s = _scores(q, k, bias_base, offs_m, offs_n, mask_m, mask_n, stride_bm, stride_bn, qk_scale, HAS_BIAS, IEEE)
+        k = _load_rows(k_base, offs_n, s_kn, offs_d, mask_n, D)
+        s = _scores(q, k, bias_base, offs_m, offs_n, mask_m, mask_n, s_bm, s_bn, qk_scale, HAS_BIAS, IEEE)
         s = tl.where(mask_n[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row whose keys so far are all -inf (a masking bias) still has m = -inf, and exp2(-inf - -inf) is NaN:
@@ -147,25 +147,25 @@ def _attn_fwd_kernel(
         alpha = tl.exp2(m_i - m_sub)
         p = tl.exp2(s - m_sub[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_rows(v_base, offs_n, stride_vn, offs_d, mask_n, D)
+        v = _load_rows(v_base, offs_n, s_vn, offs_d, mask_n, D)
         acc = acc * alpha[:, None] + _dot(p, v, IEEE)
         m_i = m_new
     acc = acc / l_i[:, None]
-    _store_rows(O + b * stride_ob + h * stride_oh, offs_m, stride_on, offs_d, mask_m, D,
-               acc.to(O.dtype.element_ty))  # fmt: skip
-    tl.store(LSE + pid_bh * N + offs_m, m_i + tl.log2(l_i), mask=mask_m)
+    _store_rows(o_ptr + b * s_ob + h * s_oh, offs_m, s_on, offs_d, mask_m, D,
+               acc.to(o_ptr.dtype.element_ty))  # fmt: skip
+    tl.store(lse_ptr + pid_bh * N + offs_m, m_i + tl.log2(l_i), mask=mask_m)
 
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, BIAS, O, DO, LSE, DELTA, DQ,  #
-    stride_qb, stride_qh, stride_qn,  #
-    stride_kb, stride_kh, stride_kn,  #
-    stride_vb, stride_vh, stride_vn,  #
-    stride_bb, stride_bh, stride_bm, stride_bn,  #
-    stride_ob, stride_oh, stride_on,  #
-    stride_dob, stride_doh, stride_don,  #
-    stride_dqb, stride_dqh, stride_dqn,  #
+    q_ptr, k_ptr, v_ptr, bias_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,  #
+    s_qb, s_qh, s_qn,  #
+    s_kb, s_kh, s_kn,  #
+    s_vb, s_vh, s_vn,  #
+    s_bb, s_bh, s_bm, s_bn,  #
+    s_ob, s_oh, s_on,  #
+    s_dob, s_doh, s_don,  #
+    s_dqb, s_dqh, s_dqn,  #
     H, N, D, qk_scale, sm_scale,  #
     HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,  #
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,  #
@@ -177,43 +177,43 @@ def _attn_bwd_dq_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < N
-    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qn, offs_d, mask_m, D)
-    do = _load_rows(DO + b * stride_dob + h * stride_doh, offs_m, stride_don, offs_d, mask_m, D)
-    o = _load_rows(O + b * stride_ob + h * stride_oh, offs_m, stride_on, offs_d, mask_m, D)
+    q = _load_rows(q_ptr + b * s_qb + h * s_qh, offs_m, s_qn, offs_d, mask_m, D)
+    do = _load_rows(do_ptr + b * s_dob + h * s_doh, offs_m, s_don, offs_d, mask_m, D)
+    o = _load_rows(o_ptr + b * s_ob + h * s_oh, offs_m, s_on, offs_d, mask_m, D)
     # Delta = rowsum(dO * O): computed here, where dO and O are loaded anyway, and stored for the dk/dv kernel.
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-    tl.store(DELTA + pid_bh * N + offs_m, delta, mask=mask_m)
-    lse = tl.load(LSE + pid_bh * N + offs_m, mask=mask_m, other=0.0)
+    tl.store(delta_ptr + pid_bh * N + offs_m, delta, mask=mask_m)
+    lse = tl.load(lse_ptr + pid_bh * N + offs_m, mask=mask_m, other=0.0)
 
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
-    bias_base = BIAS + b * stride_bb + h * stride_bh
+    k_base = k_ptr + b * s_kb + h * s_kh
+    v_base = v_ptr + b * s_vb + h * s_vh
+    bias_base = bias_ptr + b * s_bb + h * s_bh
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
-        k = _load_rows(k_base, offs_n, stride_kn, offs_d, mask_n, D)
-        v = _load_rows(v_base, offs_n, stride_vn, offs_d, mask_n, D)
-        s = _scores(q, k, bias_base, offs_m, offs_n, mask_m, mask_n, stride_bm, stride_bn, qk_scale, HAS_BIAS, IEEE)
+        k = _load_rows(k_base, offs_n, s_kn, offs_d, mask_n, D)
+        v = _load_rows(v_base, offs_n, s_vn, offs_d, mask_n, D)
+        s = _scores(q, k, bias_base, offs_m, offs_n, mask_m, mask_n, s_bm, s_bn, qk_scale, HAS_BIAS, IEEE)
         p = tl.exp2(s - lse[:, None])
         p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
         ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])
         dq += _dot(ds, k, IEEE)
-    _store_rows(DQ + b * stride_dqb + h * stride_dqh, offs_m, stride_dqn, offs_d, mask_m, D,
-               (dq * sm_scale).to(DQ.dtype.element_ty))  # fmt: skip
+    _store_rows(dq_ptr + b * s_dqb + h * s_dqh, offs_m, s_dqn, offs_d, mask_m, D,
+               (dq * sm_scale).to(dq_ptr.dtype.element_ty))  # fmt: skip
 
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, BIAS, DO, LSE, DELTA, DK, DV, DBIAS,  #
-    stride_qb, stride_qh, stride_qn,  #
-    stride_kb, stride_kh, stride_kn,  #
-    stride_vb, stride_vh, stride_vn,  #
-    stride_bb, stride_bh, stride_bm, stride_bn,  #
-    stride_dob, stride_doh, stride_don,  #
-    stride_dkb, stride_dkh, stride_dkn,  #
-    stride_dvb, stride_dvh, stride_dvn,  #
-    stride_dbg, stride_dbh, stride_dbm,  #
+    q_ptr, k_ptr, v_ptr, bias_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dbias_ptr,  #
+    s_qb, s_qh, s_qn,  #
+    s_kb, s_kh, s_kn,  #
+    s_vb, s_vh, s_vn,  #
+    s_bb, s_bh, s_bm, s_bn,  #
+    s_dob, s_doh, s_don,  #
+    s_dkb, s_dkh, s_dkn,  #
+    s_dvb, s_dvh, s_dvn,  #
+    s_dbg, s_dbh, s_dbm,  #
     B, H, N, D, batches_per_group, qk_scale, sm_scale,  #
     HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, IEEE: tl.constexpr,  #
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,  #
@@ -226,22 +226,22 @@ def _attn_bwd_dkdv_kernel(
     mask_n = offs_n < N
     b_start = g * batches_per_group
     b_end = tl.minimum(b_start + batches_per_group, B)
-    dbias_base = DBIAS + g * stride_dbg + h * stride_dbh
+    dbias_base = dbias_ptr + g * s_dbg + h * s_dbh
     for b in range(b_start, b_end):
-        k = _load_rows(K + b * stride_kb + h * stride_kh, offs_n, stride_kn, offs_d, mask_n, D)
-        v = _load_rows(V + b * stride_vb + h * stride_vh, offs_n, stride_vn, offs_d, mask_n, D)
-        bias_base = BIAS + b * stride_bb + h * stride_bh
+        k = _load_rows(k_ptr + b * s_kb + h * s_kh, offs_n, s_kn, offs_d, mask_n, D)
+        v = _load_rows(v_ptr + b * s_vb + h * s_vh, offs_n, s_vn, offs_d, mask_n, D)
+        bias_base = bias_ptr + b * s_bb + h * s_bh
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         row = (b * H + h) * N
         for start_m in range(0, N, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             mask_m = offs_m < N
-            q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qn, offs_d, mask_m, D)
-            do = _load_rows(DO + b * stride_dob + h * stride_doh, offs_m, stride_don, offs_d, mask_m, D)
-            lse = tl.load(LSE + row + offs_m, mask=mask_m, other=0.0)
-            delta = tl.load(DELTA + row + offs_m, mask=mask_m, other=0.0)
-            s = _scores(q, k, bias_base, offs_m, offs_n, mask_m, mask_n, stride_bm, stride_bn, qk_scale, HAS_BIAS,
+            q = _load_rows(q_ptr + b * s_qb + h * s_qh, offs_m, s_qn, offs_d, mask_m, D)
+            do = _load_rows(do_ptr + b * s_dob + h * s_doh, offs_m, s_don, offs_d, mask_m, D)
+            lse = tl.load(lse_ptr + row + offs_m, mask=mask_m, other=0.0)
+            delta = tl.load(delta_ptr + row + offs_m, mask=mask_m, other=0.0)
+            s = _scores(q, k, bias_base, offs_m, offs_n, mask_m, mask_n, s_bm, s_bn, qk_scale, HAS_BIAS,
                         IEEE)  # fmt: skip
             mask_mn = mask_m[:, None] & mask_n[None, :]
             p = tl.where(mask_mn, tl.exp2(s - lse[:, None]), 0.0)  # [BLOCK_M, BLOCK_N]
@@ -252,26 +252,26 @@ def _attn_bwd_dkdv_kernel(
                 # This program alone owns these columns of group g's partial gradient, so a plain
                 # read-add-write is race-free; the barrier orders it against the next batch's read of the same
                 # tile, which Triton may lay out across other threads of the block.
-                dbias_ptrs = dbias_base + offs_m[:, None] * stride_dbm + offs_n[None, :]
+                dbias_ptrs = dbias_base + offs_m[:, None] * s_dbm + offs_n[None, :]
                 tl.store(dbias_ptrs, tl.load(dbias_ptrs, mask=mask_mn, other=0.0) + ds, mask=mask_mn)
                 tl.debug_barrier()
-        _store_rows(DK + b * stride_dkb + h * stride_dkh, offs_n, stride_dkn, offs_d, mask_n, D,
-                   (dk * sm_scale).to(DK.dtype.element_ty))  # fmt: skip
-        _store_rows(DV + b * stride_dvb + h * stride_dvh, offs_n, stride_dvn, offs_d, mask_n, D,
-                   dv.to(DV.dtype.element_ty))  # fmt: skip
+        _store_rows(dk_ptr + b * s_dkb + h * s_dkh, offs_n, s_dkn, offs_d, mask_n, D,
+                   (dk * sm_scale).to(dk_ptr.dtype.element_ty))  # fmt: skip
+        _store_rows(dv_ptr + b * s_dvb + h * s_dvh, offs_n, s_dvn, offs_d, mask_n, D,
+                   dv.to(dv_ptr.dtype.element_ty))  # fmt: skip
 
 
 @triton.jit
 def _attn_bwd_dkdv_allq_kernel(
-    Q, K, V, BIAS, DO, LSE, DELTA, DK, DV, DBIAS,  #
-    stride_qb, stride_qh, stride_qn,  #
-    stride_kb, stride_kh, stride_kn,  #
-    stride_vb, stride_vh, stride_vn,  #
-    stride_bb, stride_bh, stride_bm, stride_bn,  #
-    stride_dob, stride_doh, stride_don,  #
-    stride_dkb, stride_dkh, stride_dkn,  #
-    stride_dvb, stride_dvh, stride_dvn,  #
-    stride_dbg, stride_dbh, stride_dbm,  #
+    q_ptr, k_ptr, v_ptr, bias_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dbias_ptr,  #
+    s_qb, s_qh, s_qn,  #
+    s_kb, s_kh, s_kn,  #
+    s_vb, s_vh, s_vn,  #
+    s_bb, s_bh, s_bm, s_bn,  #
+    s_dob, s_doh, s_don,  #
+    s_dkb, s_dkh, s_dkn,  #
+    s_dvb, s_dvh, s_dvn,  #
+    s_dbg, s_dbh, s_dbm,  #
     B, H, N, D, batches_per_group, qk_scale, sm_scale,  #
     HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, IEEE: tl.constexpr,  #
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,  #
@@ -294,14 +294,14 @@ def _attn_bwd_dkdv_allq_kernel(
     b_end = tl.minimum(b_start + batches_per_group, B)
     dbias = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for b in range(b_start, b_end):
-        k = _load_rows(K + b * stride_kb + h * stride_kh, offs_n, stride_kn, offs_d, mask_n, D)
-        v = _load_rows(V + b * stride_vb + h * stride_vh, offs_n, stride_vn, offs_d, mask_n, D)
-        q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qn, offs_d, mask_m, D)
-        do = _load_rows(DO + b * stride_dob + h * stride_doh, offs_m, stride_don, offs_d, mask_m, D)
+        k = _load_rows(k_ptr + b * s_kb + h * s_kh, offs_n, s_kn, offs_d, mask_n, D)
+        v = _load_rows(v_ptr + b * s_vb + h * s_vh, offs_n, s_vn, offs_d, mask_n, D)
+        q = _load_rows(q_ptr + b * s_qb + h * s_qh, offs_m, s_qn, offs_d, mask_m, D)
+        do = _load_rows(do_ptr + b * s_dob + h * s_doh, offs_m, s_don, offs_d, mask_m, D)
         row = (b * H + h) * N
-        lse = tl.load(LSE + row + offs_m, mask=mask_m, other=0.0)
-        delta = tl.load(DELTA + row + offs_m, mask=mask_m, other=0.0)
-        s = _scores(q, k, BIAS + b * stride_bb + h * stride_bh, offs_m, offs_n, mask_m, mask_n, stride_bm, stride_bn,
+        lse = tl.load(lse_ptr + row + offs_m, mask=mask_m, other=0.0)
+        delta = tl.load(delta_ptr + row + offs_m, mask=mask_m, other=0.0)
+        s = _scores(q, k, bias_ptr + b * s_bb + h * s_bh, offs_m, offs_n, mask_m, mask_n, s_bm, s_bn,
                     qk_scale, HAS_BIAS, IEEE)  # fmt: skip
         p = tl.where(mask_mn, tl.exp2(s - lse[:, None]), 0.0)  # [BLOCK_M, BLOCK_N]
         dv = _dot(tl.trans(p), do, IEEE)
@@ -309,34 +309,34 @@ def _attn_bwd_dkdv_allq_kernel(
         dk = _dot(tl.trans(ds), q, IEEE)
         if BIAS_GRAD:
             dbias += ds
-        _store_rows(DK + b * stride_dkb + h * stride_dkh, offs_n, stride_dkn, offs_d, mask_n, D,
-                   (dk * sm_scale).to(DK.dtype.element_ty))  # fmt: skip
-        _store_rows(DV + b * stride_dvb + h * stride_dvh, offs_n, stride_dvn, offs_d, mask_n, D,
-                   dv.to(DV.dtype.element_ty))  # fmt: skip
+        _store_rows(dk_ptr + b * s_dkb + h * s_dkh, offs_n, s_dkn, offs_d, mask_n, D,
+                   (dk * sm_scale).to(dk_ptr.dtype.element_ty))  # fmt: skip
+        _store_rows(dv_ptr + b * s_dvb + h * s_dvh, offs_n, s_dvn, offs_d, mask_n, D,
+                   dv.to(dv_ptr.dtype.element_ty))  # fmt: skip
     if BIAS_GRAD:
-        dbias_ptrs = DBIAS + g * stride_dbg + h * stride_dbh + offs_m[:, None] * stride_dbm + offs_n[None, :]
+        dbias_ptrs = dbias_ptr + g * s_dbg + h * s_dbh + offs_m[:, None] * s_dbm + offs_n[None, :]
         tl.store(dbias_ptrs, dbias, mask=mask_mn)
 
 
 @triton.jit
 def _attn_bwd_fused_kernel(
-    Q, K, V, BIAS, O, DO, LSE, DQ, DK, DV, DBIAS,  #
-    stride_qb, stride_qh, stride_qn,  #
-    stride_kb, stride_kh, stride_kn,  #
-    stride_vb, stride_vh, stride_vn,  #
-    stride_bb, stride_bh, stride_bm, stride_bn,  #
-    stride_ob, stride_oh, stride_on,  #
-    stride_dob, stride_doh, stride_don,  #
-    stride_dqb, stride_dqh, stride_dqn,  #
-    stride_dkb, stride_dkh, stride_dkn,  #
-    stride_dvb, stride_dvh, stride_dvn,  #
-    stride_dbg, stride_dbh, stride_dbm,  #
+    q_ptr, k_ptr, v_ptr, bias_ptr, o_ptr, do_ptr, lse_ptr, dq_ptr, dk_ptr, dv_ptr, dbias_ptr,  #
+    s_qb, s_qh, s_qn,  #
+    s_kb, s_kh, s_kn,  #
+    s_vb, s_vh, s_vn,  #
+    s_bb, s_bh, s_bm, s_bn,  #
+    s_ob, s_oh, s_on,  #
+    s_dob, s_doh, s_don,  #
+    s_dqb, s_dqh, s_dqn,  #
+    s_dkb, s_dkh, s_dkn,  #
+    s_dvb, s_dvh, s_dvn,  #
+    s_dbg, s_dbh, s_dbm,  #
     B, H, N, D, batches_per_group, qk_scale, sm_scale,  #
     HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, IEEE: tl.constexpr,  #
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DKDV_T: tl.constexpr,  #
 ):  # fmt: skip
     """The whole backward in one kernel for N <= BLOCK_M: one program per (h, batch group) walks its batches and,
-    per batch, the key blocks, with every query in one tile. q, dO and O are read once per batch (the two-kernel
+    per batch, the key blocks, with every query in one tile. q, dO and o_ptr are read once per batch (the two-kernel
     path reads q and dO once per key block, k and v once per query block) and P, dP, dS are computed once (the
     dq kernel recomputes them): five products a tile instead of seven. dq sums over the key blocks in registers.
     The bias gradient of each [N, BLOCK_N] tile adds into the group's fp32 partial buffer: the group's first batch
@@ -349,26 +349,26 @@ def _attn_bwd_fused_kernel(
     mask_m = offs_m < N
     b_start = g * batches_per_group
     b_end = tl.minimum(b_start + batches_per_group, B)
-    dbias_base = DBIAS + g * stride_dbg + h * stride_dbh
+    dbias_base = dbias_ptr + g * s_dbg + h * s_dbh
     for b in range(b_start, b_end):
-        q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qn, offs_d, mask_m, D)
-        do = _load_rows(DO + b * stride_dob + h * stride_doh, offs_m, stride_don, offs_d, mask_m, D)
-        o = _load_rows(O + b * stride_ob + h * stride_oh, offs_m, stride_on, offs_d, mask_m, D)
+        q = _load_rows(q_ptr + b * s_qb + h * s_qh, offs_m, s_qn, offs_d, mask_m, D)
+        do = _load_rows(do_ptr + b * s_dob + h * s_doh, offs_m, s_don, offs_d, mask_m, D)
+        o = _load_rows(o_ptr + b * s_ob + h * s_oh, offs_m, s_on, offs_d, mask_m, D)
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # [BLOCK_M]
-        lse = tl.load(LSE + (b * H + h) * N + offs_m, mask=mask_m, other=0.0)
-        bias_base = BIAS + b * stride_bb + h * stride_bh
+        lse = tl.load(lse_ptr + (b * H + h) * N + offs_m, mask=mask_m, other=0.0)
+        bias_base = bias_ptr + b * s_bb + h * s_bh
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         for start_n in range(0, N, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             mask_n = offs_n < N
             mask_mn = mask_m[:, None] & mask_n[None, :]
-            k = _load_rows(K + b * stride_kb + h * stride_kh, offs_n, stride_kn, offs_d, mask_n, D)
-            v = _load_rows(V + b * stride_vb + h * stride_vh, offs_n, stride_vn, offs_d, mask_n, D)
+            k = _load_rows(k_ptr + b * s_kb + h * s_kh, offs_n, s_kn, offs_d, mask_n, D)
+            v = _load_rows(v_ptr + b * s_vb + h * s_vh, offs_n, s_vn, offs_d, mask_n, D)
             s = _dot(q, tl.trans(k), IEEE) * qk_scale
             if HAS_BIAS:
                 # Offsets in 32 bits, then one pointer add (here and for the bias gradient): a [BLOCK_M, BLOCK_N]
                 # tile of 64-bit pointers takes more registers and spills.
-                bias_offs = offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn
+                bias_offs = offs_m[:, None] * s_bm + offs_n[None, :] * s_bn
                 s += tl.load(bias_base + bias_offs, mask=mask_mn, other=0.0).to(tl.float32) * 1.4426950408889634
             p = tl.where(mask_mn, tl.exp2(s - lse[:, None]), 0.0)  # [BLOCK_M, BLOCK_N]
             # With DKDV_T, dv and dk as their transposes, [BLOCK_D, BLOCK_N] = [D, N] x [N, BLOCK_N]: dO and q are
@@ -388,29 +388,29 @@ def _attn_bwd_fused_kernel(
             if DKDV_T:
                 mask_dn = (offs_d < D)[:, None] & mask_n[None, :]
                 tl.store(
-                    DK + b * stride_dkb + h * stride_dkh + offs_n[None, :] * stride_dkn + offs_d[:, None],
-                    (dk_t * sm_scale).to(DK.dtype.element_ty),
+                    dk_ptr + b * s_dkb + h * s_dkh + offs_n[None, :] * s_dkn + offs_d[:, None],
+                    (dk_t * sm_scale).to(dk_ptr.dtype.element_ty),
                     mask=mask_dn,
                 )
                 tl.store(
-                    DV + b * stride_dvb + h * stride_dvh + offs_n[None, :] * stride_dvn + offs_d[:, None],
-                    dv_t.to(DV.dtype.element_ty),
+                    dv_ptr + b * s_dvb + h * s_dvh + offs_n[None, :] * s_dvn + offs_d[:, None],
+                    dv_t.to(dv_ptr.dtype.element_ty),
                     mask=mask_dn,
                 )
             else:
-                _store_rows(DK + b * stride_dkb + h * stride_dkh, offs_n, stride_dkn, offs_d, mask_n, D,
-                           (dk * sm_scale).to(DK.dtype.element_ty))  # fmt: skip
-                _store_rows(DV + b * stride_dvb + h * stride_dvh, offs_n, stride_dvn, offs_d, mask_n, D,
-                           dv.to(DV.dtype.element_ty))  # fmt: skip
+                _store_rows(dk_ptr + b * s_dkb + h * s_dkh, offs_n, s_dkn, offs_d, mask_n, D,
+                           (dk * sm_scale).to(dk_ptr.dtype.element_ty))  # fmt: skip
+                _store_rows(dv_ptr + b * s_dvb + h * s_dvh, offs_n, s_dvn, offs_d, mask_n, D,
+                           dv.to(dv_ptr.dtype.element_ty))  # fmt: skip
             if BIAS_GRAD:
-                dbias_ptrs = dbias_base + (offs_m[:, None] * stride_dbm + offs_n[None, :])
+                dbias_ptrs = dbias_base + (offs_m[:, None] * s_dbm + offs_n[None, :])
                 # As a [BLOCK_N] vector: the interpreter takes no scalar condition in a mask.
                 not_first = tl.full([BLOCK_N], b, tl.int32) > b_start
                 prev = tl.load(dbias_ptrs, mask=mask_mn & not_first[None, :], other=0.0)
                 tl.store(dbias_ptrs, prev + ds, mask=mask_mn)
                 tl.debug_barrier()
-        _store_rows(DQ + b * stride_dqb + h * stride_dqh, offs_m, stride_dqn, offs_d, mask_m, D,
-                   (dq * sm_scale).to(DQ.dtype.element_ty))  # fmt: skip
+        _store_rows(dq_ptr + b * s_dqb + h * s_dqh, offs_m, s_dqn, offs_d, mask_m, D,
+                   (dq * sm_scale).to(dq_ptr.dtype.element_ty))  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -420,7 +420,7 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 
 
-def _check_inputs(q, k, v, bias):
+def _validate(q, k, v, bias):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"attention: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -762,7 +762,7 @@ def attention(
 
     See the module docstring for shapes, dtypes, memory and reproducibility.
     """
-    _check_inputs(q, k, v, bias)
+    _validate(q, k, v, bias)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     return AttentionFunction.apply(q, k, v, bias, float(scale))
@@ -780,7 +780,7 @@ def attention_qkvpacked(
     if qkv.dim() != 5 or qkv.shape[2] != 3:
         raise ValueError(f"attention_qkvpacked: qkv must be [B, N, 3, H, D], got shape {tuple(qkv.shape)}")
     q, k, v = _split_packed(qkv)
-    _check_inputs(q, k, v, bias)
+    _validate(q, k, v, bias)
     if scale is None:
         scale = qkv.shape[-1] ** -0.5
     return AttentionPackedFunction.apply(qkv, bias, float(scale))

@@ -196,7 +196,7 @@ def _(grad_out, x, bias):
     return x.new_empty(x.shape), x.new_empty(x.shape[-1] if bias is not None else 0, dtype=torch.float32)
 
 
-def _check_inputs(x, bias):
+def _validate(x, bias):
     """Clear errors for bad input before any launch."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"bias_gelu: x must be a torch.Tensor, got {type(x).__name__}")
@@ -239,5 +239,5 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
 
     See the module docstring for dtypes and reproducibility.
     """
-    _check_inputs(x, bias)
+    _validate(x, bias)
     return BiasGeluFunction.apply(x, bias.contiguous() if bias is not None else None)

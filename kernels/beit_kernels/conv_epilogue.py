@@ -178,7 +178,7 @@ def _(x, bias, residual, residual_bias, gain, pool, out, relu_out):
     return None
 
 
-def _check_inputs(x, bias, residual, residual_bias, gain, pool, relu_dtype, inplace):
+def _validate(x, bias, residual, residual_bias, gain, pool, relu_dtype, inplace):
     """Clear errors for bad input before any launch."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"conv_epilogue: x must be a torch.Tensor, got {type(x).__name__}")
@@ -240,7 +240,7 @@ def conv_epilogue(
 
     ``return_out=False`` returns (None, relu) and writes no out. ``inplace`` puts the first returned tensor in x's
     memory (then x itself is returned in that place)."""
-    _check_inputs(x, bias, residual, residual_bias, gain, pool, relu_dtype, inplace)
+    _validate(x, bias, residual, residual_bias, gain, pool, relu_dtype, inplace)
     B, C, H, W = x.shape
     shape = (B, C, H // 2, W // 2) if pool else (B, C, H, W)
     relu_dtype = relu_dtype if relu_dtype is not None else x.dtype

@@ -396,7 +396,7 @@ def _(grad_h, grad_y, h, branch, gamma, sample_scale, weight, mean, rstd, has_br
     )
 
 
-def _check_inputs(x, branch, gamma, weight, bias, eps, sample_scale, y_dtype):
+def _validate(x, branch, gamma, weight, bias, eps, sample_scale, y_dtype):
     """Clear errors for bad input before any launch."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"add_layer_norm: x must be a torch.Tensor, got {type(x).__name__}")
@@ -512,7 +512,7 @@ def add_layer_norm(
     With branch None this is a plain LayerNorm and h is x itself. Differentiable in x, branch, gamma, weight and
     bias; see the module docstring for shapes, dtypes and reproducibility.
     """
-    _check_inputs(x, branch, gamma, weight, bias, eps, sample_scale, y_dtype)
+    _validate(x, branch, gamma, weight, bias, eps, sample_scale, y_dtype)
     y_dtype = y_dtype if y_dtype is not None else x.dtype
     weight, bias, gamma = (t.contiguous() if t is not None else None for t in (weight, bias, gamma))
     sample_scale = sample_scale.contiguous() if sample_scale is not None else None

@@ -191,7 +191,7 @@ def _spy_fused(monkeypatch, attn_mod) -> list:
     class Spy:
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
-                partial = args[10]  # DBIAS
+                partial = args[10]  # dbias_ptr
                 launched.append((grid, tuple(partial.shape)))
                 return real[grid](*args[:10], partial.fill_(float("nan")), *args[11:], **kwargs)
 
