@@ -2,10 +2,8 @@
 # One prepared device call: offline install, the `gpu` tests (bf16 included), the kernel benchmarks at real shapes,
 # the end-to-end training-step benchmark, JSON under $OUT, a short table printed last. Budgeted for one call of at
 # most 7 minutes on one H100: the default stage limits below add up to 380 s, and a stage that outlives its
-# SIGINT is killed 5 s later (410 s at worst), plus the install. The whole default run, install included, took
-# about 300 s on an H100 at 9d1b66f, 2026-11-26, and 435 s with max_batch and a short glue sweep after it; the
-# sweeps and the step with their winners, at eec3771, 266 s. Stage times in that run, from its rows' start times:
-# bench_attention 39 s, bench_fused_ops 23, bench_tokenizer 35, train_eager 36, train_compile 110.
+# SIGINT is killed 5 s later (410 s at worst), plus the install. The measured times of whole runs and of each stage
+# are in bench/RESULTS.md.
 #
 #   device run:  bash bench/device_check.sh     (carry .whl holding the xformers wheel to include xformers)
 #
@@ -55,8 +53,8 @@ if ls .whl/*.whl >/dev/null 2>&1; then  # carried wheels (xformers): see the dev
     fi
 fi
 python -m beit.env | tee "$OUT/env.txt"
-# A preset BEIT_GIT_SHA wins: the device's copy of the tree may carry a stale .git (its HEAD read ea4b0d5 when the
-# tree was dfc8856, 2026-11-26). Otherwise the harness's own reading, "-dirty" when the tree differs from HEAD.
+# A preset BEIT_GIT_SHA wins: the device's copy of the tree may carry a stale .git (a HEAD older than the tree has
+# been seen). Otherwise the harness's own reading, "-dirty" when the tree differs from HEAD.
 export BEIT_GIT_SHA=${BEIT_GIT_SHA:-$(cd bench && python -c "import harness; print(harness.git_sha())")}
 
 # -rA: every test's outcome in the summary; a cold Triton cache compiles about a hundred specialisations here.
@@ -90,7 +88,7 @@ done
 tuned_arg=()
 [ ${#tuned[@]} -eq 0 ] || tuned_arg=(--tuned "$(IFS=,; echo "${tuned[*]}")")
 # The step in two stages, so torch.compile's long first compiles cannot starve the eager and graph rows; the
-# compiled stage, two cold BEiT-B compiles, is the slowest here (99 s and 87 s on an H100, 2026-11-26), so it gets
+# compiled stage, two cold BEiT-B compiles, is the slowest here (bench/RESULTS.md), so it gets
 # the most time and runs the user's alternative (compile) first; TRAIN_COMPILE_IMPLS=compile keeps that one only,
 # TRAIN_COMPILE_IMPLS=compile,compile+tok adds compile with its tokenizer compiled too (a third cold compile).
 # TRAIN_EAGER_IMPLS likewise for the eager stage: ...,triton+overlap adds the tokenizer one batch ahead on a second

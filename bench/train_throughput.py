@@ -8,8 +8,7 @@ implementation runs in this process on this device, so their ratios are like for
 Implementations:
     ref             the official code path: explicit softmax attention, Conv2d patch embedding, boolean gather,
                     Linear plus CrossEntropy; the DALL-E tokenizer in fp16 (the official module's own cast) and
-                    in the official module's NCHW layout (until 2026-11-26's H100 run, channels_last: that run's
-                    ref tokenizer took 68.3 ms where the official module took 90.2 in bench_tokenizer)
+                    in the official module's NCHW layout
     sdpa            F.scaled_dot_product_attention with the bias as attn_mask, padded static-shape head
     compile         torch.compile of the sdpa path (what a user would pick instead)
     triton          our kernels: patch embedding, attention with the bias gradient, gather + LayerNorm, linear CE,
@@ -23,13 +22,12 @@ Implementations:
                     convolutions (compute-bound) can share the GPU with the model's memory-bound kernels. A
                     trainer would need the next batch a step early (a loader's prefetch). Its peak memory holds
                     the tokenizer's working memory and the model's at once. Whole step only; with the tokenizer
-                    only; no largest-batch search. Added 2026-11-26 without a GPU: not yet timed
+                    only; no largest-batch search
     compile+tok     compile with the tokenizer under torch.compile too (on request): inductor fuses its glue, the
-                    peer of our fused tokenizer glue (added 2026-11-26 after an H100 run whose compile row ran
-                    the tokenizer's glue in PyTorch ops; not yet timed)
+                    peer of our fused tokenizer glue
 Every implementation other than ref runs the tokenizer in bf16 with channels_last, as beit-pretrain does; the
-triton ones with its glue fused by ``beit_kernels.conv_epilogue`` (beit-pretrain's default on CUDA since
-2026-11-26), sdpa and compile with the glue in PyTorch ops (``bench_tokenizer.py`` times both).
+triton ones with its glue fused by ``beit_kernels.conv_epilogue`` (beit-pretrain's default on CUDA), sdpa and
+compile with the glue in PyTorch ops (``bench_tokenizer.py`` times both).
 
 Reported per implementation, with and without the tokenizer: ms per step by phase (tokenizer, forward, backward,
 optimizer; CUDA events), images per second, peak memory, and MFU with the model's and the tokenizer's FLOPs counted

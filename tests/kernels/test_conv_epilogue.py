@@ -59,8 +59,8 @@ def test_matches_unfused_chain_bitwise(dtype, shape, mode):
         assert got.is_contiguous(memory_format=CL)
         err = (got.double() - want.double()).abs().max().item()
         if dtype == torch.bfloat16 and interpreting():
-            # Triton's interpreter casts fp32 to bf16 by truncation where GPUs round to nearest even (2026-11-26,
-            # Triton 3.9): within a few bf16 steps here, bit for bit on a GPU.
+            # Triton's interpreter casts fp32 to bf16 by truncation where GPUs round to nearest even (Triton 3.9):
+            # within a few bf16 steps here, bit for bit on a GPU.
             assert err <= 2**-5 * want.double().abs().max().item(), err
         else:
             assert torch.equal(got, want), err

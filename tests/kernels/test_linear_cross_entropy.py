@@ -141,7 +141,7 @@ def test_grad_scaler_scale_does_not_overflow_fp16():
 def test_fp16_gradients_do_not_underflow_before_the_grad_scaler():
     """A confident head over many rows: each non-target dz / n_valid (about 1e-8) is below fp16's smallest
     subnormal, so folding the mean into the fp16 dz zeroed the gradient of every class no row targets, before the
-    GradScaler's 2**16 could lift it (100% error there; review finding, 2026-11-27)."""
+    GradScaler's 2**16 could lift it (100% error there)."""
     M, V = 512, 64
     g = torch.Generator().manual_seed(9)
     target = torch.randint(0, V // 2, (M,), generator=g)  # classes V/2.. are no row's target
