@@ -303,8 +303,18 @@ def train(args: argparse.Namespace, record_samples: bool = False) -> dict:
             )
         args.batch_size = args.global_batch_size // per
     out_dir = Path(args.output_dir)
+    lock = None
     if d.main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        lock = train_state.RunFolderLock(out_dir)  # one writer per run folder, before any work
+    try:
+        return _train(args, d, out_dir, record_samples)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(args: argparse.Namespace, d: Dist, out_dir: Path, record_samples: bool) -> dict:
     if args.demo:
         prepare_demo(args, d)
     precision = resolve_precision(args.precision, d.device)
@@ -352,7 +362,7 @@ def train(args: argparse.Namespace, record_samples: bool = False) -> dict:
 
     position = Position()
     data_record = train_state.data_record(loader, d.world_size)
-    resume = train_state.find_resume(args.resume, out_dir)
+    resume = train_state.find_resume(args.resume, out_dir, move_aside=d.main)
     if resume is not None:
         ckpt = train_state.load_checkpoint(resume)
         train_state.check_compatible(ckpt, args, resume, RESUME_KEYS)

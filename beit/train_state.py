@@ -12,6 +12,7 @@ import hashlib
 import os
 import random
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -51,25 +52,88 @@ def gathered_rng_states(d: Dist) -> dict:
     return {str(r): s for r, s in enumerate(gathered)}
 
 
-def save_checkpoint(state: dict, output_dir: Path, step: int, keep: int) -> Path:
-    """Write atomically (temporary file, fsync, rename), then keep the newest ``keep`` checkpoints."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    path = output_dir / f"checkpoint-{step:08d}.pth"
-    tmp = output_dir / f".{path.name}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    with contextlib.suppress(OSError):  # make the rename itself durable where the OS allows it
-        fd = os.open(output_dir, os.O_RDONLY)
+def checksum_path(path: Path) -> Path:
+    """The checksum file written with a checkpoint (``sha256sum`` format)."""
+    return path.with_name(path.name + ".sha256")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_durably(path: Path, write) -> None:
+    """``write(f)`` into a temporary file beside ``path``, fsync, rename over ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # make the renames durable where the OS allows it
+        fd = os.open(folder, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def save_checkpoint(state: dict, output_dir: Path, step: int, keep: int) -> Path:
+    """Write atomically (temporary file, fsync, rename) with its checksum, then keep the newest ``keep``.
+
+    The checksum is taken from the written file and renamed into place before the checkpoint, so every checkpoint
+    has one; the older checkpoints are deleted only after the new one is in place and verified."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / f"checkpoint-{step:08d}.pth"
+    tmp = output_dir / f".{path.name}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        digest = _sha256(tmp)
+        _write_durably(checksum_path(path), lambda f: f.write(f"{digest}  {path.name}\n".encode()))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(output_dir)
+    problem = checkpoint_problem(path)
+    if problem is not None:  # the file on disk is not what was written: keep every older checkpoint
+        raise TrainingError(f"{path} was written damaged ({problem}); the older checkpoints are kept")
     for old in list_checkpoints(output_dir)[:-keep]:
         old.unlink(missing_ok=True)
+        checksum_path(old).unlink(missing_ok=True)
     return path
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the checkpoint at ``path`` cannot be trusted, or None: its contents against the checksum written with
+    it. A checkpoint without a checksum file (written before checksums were) is trusted as it loads."""
+    sums = checksum_path(Path(path))
+    if not sums.is_file():
+        return None
+    try:
+        expected = sums.read_text().split()[0]
+    except (OSError, IndexError) as e:
+        return f"its checksum file {sums.name} is unreadable ({e or 'empty'})"
+    try:
+        actual = _sha256(Path(path))
+    except OSError as e:
+        return f"it cannot be read ({e})"
+    if actual != expected:
+        return f"its contents do not match the checksum written with it ({sums.name}): the file is damaged"
+    return None
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
@@ -81,6 +145,10 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
 
 
 def load_checkpoint(path: str | os.PathLike, kind: str = "beit-pretrain") -> dict:
+    """A verified training state (checksum first, then the keys a resume needs)."""
+    problem = checkpoint_problem(Path(path)) if Path(path).is_file() else None
+    if problem is not None:
+        raise TrainingError(f"{path} cannot be resumed from: {problem}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as e:
@@ -93,13 +161,27 @@ def load_checkpoint(path: str | os.PathLike, kind: str = "beit-pretrain") -> dic
     return ckpt
 
 
-def find_resume(resume: str, out_dir: Path) -> Path | None:
-    """``--resume``: "none", "auto" (the newest checkpoint in the run folder, if any) or a path."""
+def find_resume(resume: str, out_dir: Path, move_aside: bool = True) -> Path | None:
+    """``--resume``: "none", "auto" (the newest intact checkpoint in the run folder, if any) or a path. A damaged
+    checkpoint that "auto" passes over is renamed ``*.damaged`` (by the caller with ``move_aside``, the main rank),
+    so that neither the rotation nor a later resume takes it for the newest."""
     if resume == "none":
         return None
     if resume == "auto":
-        found = list_checkpoints(out_dir)
-        return found[-1] if found else None
+        for path in reversed(list_checkpoints(out_dir)):  # the newest intact one
+            problem = checkpoint_problem(path)
+            if problem is None:
+                return path
+            note = ""
+            if move_aside:
+                aside = path.with_name(path.name + ".damaged")
+                with contextlib.suppress(FileNotFoundError):  # its checksum goes with it, still checking it
+                    os.replace(checksum_path(path), checksum_path(aside))
+                with contextlib.suppress(FileNotFoundError):
+                    os.replace(path, aside)
+                note = f"; kept as {aside.name}"
+            print(f"--resume auto: skipping {path}: {problem}{note}", file=sys.stderr, flush=True)
+        return None
     path = Path(resume)
     if not path.is_file():
         raise TrainingError(f"--resume {resume}: no such checkpoint")
@@ -143,6 +225,39 @@ def check_resume_point(ckpt: dict, seed: int, path, record: dict, out_dir: Path)
             " This run would write a second history beside them, its rotation would delete the older ones, and "
             "--resume auto would later pick theirs: move them away, or give another --output-dir"
         )
+
+
+LOCK_NAME = ".beit-run.lock"
+
+
+class RunFolderLock:
+    """An exclusive advisory lock (``flock``) on a run folder, held while the run lives: the OS drops it when the
+    process ends, killed or not, so a dead run never leaves a stale lock. A second run into a locked folder gets a
+    TrainingError before any work."""
+
+    def __init__(self, out_dir: Path):
+        import fcntl
+
+        self.path = Path(out_dir) / LOCK_NAME
+        self._file = open(self.path, "a+")  # noqa: SIM115  (held open for the life of the run)
+        try:
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._file.seek(0)
+            holder = self._file.read().strip() or "unknown"
+            self._file.close()
+            raise TrainingError(
+                f"another run is writing to {out_dir} (process {holder} holds {self.path}): wait for it to end, or "
+                "give another --output-dir"
+            ) from None
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(f"{os.getpid()}\n")
+        self._file.flush()
+
+    def release(self) -> None:
+        if not self._file.closed:
+            self._file.close()  # closing the descriptor releases the lock
 
 
 def jsonable(d: dict) -> dict:
