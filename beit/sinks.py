@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 
@@ -20,6 +21,7 @@ class LogSinks:
         self.writer = None
         if not enabled:
             return
+        self._trim_log(start)
         if progress:
             from tqdm import tqdm
 
@@ -30,6 +32,20 @@ class LogSinks:
             pass
         else:
             self.writer = SummaryWriter(str(self.out_dir / "tb"))
+
+    def _trim_log(self, step: int) -> None:
+        """Keep the log lines up to ``step``, where this run starts (a resume): the steps after the checkpoint
+        are trained and logged again, and each step must appear once."""
+        path = self.out_dir / "log.jsonl"
+        if not path.is_file():
+            return
+        lines = path.read_text().splitlines()
+        kept = [line for line in lines if (m := _parse(line)) is not None and m.get("step", 0) <= step]
+        if len(kept) == len(lines):
+            return
+        tmp = path.with_name(".log.jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
 
     def advance(self) -> None:
         if self.bar is not None:
@@ -79,3 +95,12 @@ def plot_curves(history: list[dict], path: Path, keys: dict[str, str]) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _parse(line: str) -> dict | None:
+    """A log line, or None for one a killed process left unfinished."""
+    try:
+        m = json.loads(line)
+    except ValueError:
+        return None
+    return m if isinstance(m, dict) else None

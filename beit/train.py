@@ -307,6 +307,8 @@ def train(args: argparse.Namespace, record_samples: bool = False) -> dict:
     if d.main:
         out_dir.mkdir(parents=True, exist_ok=True)
         lock = train_state.RunFolderLock(out_dir)  # one writer per run folder, before any work
+        for name in train_state.remove_leftovers(out_dir):
+            print(f"removed {out_dir / name}, left by a run killed while writing a checkpoint", flush=True)
     try:
         return _train(args, d, out_dir, record_samples)
     finally:

@@ -104,8 +104,14 @@ def save_checkpoint(state: dict, output_dir: Path, step: int, keep: int) -> Path
         digest = _sha256(tmp)
         _write_durably(checksum_path(path), lambda f: f.write(f"{digest}  {path.name}\n".encode()))
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        cause = _os_error(e)
+        if cause is not None:  # disk full, permission denied, ...: one line, the older checkpoints untouched
+            raise TrainingError(
+                f"cannot write a checkpoint into {output_dir}: {cause.strerror or cause}; the last good checkpoint "
+                "there is intact, and a resume continues from it once the folder can be written"
+            ) from e
         raise
     _fsync_dir(output_dir)
     problem = checkpoint_problem(path)
@@ -115,6 +121,28 @@ def save_checkpoint(state: dict, output_dir: Path, step: int, keep: int) -> Path
         old.unlink(missing_ok=True)
         checksum_path(old).unlink(missing_ok=True)
     return path
+
+
+def _os_error(e: BaseException) -> OSError | None:
+    """The OSError behind ``e``, itself or in its chain (torch.save reports a full disk as a RuntimeError of its
+    zip writer, with the OSError as its context)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def remove_leftovers(output_dir: Path) -> list[str]:
+    """Delete the temporary files a run killed while writing a checkpoint left (``.checkpoint-*.tmp``); returns
+    their names. Only the run holding the folder's lock may call it."""
+    removed = []
+    for p in Path(output_dir).glob(".checkpoint-*.tmp"):
+        p.unlink(missing_ok=True)
+        removed.append(p.name)
+    return sorted(removed)
 
 
 def checkpoint_problem(path: Path) -> str | None:

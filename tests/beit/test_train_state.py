@@ -118,3 +118,51 @@ def test_a_lock_left_by_a_killed_process_does_not_block(tmp_path):
         except TrainingError:
             assert time.time() < deadline
             time.sleep(0.1)
+
+
+def test_a_full_disk_is_one_line_and_loses_nothing(assets, tmp_path, monkeypatch, capsys):
+    import errno
+
+    run = tmp_path / "run"
+    assert main(run_args(assets, run, "--steps", "2")) == 0
+    good = list_checkpoints(run)[-1]
+    before = good.read_bytes()
+    real_save = torch.save
+
+    def full(obj, f, *a, **k):
+        real_save(obj, f, *a, **k)  # a partial file on disk, then the writer's error, as torch reports ENOSPC
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1024 vs 0") from None
+
+    monkeypatch.setattr(torch, "save", full)
+    capsys.readouterr()
+    assert main(run_args(assets, run, "--steps", "4")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"cannot write a checkpoint into {run}: No space left on device" in err[0], err
+    assert "inline_container" not in err[0]
+    assert list_checkpoints(run) == [good] and good.read_bytes() == before and checkpoint_problem(good) is None
+    assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]
+    monkeypatch.setattr(torch, "save", real_save)
+    # A .tmp left by a run killed while writing goes at the next start.
+    (run / ".checkpoint-00000004.pth.tmp").write_bytes(b"partial")
+    assert main(run_args(assets, run, "--steps", "4")) == 0
+    assert "removed" in capsys.readouterr().out and not (run / ".checkpoint-00000004.pth.tmp").exists()
+    assert load_checkpoint(list_checkpoints(run)[-1])["step"] == 4
+
+
+def test_the_log_holds_each_step_once_after_a_resume(assets, tmp_path):
+    import json
+
+    run = tmp_path / "run"
+    assert main(run_args(assets, run, "--steps", "4", "--log-interval", "1")) == 0
+    # As a kill after step 4's log line and before its checkpoint would leave the folder (a partial line too).
+    last = list_checkpoints(run)[-1]
+    last.unlink()
+    checksum_path(last).unlink()
+    with open(run / "log.jsonl", "a") as f:
+        f.write('{"step": 5, "lo')
+    assert main(run_args(assets, run, "--steps", "4", "--log-interval", "1")) == 0
+    steps = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
