@@ -229,6 +229,10 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     problem = _cuda_graph_problem(args, int(os.environ.get("WORLD_SIZE", "1")))
     if problem:
         parser.error(problem)
+    on_cpu = args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
+    if on_cpu and args.impl == "triton" and args.precision == "bf16":
+        parser.error("--impl triton --precision bf16 cannot run on the CPU: Triton's interpreter computes bf16 "
+                     "matrix products wrongly; use --precision fp32 there, or --impl sdpa for bf16")  # fmt: skip
 
 
 def _cuda_graph_problem(args: argparse.Namespace, world_size: int) -> str | None:

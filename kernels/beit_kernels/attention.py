@@ -58,7 +58,7 @@ import triton
 import triton.language as tl
 
 from beit_kernels import tuning
-from beit_kernels.backend import check_kernel_device, fill_programs
+from beit_kernels.backend import check_interpreter_dtype, check_kernel_device, fill_programs
 
 LOG2E = 1.4426950408889634
 
@@ -438,6 +438,7 @@ def _validate(q, k, v, bias):
     if not (q.device == k.device == v.device):
         raise ValueError(f"attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     check_kernel_device("attention", q)
+    check_interpreter_dtype("attention", q.device, q.dtype)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.shape[-1] > 1 and t.stride(-1) != 1:  # a single feature has no stride to honour
             raise ValueError(f"attention: {name}'s last dimension must be contiguous (stride 1), got {t.stride()}")

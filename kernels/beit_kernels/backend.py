@@ -102,6 +102,18 @@ def check_kernel_device(op: str, t: torch.Tensor) -> None:
         raise RuntimeError(f"{op}: {problem}")
 
 
+def check_interpreter_dtype(op: str, device: torch.device, *dtypes: torch.dtype) -> None:
+    """Refuse bf16 in Triton's CPU interpreter for an op whose kernels multiply with ``tl.dot``: the interpreter's
+    bf16 dot multiplies the bit patterns (errors of 1e11 and more, no exception), so its results would be garbage
+    passed on as numbers."""
+    if device.type == "cuda" or not interpreting() or torch.bfloat16 not in dtypes:
+        return
+    raise ValueError(
+        f"{op}: bfloat16 is not computed correctly by Triton's CPU interpreter (its bf16 tl.dot is wrong); on the "
+        f"CPU use float32 or float16, or beit_kernels.reference.{op}; bf16 runs on a CUDA GPU"
+    )
+
+
 def check_vector(op: str, name: str, t: torch.Tensor | None, n: int, device: torch.device) -> None:
     """An optional per-feature (or per-sample) parameter of kernel ``op``: None, or a float tensor [n] on
     ``device``; anything else is a clear error before any launch."""

@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 
 from beit_kernels import tuning
-from beit_kernels.backend import add_t_matmul_fp32, check_kernel_device
+from beit_kernels.backend import add_t_matmul_fp32, check_interpreter_dtype, check_kernel_device
 
 # ----------------------------------------------------------------------------------------------------------------
 # Kernels
@@ -553,6 +553,8 @@ def _validate(images, weight, bias, mask, mask_token, cls_token, pos_embed, mean
         raise TypeError("float64 images are not supported by the Triton kernel; use fp32, fp16, bf16 or uint8")
     if weight.dtype == torch.float64:
         raise TypeError("float64 weights are not supported by the Triton kernel; use fp32, fp16 or bf16")
+    compute = _out_dtype(images.device, weight.dtype)
+    check_interpreter_dtype("patch_embed", images.device, images.dtype, weight.dtype, compute)
     return images, weight, bias, mask, mask_token, cls_token, pos_embed, scale, shift
 
 

@@ -289,6 +289,9 @@ def test_precision_and_argument_checks():
             parse_args(["--data", "d", "--tokenizer", "kmeans:t", *bad])
     with pytest.raises(SystemExit):
         parse_args([])  # neither --data/--tokenizer nor --demo
+    with pytest.raises(SystemExit):  # the interpreter's bf16 dot is wrong: refused before any work
+        parse_args(["--data", "d", "--tokenizer", "kmeans:t", "--device", "cpu", "--impl", "triton", "--precision",
+                    "bf16"])  # fmt: skip
     assert parse_args(["--data", "d", "--tokenizer", "kmeans:t", "--image-size", "208"]).image_size == 208
     assert parse_args(["--data", "d", "--tokenizer", "kmeans:t"]).tokenizer_fused == "auto"
     assert parse_args(["--data", "d", "--tokenizer", "kmeans:t", "--tokenizer-fused", "off"]).tokenizer_fused == "off"

@@ -117,3 +117,31 @@ def test_env_switch_parses_one_zero_and_unset(monkeypatch):
     monkeypatch.setenv("BEIT_KERNELS_TEST_SWITCH", "yes")
     with pytest.raises(ValueError, match="BEIT_KERNELS_TEST_SWITCH must be 0 or 1, got 'yes'"):
         env_switch("BEIT_KERNELS_TEST_SWITCH")
+
+
+BF16_OPS = {
+    "attention": lambda: beit_kernels.attention(*(Q.bfloat16(),) * 3),
+    "attention_qkvpacked": lambda: beit_kernels.attention_qkvpacked(torch.zeros(1, 5, 3, 2, 16, dtype=torch.bfloat16)),
+    "patch_embed (bf16 images)": lambda: beit_kernels.patch_embed(
+        torch.zeros(2, 3, 16, 16, dtype=torch.bfloat16), torch.zeros(8, 3, 16, 16), None
+    ),  # fmt: skip
+    "patch_embed (bf16 autocast)": lambda: _under_bf16_autocast(
+        lambda: beit_kernels.patch_embed(torch.zeros(2, 3, 16, 16), torch.zeros(8, 3, 16, 16), None)
+    ),
+}
+
+
+def _under_bf16_autocast(fn):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return fn()
+
+
+@pytest.mark.parametrize("case", sorted(BF16_OPS))
+def test_bf16_in_the_interpreter_is_refused_for_the_dot_kernels(case):
+    """The interpreter's bf16 tl.dot multiplies bit patterns: the ops whose kernels use it refuse bf16 on the CPU
+    with the alternatives, instead of returning garbage (errors of 1e11 were seen)."""
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU interpreter")
+    op = case.split(" ")[0].replace("_qkvpacked", "")
+    with pytest.raises(ValueError, match=f"{op}: bfloat16 is not computed correctly by Triton's CPU interpreter"):
+        BF16_OPS[case]()
