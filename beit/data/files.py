@@ -45,11 +45,7 @@ def list_images(
             if not files:
                 raise ValueError(f"file list {str(path)!r} names no files")
         else:
-            files = sorted(
-                str(p)
-                for p in path.rglob("*")
-                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
-            )
+            files = _walk_files(path)
             if not files:
                 raise ValueError(f"data folder {str(path)!r} holds no files")
         where = repr(str(path))
@@ -59,6 +55,49 @@ def list_images(
         if not files:
             raise ValueError(f"no files ending in {', '.join(extensions)} in {where}")
     return files
+
+
+def _walk_files(root: Path) -> list[str]:
+    """The files under ``root``, hidden files and folders left out, sorted. Symlinked folders are followed (a data
+    set assembled from links to class folders elsewhere), each real folder listed once: a link to a folder already
+    listed (an ancestor: a loop; or a second link to the same folder) is skipped, with one warning naming them.
+    Symlinked files are listed; broken links are not."""
+    seen = {_dir_key(root)}
+    skipped = []
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        keep = []
+        for d in sorted(dirnames):
+            if d.startswith("."):
+                continue
+            sub = os.path.join(dirpath, d)
+            key = _dir_key(sub)
+            if key is None:
+                continue
+            if key in seen:
+                skipped.append(f"{sub} -> {os.path.realpath(sub)}")
+                continue
+            seen.add(key)
+            keep.append(d)
+        dirnames[:] = keep
+        names = (f for f in filenames if not f.startswith("."))
+        files.extend(str(Path(dirpath, f)) for f in names if os.path.isfile(os.path.join(dirpath, f)))
+    if skipped:
+        warnings.warn(
+            f"data folder {str(root)!r}: skipping {len(skipped)} symlinked folders already listed through another "
+            f"path (a link to an ancestor, or a second link to one folder): {'; '.join(skipped[:20])}",
+            stacklevel=4,
+        )
+    return sorted(files)
+
+
+def _dir_key(path: str | os.PathLike) -> tuple[int, int] | None:
+    """(device, inode) of the folder ``path`` leads to, links followed; None if it cannot be read."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _image_format(head: bytes) -> str | None:

@@ -439,6 +439,29 @@ def test_list_images_extension_filter(tmp_path, data_dir):
         list_images(tmp_path, extensions=(".gif",))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_symlinked_class_folders_are_followed_once(tmp_path, data_dir, backend):
+    """Class folders that are symlinks to folders elsewhere are listed (sorted, as plain folders are); a link to
+    an ancestor (a loop) or a second link to a folder already listed is skipped with a warning naming it."""
+    store, root = tmp_path / "store", tmp_path / "data"
+    root.mkdir()
+    make_synthetic(store, 9, classes=3, seed=5, size=(80, 60), gray_fraction=0, png_fraction=0)
+    for name in ("class_000", "class_001", "class_002"):
+        (root / name).symlink_to(store / name, target_is_directory=True)
+    expected = sorted(str(root / os.path.relpath(f, store)) for f in list_images(store))
+    assert len(expected) == 9 and list_images(root) == expected
+    (store / "class_001" / "loop").symlink_to(root, target_is_directory=True)  # an ancestor, through a link
+    (root / "class_000_again").symlink_to(store / "class_000", target_is_directory=True)
+    with pytest.warns(UserWarning, match="skipping 2 symlinked folders") as rec:
+        assert list_images(root) == expected
+    assert "loop" in str(rec[0].message) and "class_000_again" in str(rec[0].message)
+    with pytest.warns(UserWarning, match="skipping 2 symlinked folders"):
+        loader = build_loader(root, 4, backend=backend, **SMALL)
+    assert loader.files == expected
+    seen = torch.cat([b["index"][b["valid"]] for b in _batches(loader)]).tolist()
+    assert sorted(seen) == list(range(9))
+
+
 def test_imports_and_falls_back_without_dali(data_dir):
     code = (
         "import sys, warnings\n"
