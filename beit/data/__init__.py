@@ -55,6 +55,7 @@ from beit.data.files import (
     check_image,
     find_undecodable,
     list_images,
+    to_rgb,
     validate_images,
 )
 from beit.data.loader import build_loader, dali_available
@@ -132,6 +133,7 @@ __all__ = [
     "resized_crop",
     "resolve_shards",
     "synthetic_image",
+    "to_rgb",
     "unmap_pixels",
     "validate_images",
 ]

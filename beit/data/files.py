@@ -57,6 +57,23 @@ def list_images(
     return files
 
 
+def to_rgb(im):
+    """``im`` (a PIL image) as 8-bit RGB, as DALI's decoder gives it. 16-bit grey (modes "I;16*", and "I", which
+    is how PIL may open a 16-bit grey PNG) is scaled to 8 bits by round(v / 257), DALI's scaling, where PIL's own
+    ``convert("RGB")`` clips at 255 and turns a full-range image white; values outside 0..65535 are clipped. PIL
+    opens 16-bit RGB(A) PNGs as 8-bit RGB(A) (the high byte: within 1 of DALI's rounding). 32-bit float pixels
+    (mode "F") have no agreed scale: refused, naming the mode (``check_image`` sets such files aside)."""
+    import numpy as np
+    from PIL import Image
+
+    if im.mode == "F":
+        raise ValueError("unsupported pixel mode F (32-bit float)")
+    if im.mode == "I" or im.mode.startswith("I;16"):
+        v = np.clip(np.asarray(im, dtype=np.int64), 0, 65535)
+        return Image.fromarray(((v + 128) // 257).astype(np.uint8), "L").convert("RGB")
+    return im.convert("RGB")
+
+
 def _walk_files(root: Path) -> list[str]:
     """The files under ``root``, hidden files and folders left out, sorted. Symlinked folders are followed (a data
     set assembled from links to class folders elsewhere), each real folder listed once: a link to a folder already
@@ -144,9 +161,11 @@ def check_image(path: str) -> str | None:
         if fmt == "PNG" and b"IEND" not in tail[-64:]:
             return "truncated PNG (no IEND chunk)"
         with Image.open(path) as im:
-            w, h = im.size
+            (w, h), mode = im.size, im.mode
         if w < 1 or h < 1:
             return f"degenerate size {w}x{h}"
+        if mode == "F":
+            return "unsupported pixel mode F (32-bit float)"
     except OSError as e:
         return f"unreadable ({type(e).__name__}: {e})"
     except Exception as e:  # PIL raises assorted types on garbage headers; any of them means "bad file"
@@ -189,7 +208,7 @@ def find_undecodable(files: Sequence[str]) -> list[tuple[str, str]]:
     for f in files:
         try:
             with Image.open(f) as im:
-                im.convert("RGB").load()
+                to_rgb(im).load()
         except Exception as e:  # any decoder error names a bad file
             bad.append((f, f"{type(e).__name__}: {e}"))
     return bad

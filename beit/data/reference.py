@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from beit.data.base import OUTPUT_DTYPES, LoaderBase
-from beit.data.files import BadImageError
+from beit.data.files import BadImageError, to_rgb
 from beit.data.order import mix_seeds
 from beit.data.transforms import NORMALIZATIONS, color_jitter, map_pixels, random_resized_crop_box, resized_crop
 from beit.masking import MaskingGenerator, mask_to_index
@@ -45,7 +45,7 @@ class ReferenceDataset(torch.utils.data.Dataset):
         i = int(self.order[j])
         try:
             with Image.open(files[i]) as im:
-                return i, bool(self.valid[j]), im.convert("RGB"), ""
+                return i, bool(self.valid[j]), to_rgb(im), ""
         except Exception as e:
             report = f"{files[i]}\0{type(e).__name__}: {e}"
             if self.loader.on_bad_file == "error":
@@ -55,7 +55,7 @@ class ReferenceDataset(torch.utils.data.Dataset):
             for k in range(1, len(files)):
                 try:
                     with Image.open(files[(i + k) % len(files)]) as im:
-                        return (i + k) % len(files), False, im.convert("RGB"), report
+                        return (i + k) % len(files), False, to_rgb(im), report
                 except Exception:  # another bad file: try the next one
                     continue
             raise BadImageError(f"no file of the data set decodes (first failure: {files[i]}: {e})") from e

@@ -343,6 +343,62 @@ def test_gray_and_cmyk_become_rgb(messy_dir):
         assert {"gray.jpg", "cmyk.jpg"} <= set(by_name)
 
 
+def _png16(path, a: np.ndarray) -> None:
+    """A 16-bit PNG of ``a`` ([H, W] or [H, W, C], C in 1-4), written by hand: PIL writes 16-bit grey only."""
+    import struct
+    import zlib
+
+    a = a.reshape(*a.shape[:2], -1).astype(">u2")
+    h, w, c = a.shape
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", w, h, 16, {1: 0, 2: 4, 3: 2, 4: 6}[c], 0, 0, 0)
+    raw = b"".join(b"\0" + row.tobytes() for row in a)
+    chunks = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunks)
+
+
+def _dali_decode(path) -> np.ndarray:
+    """DALI's CPU decode of one file as [H, W, 3] uint8."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None)
+    def pipe():
+        encoded, _ = fn.readers.file(files=[str(path)])
+        return fn.decoders.image(encoded, device="cpu", output_type=types.RGB)
+
+    p = pipe()
+    p.build()
+    return np.array(p.run()[0].as_tensor())[0]
+
+
+def test_16_bit_pngs_are_scaled_to_8_bits(tmp_path):
+    """A full-range 16-bit grey gradient (PIL mode "I;16") and a 16-bit RGB PNG come out as 8-bit gradients
+    (round(v / 257), as DALI decodes them), not as a white image; both loaders agree and neither is blank."""
+    from beit.data import to_rgb
+
+    ramp = np.linspace(0, 65535, 80 * 60).round().astype(np.uint16).reshape(60, 80)
+    rgb = np.stack([ramp, ramp[::-1], 65535 - ramp], -1)
+    (tmp_path / "c").mkdir()
+    _png16(tmp_path / "c" / "gray16.png", ramp)
+    _png16(tmp_path / "c" / "rgb16.png", rgb)
+    expected = {"gray16.png": np.repeat(ramp[..., None], 3, -1), "rgb16.png": rgb}
+    for name, tol in (("gray16.png", 0), ("rgb16.png", 1)):
+        with Image.open(tmp_path / "c" / name) as im:
+            mine = np.asarray(to_rgb(im)).astype(int)
+        want = np.round(expected[name] / 257).astype(int)
+        assert mine.shape == (60, 80, 3) and np.abs(mine - want).max() <= tol, name
+        if dali_available():
+            assert np.abs(_dali_decode(tmp_path / "c" / name).astype(int) - mine).max() <= tol, name
+    for backend in ["reference"] + (["dali"] if dali_available() else []):
+        loader = build_loader(tmp_path, 2, backend=backend, output_dtype="uint8", shuffle=False, **SMALL)
+        (b,) = _batches(loader)
+        for img in b["images"]:
+            assert img.float().std() > 10, backend
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bad_file_error_names_it(messy_dir, backend):
     with pytest.raises(BadImageError, match=r"bad image file .*(truncated|notes|empty|anim)"):
