@@ -42,18 +42,51 @@ def test_twenty_steps_lower_the_loss(assets, tmp_path):
     assert ckpt["step"] == 20 and ckpt["args"]["steps"] == 20
 
 
-def test_interrupted_and_resumed_run_is_bitwise_identical(assets, tmp_path):
+def assert_same(x, y, where="checkpoint"):
+    """Recursive bitwise equality of checkpoint contents (tensors, dicts, lists, tuples, plain values)."""
+    if isinstance(x, torch.Tensor):
+        assert isinstance(y, torch.Tensor) and x.dtype == y.dtype and torch.equal(x, y), where
+    elif isinstance(x, dict):
+        assert isinstance(y, dict) and sorted(map(str, x)) == sorted(map(str, y)), where
+        for k in x:
+            assert_same(x[k], y[k], f"{where}[{k!r}]")
+    elif isinstance(x, (list, tuple)):
+        assert isinstance(y, (list, tuple)) and len(x) == len(y), where
+        for i, (u, v) in enumerate(zip(x, y)):
+            assert_same(u, v, f"{where}[{i}]")
+    else:
+        assert x == y, where
+
+
+def test_interrupted_and_resumed_run_is_bitwise_identical(assets, tmp_path, capsys):
     a, b = tmp_path / "a", tmp_path / "b"
     assert main(common(assets, a, "--steps", "20")) == 0
+    assert "resumed from" not in capsys.readouterr().out
     # 40 images in batches of 6: 7 batches an epoch, so step 10 is in the middle of the second epoch.
     assert main(common(assets, b, "--steps", "20", "--inject-sigint", "10")) == 130
-    mid = load_checkpoint(list_checkpoints(b)[-1])
+    mid_path = list_checkpoints(b)[-1]
+    mid = load_checkpoint(mid_path)
     assert (mid["step"], mid["epoch"], mid["batch_in_epoch"]) == (10, 1, 3)
+    assert [m["step"] for m in log_lines(b)] == [5, 10]
+    capsys.readouterr()
     assert main(common(assets, b, "--steps", "20")) == 0
-    sa = load_checkpoint(list_checkpoints(a)[-1])["model"]
-    sb = load_checkpoint(list_checkpoints(b)[-1])["model"]
-    for k in sa:
-        assert torch.equal(sa[k], sb[k]), k
+    # The second run really resumed at step 10 (a run that restarted at step 0 would reach the same weights).
+    assert f"resumed from {mid_path} at step 10 (epoch 1, batch 3)" in capsys.readouterr().out
+    # log.jsonl continues from there: each step once, with the losses of the uninterrupted run.
+    la, lb = log_lines(a), log_lines(b)
+    assert [m["step"] for m in lb] == [m["step"] for m in la] == [5, 10, 15, 20]
+    assert [m["loss"] for m in lb] == [m["loss"] for m in la]
+    ca, cb = (load_checkpoint(list_checkpoints(x)[-1]) for x in (a, b))
+    assert ca["step"] == cb["step"] == 20
+    for key in ("model", "optimizer", "scaler", "rng"):
+        assert_same(ca[key], cb[key], key)
+    # Negative control: the optimizer state compared is not trivial. A resume with a fresh optimizer would count
+    # 10 steps, not 20, and its moments would differ; zero moments would match anything.
+    states = cb["optimizer"]["state"]
+    assert states and all(float(st["step"]) == 20 for st in states.values())
+    assert all(st["exp_avg"].abs().sum() > 0 and st["exp_avg_sq"].abs().sum() > 0 for st in states.values())
+    assert any(not torch.equal(st["exp_avg"], mid["optimizer"]["state"][i]["exp_avg"]) for i, st in states.items())
+    assert not torch.equal(ca["rng"]["0"]["torch"], mid["rng"]["0"]["torch"])
 
 
 def test_torchrun_two_processes_on_gloo(assets, tmp_path):
@@ -223,7 +256,7 @@ def test_demo_end_to_end(tmp_path):
         pass
     model = model_from_checkpoint(ckpt)
     assert model.config.depth == 4 and model.config.img_size == 96
-    # The pretrained encoder beats a random one on the demo classes (measured 0.68-0.74 against 0.31-0.38).
+    # The pretrained encoder beats a random one on the demo classes (measured 0.62-0.76 against 0.31-0.38).
     probe = json.loads((out / "linprobe.json").read_text())
     assert probe["pretrained"]["accuracy"] > probe["random_init"]["accuracy"] + 0.2, probe
     assert linprobe_main([str(ckpt), "--data", str(out / "demo_data"), "--random-init"]) == 0
