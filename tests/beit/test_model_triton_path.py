@@ -5,6 +5,8 @@ embedding, masked gather with the final LayerNorm, linear cross-entropy) on thei
 its own tests, and one test here runs the whole model with every kernel.
 """
 
+import math
+
 import pytest
 import torch
 from _testutil import no_host_sync
@@ -183,6 +185,48 @@ def test_bad_mim_inputs():
 # GPU: BEiT-B in bf16 autocast, no host synchronisation in the fused step
 
 
+def assert_matches_ref(loss, ref_loss, grads, ref_grads, vocab, loss_frac=0.1, grad_rel=5e-2, global_rel=2e-2):
+    """A low-precision step against the reference: at initialisation the loss sits near ln V (uniform logits), so
+    its error is bounded by a fraction of its distance from ln V (constant logits are off by the whole distance),
+    and every gradient is compared in relative L2 norm (bf16 against fp32 on this model on the CPU: at most 0.8%
+    per parameter, 0.5% over all of them)."""
+    dist = abs(ref_loss - math.log(vocab))
+    assert dist > 0, "the reference loss is exactly ln V: the loss check would prove nothing"
+    assert abs(loss - ref_loss) < loss_frac * dist, (loss, ref_loss, math.log(vocab))
+    assert set(grads) == set(ref_grads), set(grads) ^ set(ref_grads)
+
+    def rel(a, b):
+        return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+    for name, g in ref_grads.items():
+        assert g.abs().sum() > 0, name
+        assert rel(grads[name], g) < grad_rel, (name, rel(grads[name], g))
+    flat = [torch.cat([g[n].flatten() for n in sorted(ref_grads)]) for g in (grads, ref_grads)]
+    assert rel(*flat) < global_rel, rel(*flat)
+
+
+def test_the_reference_comparison_refuses_constant_logits():
+    """The check of the GPU test below, on the CPU: it accepts the triton path and refuses a model whose logits are
+    constant (its loss is ln V; its gradients are wrong)."""
+    images, mask, index, tokens = batch()
+    ref_model = small_model("ref")
+    model = small_model("triton")
+    model.load_state_dict(ref_model.state_dict())
+    ref, ref_grads = loss_and_grads(ref_model, images, mask, index, tokens)
+    got, grads = loss_and_grads(model, images, mask, index, tokens)
+    vocab = SMALL["vocab_size"]
+    assert_matches_ref(got[0].item(), ref[0].item(), grads, ref_grads, vocab)
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+        model.lm_head.bias.zero_()
+    flat, flat_grads = loss_and_grads(model, images, mask, index, tokens)
+    assert flat[0].item() == pytest.approx(math.log(vocab))
+    with pytest.raises(AssertionError):
+        assert_matches_ref(flat[0].item(), ref[0].item(), flat_grads, ref_grads, vocab)
+    with pytest.raises(AssertionError):  # the gradients alone catch it too
+        assert_matches_ref(ref[0].item(), ref[0].item(), flat_grads, ref_grads, vocab)
+
+
 @pytest.mark.gpu
 def test_gpu_fused_step_is_sync_free_and_matches_ref():
     from beit.masking import MaskingGenerator, generate_masks
@@ -198,12 +242,17 @@ def test_gpu_fused_step_is_sync_free_and_matches_ref():
     tokens = torch.randint(0, 8192, (B, 196), device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
         ref_loss = ref_model.forward_mim_loss(images, mask, index, tokens)[0]
+    ref_loss.backward()
     with no_host_sync():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss, correct, valid = model.forward_mim_loss(images, mask, index, tokens)
         loss.backward()
     assert abs(loss.item() - ref_loss.item()) < 2e-2 * abs(ref_loss.item())
     assert valid.item() == int(mask.sum())
+    ref_grads = {n: p.grad for n, p in ref_model.named_parameters() if p.grad is not None}
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert set(ref_grads) == {n for n, _ in model.named_parameters()}
+    assert_matches_ref(loss.item(), ref_loss.item(), grads, ref_grads, cfg["vocab_size"])
 
 
 @pytest.mark.parametrize("init_values", [0.1, None])
