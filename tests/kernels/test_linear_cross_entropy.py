@@ -3,6 +3,7 @@
 import pytest
 import torch
 from _testutil import check_close, no_host_sync
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import beit_kernels
 from beit_kernels import reference
@@ -116,11 +117,30 @@ def test_double_backward_is_refused_not_wrong():
         gx.square().sum().backward()
 
 
+class KernelInputDtypes(TorchDispatchMode):
+    """Records the dtypes of the tensors each beit_kernels op receives (what reaches the kernel)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "beit_kernels":
+            self.calls.append((func.name(), [a.dtype for a in args if isinstance(a, torch.Tensor)]))
+        return func(*args, **(kwargs or {}))
+
+
 def test_autocast_runs_in_the_autocast_dtype():
     x, w, b, target = make(12, 16, 70)
     leaves = [t.float().requires_grad_() for t in (x, w, b)]
-    with torch.autocast("cpu", dtype=torch.float16):
+    with KernelInputDtypes() as seen, torch.autocast("cpu", dtype=torch.float16):
         loss = beit_kernels.linear_cross_entropy(*leaves, target)
+    # The kernel itself gets x, weight and bias in fp16 (a path ignoring autocast would pass them in fp32).
+    fp16 = torch.float16
+    assert seen.calls == [("beit_kernels::linear_cross_entropy_fwd", [fp16, fp16, fp16, torch.int64])], seen.calls
+    with KernelInputDtypes() as plain:  # the spy reads what is passed: fp32 outside autocast
+        beit_kernels.linear_cross_entropy(*(t.detach() for t in leaves), target)
+    assert plain.calls == [("beit_kernels::linear_cross_entropy_fwd", [torch.float32] * 3 + [torch.int64])]
     loss.backward()
     assert loss.dtype == torch.float32 and all(t.grad.dtype == torch.float32 for t in leaves)
     ref = reference.linear_cross_entropy(x, w, b, target)
