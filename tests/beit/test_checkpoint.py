@@ -268,3 +268,145 @@ def test_unknown_layouts_are_refused():
         export_state_dict(ours(), "onnx")
     with pytest.raises(TypeError):
         convert_state_dict([1, 2, 3])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Inputs not made by our export: transformers' own save_pretrained, and the official key names written out by hand
+# (from the unilm, timm and Hugging Face sources, not from beit.checkpoint), so that a naming error made the same
+# way in export and import cannot pass.
+
+D, MLP, TABLE = 32, 128, (2 * 3 - 1) ** 2 + 3  # SMALL: 3x3 windows, 28 table rows
+
+
+def official_unilm_shapes(depth=2, shared_table=True) -> dict[str, tuple]:
+    """The keys and shapes of an official unilm MIM checkpoint's ``model`` (run_beit_pretraining.py)."""
+    shapes = {
+        "cls_token": (1, 1, D),
+        "mask_token": (1, 1, D),
+        "patch_embed.proj.weight": (D, 3, 16, 16),
+        "patch_embed.proj.bias": (D,),
+    }
+    if shared_table:
+        shapes["rel_pos_bias.relative_position_bias_table"] = (TABLE, 4)
+    for i in range(depth):
+        p = f"blocks.{i}."
+        shapes.update({
+            p + "gamma_1": (D,), p + "gamma_2": (D,),
+            p + "norm1.weight": (D,), p + "norm1.bias": (D,),
+            p + "attn.q_bias": (D,), p + "attn.v_bias": (D,),
+            p + "attn.qkv.weight": (3 * D, D),
+            p + "attn.proj.weight": (D, D), p + "attn.proj.bias": (D,),
+            p + "norm2.weight": (D,), p + "norm2.bias": (D,),
+            p + "mlp.fc1.weight": (MLP, D), p + "mlp.fc1.bias": (MLP,),
+            p + "mlp.fc2.weight": (D, MLP), p + "mlp.fc2.bias": (D,),
+        })  # fmt: skip
+        if not shared_table:
+            shapes[p + "attn.relative_position_bias_table"] = (TABLE, 4)
+    shapes.update({"norm.weight": (D,), "norm.bias": (D,), "lm_head.weight": (50, D), "lm_head.bias": (50,)})
+    return shapes
+
+
+def random_state(shapes: dict, seed=0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(s, generator=g) * 0.2 for k, s in shapes.items()}
+
+
+def unilm_to_hf4_by_hand(sd: dict, depth=2) -> dict[str, torch.Tensor]:
+    """The transformers converter's map (convert_beit_unilm_to_pytorch.py, has_lm_head=True), written out."""
+    out = {
+        "beit.embeddings.cls_token": sd["cls_token"],
+        "beit.embeddings.mask_token": sd["mask_token"],
+        "beit.embeddings.patch_embeddings.projection.weight": sd["patch_embed.proj.weight"],
+        "beit.embeddings.patch_embeddings.projection.bias": sd["patch_embed.proj.bias"],
+        "beit.encoder.relative_position_bias.relative_position_bias_table": sd[
+            "rel_pos_bias.relative_position_bias_table"
+        ],
+        "layernorm.weight": sd["norm.weight"],
+        "layernorm.bias": sd["norm.bias"],
+        "lm_head.weight": sd["lm_head.weight"],
+        "lm_head.bias": sd["lm_head.bias"],
+    }
+    for i in range(depth):
+        u, h = f"blocks.{i}.", f"beit.encoder.layer.{i}."
+        qkv = sd[u + "attn.qkv.weight"]
+        out.update({
+            h + "lambda_1": sd[u + "gamma_1"], h + "lambda_2": sd[u + "gamma_2"],
+            h + "layernorm_before.weight": sd[u + "norm1.weight"], h + "layernorm_before.bias": sd[u + "norm1.bias"],
+            h + "attention.attention.query.weight": qkv[:D],
+            h + "attention.attention.query.bias": sd[u + "attn.q_bias"],
+            h + "attention.attention.key.weight": qkv[D : 2 * D],
+            h + "attention.attention.value.weight": qkv[2 * D :],
+            h + "attention.attention.value.bias": sd[u + "attn.v_bias"],
+            h + "attention.output.dense.weight": sd[u + "attn.proj.weight"],
+            h + "attention.output.dense.bias": sd[u + "attn.proj.bias"],
+            h + "layernorm_after.weight": sd[u + "norm2.weight"], h + "layernorm_after.bias": sd[u + "norm2.bias"],
+            h + "intermediate.dense.weight": sd[u + "mlp.fc1.weight"],
+            h + "intermediate.dense.bias": sd[u + "mlp.fc1.bias"],
+            h + "output.dense.weight": sd[u + "mlp.fc2.weight"], h + "output.dense.bias": sd[u + "mlp.fc2.bias"],
+        })  # fmt: skip
+    return out
+
+
+@pytest.mark.parametrize("variant", HF_VARIANTS)
+def test_a_model_saved_by_transformers_itself_loads_to_the_same_logits(variant, tmp_path):
+    hf = hf_model(**variant)
+    hf.save_pretrained(str(tmp_path))  # transformers' own file and names, whatever this version writes
+    model = _ours_for(variant)
+    assert load_pretrained(model, tmp_path, strict=True).source == "hf"
+    x, mask = inputs()
+    with torch.no_grad():
+        assert (model(x, mask) - hf_logits(hf, x, mask)).abs().max() < 1e-4
+
+
+def test_a_hand_written_official_unilm_checkpoint_loads_and_matches_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from safetensors.torch import save_file
+
+    shapes = official_unilm_shapes()
+    sd = random_state(shapes)
+    sd["rel_pos_bias.relative_position_index"] = torch.zeros(10, 10, dtype=torch.long)  # a persistent buffer
+    path = tmp_path / "checkpoint-799.pth"
+    torch.save({"model": sd, "epoch": 799}, path)
+    model = ours()
+    report = load_pretrained(model, path, strict=True)
+    assert report.source == "unilm"
+    # Our names are the official ones: every official weight arrives unchanged under its own name.
+    assert set(model.state_dict()) == set(shapes)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, sd[k], rtol=0, atol=0, msg=k)
+    # And our export writes exactly the official keys (the index buffer beside them).
+    assert set(export_state_dict(model, "unilm")) == set(shapes) | {"rel_pos_bias.relative_position_index"}
+
+    # The same weights, mapped by hand to the hub names, in transformers' own model: the same logits.
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in unilm_to_hf4_by_hand(sd).items()}, str(folder / "model.safetensors"))
+    hf_model().config.save_pretrained(str(folder))
+    hf = transformers.BeitForMaskedImageModeling.from_pretrained(str(folder)).eval()
+    x, mask = inputs()
+    with torch.no_grad():
+        assert (model(x, mask) - hf_logits(hf, x, mask)).abs().max() < 1e-4
+
+
+def test_a_hand_written_timm_state_dict_loads_under_the_official_names():
+    """timm's Beit (global_pool='avg', per-block tables): unilm's names without mask_token, lm_head and norm, with
+    fc_norm and head; older files hold k_bias and per-block relative_position_index buffers."""
+    shapes = {
+        k: s
+        for k, s in official_unilm_shapes(shared_table=False).items()
+        if not k.startswith(("mask_token", "lm_head", "norm."))
+    }
+    shapes.update({"fc_norm.weight": (D,), "fc_norm.bias": (D,), "head.weight": (1000, D), "head.bias": (1000,)})
+    sd = random_state(shapes, seed=1)
+    for i in range(2):
+        sd[f"blocks.{i}.attn.k_bias"] = torch.zeros(D)
+        sd[f"blocks.{i}.attn.relative_position_index"] = torch.zeros(10, 10, dtype=torch.long)
+    target = ours(use_rel_pos_bias=True, use_shared_rel_pos_bias=False)
+    report = load_pretrained(target, sd)
+    assert report.source == "unilm"
+    assert report.missing_keys == ["lm_head.bias", "lm_head.weight", "mask_token", "norm.bias", "norm.weight"]
+    assert report.unexpected_keys == ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"]
+    loaded = target.state_dict()
+    for k in shapes:
+        if not k.startswith(("fc_norm", "head")):
+            torch.testing.assert_close(loaded[k], sd[k], rtol=0, atol=0, msg=k)
