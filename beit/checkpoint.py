@@ -306,9 +306,26 @@ def read_state_dict(path: str | os.PathLike) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ValueError(
-            f"{path} could not be read as a weights-only checkpoint ({type(e).__name__}: {str(e).splitlines()[0]}); "
+            f"{path} could not be read as a weights-only checkpoint ({torch_load_problem(e)}); "
             "files that need arbitrary code to unpickle are refused"
         ) from e
+
+
+def torch_load_problem(e: BaseException) -> str:
+    """A ``torch.load`` error in one line, for our messages: what made the loader refuse the file, without torch's
+    advice to re-run with ``weights_only=False`` (which runs whatever code the file names) or to allowlist the
+    file's globals."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    found = re.search(r"WeightsUnpickler error:\s*([^\n]*)", text)
+    if found:
+        reason = re.split(r"\s+Please use `torch\.serialization", found.group(1))[0].strip()
+    else:
+        reason = next((line.strip() for line in text.splitlines() if line.strip()), "")
+        if reason.startswith("Weights only load failed"):
+            reason = "Weights only load failed"
+    if re.search(r"weights.only|trust", reason, re.IGNORECASE):
+        reason = "the file holds objects other than tensors and plain containers"
+    return f"{type(e).__name__}: {reason}" if reason else type(e).__name__
 
 
 @dataclass

@@ -63,7 +63,7 @@ def pretraining_normalization(checkpoint: str | Path) -> str | None:
     try:
         # Only the args are wanted: mapping the file leaves the weights (and optimizer state) unread.
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # a legacy (non-zip) torch.save file cannot be mapped
+    except Exception:  # a legacy (non-zip) file cannot be mapped; read_state_dict gives the refusal of a bad one
         ckpt = read_state_dict(path)
     args = ckpt.get("args") if isinstance(ckpt, dict) else None
     return args.get("normalization") if isinstance(args, dict) else None

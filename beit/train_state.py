@@ -182,7 +182,9 @@ def load_checkpoint(path: str | os.PathLike, kind: str = "beit-pretrain") -> dic
     except FileNotFoundError as e:
         raise TrainingError(f"checkpoint not found: {path}") from e
     except Exception as e:
-        raise TrainingError(f"{path} is not a readable training checkpoint ({type(e).__name__}: {e})") from e
+        from beit.checkpoint import torch_load_problem  # without torch's advice to load with weights_only=False
+
+        raise TrainingError(f"{path} is not a readable training checkpoint ({torch_load_problem(e)})") from e
     missing = [k for k in REQUIRED_KEYS if k not in ckpt]
     if missing:
         raise TrainingError(f"{path} is not a {kind} checkpoint: it lacks {', '.join(missing)}")

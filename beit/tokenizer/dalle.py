@@ -547,6 +547,13 @@ def _torch_load_restricted(path: Path) -> object:
         raise ValueError(
             f"{path} ends early or cannot be read ({e}): truncated download? expected {EXPECTED_FILE}"
         ) from None
+    except (TypeError, ValueError, AttributeError, IndexError, KeyError, OverflowError, MemoryError) as e:
+        # An allowed callable (OrderedDict, torch.device, a tensor rebuild) given arguments no torch.save writes.
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise ValueError(
+            f"{path} is not a valid torch pickle of the DALL-E encoder ({type(e).__name__}: {first}); "
+            f"expected {EXPECTED_FILE}"
+        ) from None
 
 
 def read_dalle_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -2,6 +2,7 @@
 
 import json
 import pickle
+import re
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from beit.checkpoint import (
     load_pretrained,
     read_state_dict,
 )
+from beit.errors import TrainingError
 from beit.model import BeitConfig, VisionTransformerForMaskedImageModeling
 
 SMALL = dict(img_size=48, patch_size=16, embed_dim=32, depth=2, num_heads=4, vocab_size=50, layer_norm_eps=1e-6)
@@ -410,3 +412,36 @@ def test_a_hand_written_timm_state_dict_loads_under_the_official_names():
     for k in shapes:
         if not k.startswith(("fc_norm", "head")):
             torch.testing.assert_close(loaded[k], sd[k], rtol=0, atol=0, msg=k)
+
+
+class _NotWeights:
+    """Any class the weights-only loader does not allow."""
+
+
+def _refusal(fn, path) -> str:
+    with pytest.raises(Exception) as info:
+        fn(path)
+    assert isinstance(info.value, (ValueError, TrainingError)), repr(info.value)
+    return str(info.value)
+
+
+def test_refusals_never_advise_loading_with_weights_only_false(tmp_path):
+    """torch.load's error advises re-running with weights_only=False (running whatever the file names): our
+    messages pass on the reason (the global the file names), never that advice."""
+    from beit.export import model_from_checkpoint
+    from beit.linprobe import pretraining_normalization
+    from beit.train_state import load_checkpoint
+
+    code = tmp_path / "code.pth"
+    torch.save({"model": {}, "x": _NotWeights()}, code)
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"\x80\x02garbage" * 10)
+    readers = [read_state_dict, load_checkpoint, model_from_checkpoint, pretraining_normalization]
+    for path in (code, junk):
+        for fn in readers:
+            msg = _refusal(fn, path)
+            assert str(path) in msg, (fn.__name__, msg)
+            assert not re.search(r"weights_only\W{0,5}(set to\W{0,3})?False", msg), (fn.__name__, msg)
+            assert "trust" not in msg and "add_safe_globals" not in msg, (fn.__name__, msg)
+            if path == code:
+                assert "_NotWeights" in msg, (fn.__name__, msg)

@@ -1,8 +1,10 @@
 """Visual tokenizers: the DALL-E encoder against the official ``dall_e`` package, reading encoder.pkl without
 running it, refusing bad files, the k-means tokenizer and its command line."""
 
+import collections
 import copy
 import os
+import re
 
 import numpy as np
 import pytest
@@ -399,6 +401,40 @@ def test_bad_dalle_files_are_refused(official, tmp_path, case):
     with pytest.raises(exc, match=pattern):
         load_tokenizer(f"dalle:{path}")
     assert not marker.exists()  # nothing named by the file ran
+
+
+class _CallsAllowed:
+    """Pickles as a call of an allowed callable with arguments no torch.save of a module writes."""
+
+    def __init__(self, fn, args):
+        self.fn, self.args = fn, args
+
+    def __reduce__(self):
+        return self.fn, self.args
+
+
+CRAFTED_CALLS = {
+    # Raw pickles (the legacy torch format's first record) calling allowed callables with bad arguments.
+    "ordereddict.pkl": b"\x80\x02ccollections\nOrderedDict\nK\x01K\x02K\x03\x87R.",
+    "device.pkl": b"\x80\x02ctorch\ndevice\n]\x85R.",
+    "rebuild.pkl": b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\nK\x01\x85R.",
+    "set.pkl": b"\x80\x02c__builtin__\nset\nK\x01\x85R.",
+    # The same inside torch.save's zip format.
+    "zip_ordereddict.pkl": lambda p: torch.save({"x": _CallsAllowed(collections.OrderedDict, (1, 2, 3))}, p),
+    "zip_frozenset.pkl": lambda p: torch.save(_CallsAllowed(frozenset, (1,)), p),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CRAFTED_CALLS))
+def test_allowed_callables_with_bad_arguments_are_refused_naming_the_file(tmp_path, name):
+    path = tmp_path / name
+    content = CRAFTED_CALLS[name]
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        content(path)
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))} is not a valid torch pickle of the DALL-E encoder"):
+        load_tokenizer(f"dalle:{path}")
 
 
 def test_truncated_and_missing_files(official, tmp_path):
