@@ -1,4 +1,4 @@
-"""pytest-benchmark suite for the fused ops: ``pytest bench/test_bench_fused_ops.py --benchmark-json=OUT.json``.
+"""pytest-benchmark suite for the fused ops: ``pytest tests/bench/test_bench_fused_ops.py --benchmark-json=OUT.json``.
 
 On a GPU it runs BEiT-B shapes (B=256, 224 px, K=75, D=768, V=8192; 197 tokens of width 768 for add_layer_norm
 and 3072 for bias_gelu) under bf16 autocast, forward+backward, for our kernels and the reference chains of
@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "bench")))
 
 import bench_fused_ops  # noqa: E402  (sets TRITON_INTERPRET without CUDA before triton is imported)
 import harness  # noqa: E402
@@ -51,5 +51,5 @@ def test_fused_op_fwd_bwd(benchmark, op, provider):
             torch.cuda.synchronize()
 
     benchmark.extra_info.update(harness.env_info(DEVICE), kernel=kernel, shape=shape, dtype=str(dtype))
-    benchmark.pedantic(step, rounds=10 if DEVICE.type == "cuda" else 2, warmup_rounds=1)
+    benchmark.pedantic(step, rounds=10 if DEVICE.type == "cuda" else 1, warmup_rounds=int(DEVICE.type == "cuda"))
     assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in leaves)

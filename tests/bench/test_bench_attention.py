@@ -1,4 +1,4 @@
-"""pytest-benchmark suite for attention: ``pytest bench/test_bench_attention.py --benchmark-json=OUT.json``.
+"""pytest-benchmark suite for attention: ``pytest tests/bench/test_bench_attention.py --benchmark-json=OUT.json``.
 
 On a GPU it runs BEiT-B (H=12) at B=128 in bf16, forward+backward with the bias gradient, for every provider of
 bench_attention.py; on CPU (Triton interpreter) a tiny shape, so the suite itself cannot rot. Each benchmark's
@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "bench")))
 
 import bench_attention  # noqa: E402
 import harness  # noqa: E402
@@ -38,5 +38,5 @@ def test_attention_fwd_bwd(benchmark, provider):
             torch.cuda.synchronize()
 
     benchmark.extra_info.update(harness.env_info(DEVICE), shape=dict(B=B, H=H, N=N, D=D), dtype=str(DTYPE))
-    benchmark.pedantic(step, rounds=10 if DEVICE.type == "cuda" else 2, warmup_rounds=1)
+    benchmark.pedantic(step, rounds=10 if DEVICE.type == "cuda" else 1, warmup_rounds=int(DEVICE.type == "cuda"))
     assert torch.isfinite(bias.grad).all()
