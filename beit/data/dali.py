@@ -253,7 +253,9 @@ class DaliLoader(LoaderBase):
                 window = order[step * self.batch_size : (step + 4) * self.batch_size]
                 culprits = find_undecodable([self.files[i] for i in dict.fromkeys(window.tolist())])
                 if not culprits or self.on_bad_file == "error":
-                    names = "; ".join(f"{f}: {r}" for f, r in culprits) or "could not tell which file: " + str(e)
+                    # One line: the file and the cause (the pipeline's own report stays in the exception chain).
+                    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                    names = "; ".join(f"{f}: {r}" for f, r in culprits) or "could not tell which file: " + first
                     raise BadImageError(f"decoding failed: {names}") from e
                 for f, r in culprits:
                     self._skip_runtime_failure(f, r)

@@ -120,12 +120,20 @@ class ReferenceLoader(LoaderBase):
         )
         batches = iter(dl)
         try:
-            for batch in batches:
-                for report in batch.pop("decode_failure"):
-                    if report:
-                        path, reason = report.split("\0", 1)
-                        self._skip_runtime_failure(path, reason)
-                yield batch
+            try:
+                for batch in batches:
+                    for report in batch.pop("decode_failure"):
+                        if report:
+                            path, reason = report.split("\0", 1)
+                            self._skip_runtime_failure(path, reason)
+                    yield batch
+            except BadImageError as e:
+                # A worker's error reaches here as the worker's whole traceback; its own message (one line, naming
+                # the file and the cause) is the traceback's last line.
+                lines = str(e).strip().splitlines()
+                if len(lines) > 1:
+                    raise BadImageError(lines[-1].split("BadImageError: ", 1)[-1]) from None
+                raise
         finally:
             # Stop the workers when the epoch ends, by an error too. An error raised in a worker keeps the iterator
             # alive through its traceback's frames, and its workers would idle until the garbage collector ran

@@ -413,8 +413,13 @@ def test_runtime_decode_failure_is_named(tmp_path, backend):
     victim = tmp_path / "class_000" / "img_000003.jpg"
     victim.write_bytes(victim.read_bytes()[:700])
     loader = build_loader(tmp_path, 4, backend=backend, validate=False, on_bad_file="error", **SMALL)
-    with pytest.raises(BadImageError, match="img_000003.jpg"):
+    with pytest.raises(BadImageError, match="img_000003.jpg") as err:
         _batches(loader)
+    # One line naming the file and the cause, raised in the main process: no worker traceback in the message.
+    msg = str(err.value)
+    del err  # its traceback would keep the pipeline (DALI's threads) alive while the next loader forks workers
+    assert "\n" not in msg and "Traceback" not in msg and msg.startswith("decoding failed: "), msg
+    assert "img_000003.jpg: " in msg
     # The error stopped the reference loader's worker processes (its traceback still holds their iterator).
     assert multiprocessing.active_children() == []
     loader = build_loader(tmp_path, 4, backend=backend, validate=False, on_bad_file="skip", **SMALL)
