@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from beit.data.files import BadImageError, list_images, validate_images
+from beit.data.files import MAX_PIXELS, BadImageError, list_images, validate_images
 from beit.data.order import epoch_order, mix_seeds, resolve_shards
 from beit.data.transforms import NORMALIZATIONS
 from beit.masking import MaskingGenerator
@@ -48,6 +48,7 @@ class LoaderBase:
         masking: dict | None,
         shuffle: bool,
         validate: bool,
+        max_pixels: int | None = MAX_PIXELS,
     ):
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -59,6 +60,8 @@ class LoaderBase:
             raise ValueError(f"normalization must be one of {list(NORMALIZATIONS)}, got {normalization!r}")
         if on_bad_file not in ("skip", "error"):
             raise ValueError(f"on_bad_file must be 'skip' or 'error', got {on_bad_file!r}")
+        if max_pixels is not None and max_pixels <= 0:
+            raise ValueError(f"max_pixels must be positive or None, got {max_pixels}")
         if image_size <= 0 or tokenizer_size <= 0:
             raise ValueError(f"image sizes must be positive, got {image_size} and {tokenizer_size}")
         self.batch_size = batch_size
@@ -74,7 +77,7 @@ class LoaderBase:
         self.shuffle = shuffle
         files = list_images(data_dir)
         if validate:
-            self.files, self.bad_files = validate_images(files, on_bad_file, num_threads)
+            self.files, self.bad_files = validate_images(files, on_bad_file, num_threads, max_pixels)
         else:
             self.files, self.bad_files = files, []
         self._index = {f: i for i, f in enumerate(self.files)}

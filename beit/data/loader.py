@@ -7,6 +7,7 @@ from __future__ import annotations
 import warnings
 
 from beit.data.dali import DaliLoader
+from beit.data.files import MAX_PIXELS
 from beit.data.reference import ReferenceLoader
 
 
@@ -38,6 +39,7 @@ def build_loader(
     shuffle: bool = True,
     validate: bool = True,
     pin_memory: bool = False,
+    max_pixels: int | None = MAX_PIXELS,
 ):
     """The BEiT pretraining loader: an iterable of batch dicts with ``len()`` steps per epoch and ``set_epoch``.
 
@@ -66,7 +68,10 @@ def build_loader(
     an error. ``validate=False`` skips the up-front header check (for data sets known to be clean); bad files are
     then found when decoding fails. ``shard_id``/``num_shards`` default to torch.distributed's global rank and
     world size when initialised. ``pin_memory``: CPU batches in page-locked memory (for a CUDA consumer: a copy from
-    pageable memory makes the host wait for it, and ``non_blocking=True`` does not help).
+    pageable memory makes the host wait for it, and ``non_blocking=True`` does not help). ``max_pixels``
+    (default 64 megapixels, ``beit.data.files.MAX_PIXELS``; None: no limit): validation treats an image with more
+    pixels as a bad file, read from its header before any decoding (a small PNG can decode to gigabytes); with
+    ``validate=False`` it is not checked.
     """
     if backend not in ("auto", "dali", "reference"):
         raise ValueError(f"backend must be 'auto', 'dali' or 'reference', got {backend!r}")
@@ -85,6 +90,7 @@ def build_loader(
         masking=masking,
         shuffle=shuffle,
         validate=validate,
+        max_pixels=max_pixels,
     )
     if backend == "reference" or (backend == "auto" and device == "cpu" and not dali_available()):
         if device == "gpu":

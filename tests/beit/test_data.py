@@ -400,6 +400,36 @@ def test_16_bit_pngs_are_scaled_to_8_bits(tmp_path):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_pixel_limit_sets_large_images_aside(tmp_path, backend):
+    """An image over ``max_pixels`` is a bad file, found from its header: "skip" warns naming it, "error" raises
+    naming it. A header claiming 20000 x 20000 pixels (PIL's decompression-bomb error) is refused the same way."""
+    import struct
+    import zlib
+
+    make_synthetic(tmp_path, 4, classes=1, seed=6, size=(80, 60), gray_fraction=0, png_fraction=0)
+    Image.new("L", (300, 200), 128).save(tmp_path / "class_000" / "big.png")
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 0, 0, 0, 0))
+    bomb = b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    (tmp_path / "class_000" / "bomb.png").write_bytes(bomb)
+    with pytest.warns(UserWarning, match="skipping 2 of 6 files") as rec:
+        loader = build_loader(tmp_path, 2, backend=backend, max_pixels=250 * 200, **SMALL)
+    msg = str(rec[0].message)
+    assert "big.png: too large: 300x200" in msg and "bomb.png: too large" in msg
+    assert sorted(os.path.basename(f) for f, _ in loader.bad_files) == ["big.png", "bomb.png"]
+    assert len(_batches(loader)) == 2
+    with pytest.warns(UserWarning, match="skipping 1 of 6 files"):
+        build_loader(tmp_path, 2, backend=backend, **SMALL)  # the default limit takes the 300x200 image
+    with pytest.raises(BadImageError, match=r"big.png: too large: 300x200 = 60000 pixels, over max_pixels=50000"):
+        build_loader(tmp_path, 2, backend=backend, max_pixels=250 * 200, on_bad_file="error", **SMALL)
+    with pytest.raises(ValueError, match="max_pixels"):
+        build_loader(tmp_path, 2, backend=backend, max_pixels=0, **SMALL)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_bad_file_error_names_it(messy_dir, backend):
     with pytest.raises(BadImageError, match=r"bad image file .*(truncated|notes|empty|anim)"):
         build_loader(messy_dir, 4, backend=backend, on_bad_file="error", **SMALL)
