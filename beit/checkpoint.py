@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from beit.fileformat import refuse_non_weights
+from beit.fileformat import SHA256_KEY, refuse_non_weights, tensors_sha256
 
 SOURCES = ("unilm", "timm", "hf")
 EXPORTS = ("unilm", "hf", "hf5")
@@ -296,12 +296,18 @@ def read_state_dict(path: str | os.PathLike) -> dict:
         raise FileNotFoundError(f"checkpoint not found: {path}")
     refuse_non_weights(path)
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        from safetensors import safe_open
 
         try:
-            return load_file(str(path), device="cpu")
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                metadata = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118  (safe_open is not a mapping)
         except Exception as e:  # safetensors raises its own error types
             raise ValueError(f"{path} is not a valid safetensors file: {e}") from e
+        expected = metadata.get(SHA256_KEY)
+        if expected is not None and tensors_sha256(tensors) != expected:
+            raise ValueError(f"{path} is damaged: its tensors do not match the checksum written with them")
+        return tensors
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:

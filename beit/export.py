@@ -22,6 +22,7 @@ import torch
 
 import beit
 from beit.checkpoint import export_state_dict, hf_config_kwargs, read_state_dict
+from beit.fileformat import SHA256_KEY, tensors_sha256
 from beit.model import BeitConfig, VisionTransformerForMaskedImageModeling
 
 
@@ -49,10 +50,12 @@ def export(model: VisionTransformerForMaskedImageModeling, out: str | Path) -> d
     out = Path(out)
     (out / "hf").mkdir(parents=True, exist_ok=True)
     paths = {"safetensors": out / "model.safetensors", "unilm": out / "beit_unilm.pth", "hf": out / "hf"}
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(paths["safetensors"]))
+    # The safetensors files carry a checksum of their tensors in their metadata, verified by read_state_dict.
+    ours = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(ours, str(paths["safetensors"]), metadata={"format": "pt", SHA256_KEY: tensors_sha256(ours)})
     torch.save({"model": export_state_dict(model, "unilm")}, paths["unilm"])
     hf = {k: v.contiguous() for k, v in export_state_dict(model, "hf").items()}
-    save_file(hf, str(out / "hf" / "model.safetensors"), metadata={"format": "pt"})
+    save_file(hf, str(out / "hf" / "model.safetensors"), metadata={"format": "pt", SHA256_KEY: tensors_sha256(hf)})
     config = dict(hf_config_kwargs(model), model_type="beit", architectures=["BeitForMaskedImageModeling"])
     (out / "hf" / "config.json").write_text(json.dumps(config, indent=2))
     return paths

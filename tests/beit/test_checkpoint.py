@@ -445,3 +445,23 @@ def test_refusals_never_advise_loading_with_weights_only_false(tmp_path):
             assert "trust" not in msg and "add_safe_globals" not in msg, (fn.__name__, msg)
             if path == code:
                 assert "_NotWeights" in msg, (fn.__name__, msg)
+
+
+def test_exported_safetensors_carry_a_checksum_that_catches_damage(tmp_path):
+    from safetensors.torch import save_file
+
+    from beit.export import export
+
+    model = ours()
+    paths = export(model, tmp_path / "out")
+    for path in (paths["safetensors"], paths["hf"] / "model.safetensors"):
+        sd = read_state_dict(path)  # verified
+        assert sd and all(isinstance(v, torch.Tensor) for v in sd.values())
+        raw = bytearray(path.read_bytes())
+        raw[-64:] = bytes(b ^ 0xFF for b in raw[-64:])  # the last tensor's bytes: the header still parses
+        path.write_bytes(bytes(raw))
+        with pytest.raises(ValueError, match="damaged: its tensors do not match the checksum"):
+            read_state_dict(path)
+    # A safetensors file from elsewhere (no checksum of ours) loads as before.
+    save_file({"w": torch.ones(2)}, str(tmp_path / "plain.safetensors"))
+    assert torch.equal(read_state_dict(tmp_path / "plain.safetensors")["w"], torch.ones(2))
