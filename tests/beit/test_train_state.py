@@ -18,6 +18,7 @@ from beit.train_state import (
     find_resume,
     list_checkpoints,
     load_checkpoint,
+    remove_leftovers,
     save_checkpoint,
 )
 
@@ -166,3 +167,30 @@ def test_the_log_holds_each_step_once_after_a_resume(assets, tmp_path):
     assert main(run_args(assets, run, "--steps", "4", "--log-interval", "1")) == 0
     steps = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
+
+
+def test_a_kill_during_a_checkpoint_write_leaves_the_last_good_one(tmp_path):
+    """kill -9 while the newest checkpoint is being written: the older one stays the newest intact checkpoint,
+    resume picks it, and the leftover temporary file goes at the next start."""
+    code = (
+        "import sys, torch; from pathlib import Path; from beit.train_state import save_checkpoint\n"
+        "out = Path(sys.argv[1]); save_checkpoint({'step': 1, 'w': torch.ones(4)}, out, 1, keep=1)\n"
+        "print('first', flush=True)\n"
+        "save_checkpoint({'step': 2, 'w': torch.ones(1 << 28)}, out, 2, keep=1)\n"  # 1 GiB: slow to write
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "first"
+        tmp = tmp_path / ".checkpoint-00000002.pth.tmp"
+        deadline = time.time() + 60
+        while not (tmp.exists() and tmp.stat().st_size > 0):
+            assert time.time() < deadline and proc.poll() is None
+            time.sleep(0.01)
+    finally:
+        proc.kill()
+        proc.wait()
+    first = tmp_path / "checkpoint-00000001.pth"
+    assert list_checkpoints(tmp_path) == [first] and checkpoint_problem(first) is None
+    assert find_resume("auto", tmp_path) == first
+    assert torch.load(first, weights_only=True)["step"] == 1
+    assert remove_leftovers(tmp_path) == [tmp.name] and not tmp.exists()
