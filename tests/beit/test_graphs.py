@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from _testutil import make_train_assets, tiny_run_args
+from torch._library.custom_ops import OPDEFS
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import beit
@@ -202,11 +203,17 @@ HOST_SYNC_OPS = {
 
 class HostSyncs(TorchDispatchMode):
     """Records the ops of a region that would synchronise the host on a CUDA device. On the CPU nothing waits, so
-    this is how a CPU test sees them; boolean indexing counts, since it runs a nonzero inside the op."""
+    this is how a CPU test sees them; boolean indexing counts, since it runs a nonzero inside the op.
+
+    A ``torch.library`` custom op (every ``beit_kernels`` op) reaches a dispatch mode as one opaque op; its
+    Python implementation is run here instead, with the mode on, so the ops inside it are watched too. Triton's
+    launches themselves are not torch ops (in the interpreter they run on the tensors' memory), so they are
+    not seen: on a GPU a launch does not wait for the device."""
 
     def __init__(self):
         super().__init__()
         self.found = []
+        self.custom_ops = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = str(func.overloadpacket)
@@ -215,7 +222,24 @@ class HostSyncs(TorchDispatchMode):
         )
         if name in HOST_SYNC_OPS or bool_index:
             self.found.append(name + (" (boolean index)" if bool_index else ""))
+        opdef = OPDEFS.get(f"{func.namespace}::{func._opname}")
+        if opdef is not None:
+            self.custom_ops.append(name)
+            with self:
+                return opdef._init_fn(*args, **(kwargs or {}))
         return func(*args, **(kwargs or {}))
+
+
+@torch.library.custom_op("beit_tests::syncs_inside", mutates_args=())
+def _syncs_inside(x: torch.Tensor) -> torch.Tensor:
+    return x * 2 if x.sum().item() > 0 else x.clone()  # a host sync hidden inside a custom op
+
+
+def test_the_host_sync_watch_sees_inside_custom_ops():
+    with HostSyncs() as watch:
+        _syncs_inside(torch.ones(3))
+    assert watch.custom_ops == ["beit_tests.syncs_inside"], watch.custom_ops
+    assert {"aten.item", "aten._local_scalar_dense"} & set(watch.found), watch.found
 
 
 @pytest.mark.parametrize("impl, clean", [("triton", True), ("sdpa", True), ("ref", False)])
@@ -236,6 +260,8 @@ def test_the_captured_step_never_waits_for_the_device(impl, clean):
     gstep.load(0, data[1])
     with HostSyncs() as watch:
         gstep.step(1e-3, 0.05)
+    if impl == "triton":  # the kernels' own ops were looked into
+        assert any(op.startswith("beit_kernels.") for op in watch.custom_ops), watch.custom_ops
     if clean:
         assert watch.found == [], watch.found
     else:
