@@ -307,10 +307,21 @@ def train(args: argparse.Namespace, record_samples: bool = False) -> dict:
             )
         args.batch_size = args.global_batch_size // per
     out_dir = Path(args.output_dir)
-    lock = None
+    lock, refused = None, None
     if d.main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        lock = train_state.RunFolderLock(out_dir)  # one writer per run folder, before any work
+        try:
+            lock = train_state.RunFolderLock(out_dir)  # one writer per run folder, before any work
+        except TrainingError as e:
+            refused = e
+    if d.enabled:  # every rank stops when rank 0 is refused, rather than waiting at its first collective
+        flag = torch.tensor([0.0 if refused is None else 1.0], device=d.device)
+        d.all_reduce(flag, "max")
+        if flag.item() and refused is None:
+            refused = TrainingError(f"{out_dir} is locked by another run (rank 0 could not take its lock)")
+    if refused is not None:
+        raise refused
+    if d.main:
         for name in train_state.remove_leftovers(out_dir):
             print(f"removed {out_dir / name}, left by a run killed while writing a checkpoint", flush=True)
     try:

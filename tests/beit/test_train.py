@@ -121,6 +121,18 @@ def test_torchrun_two_processes_on_gloo(assets, tmp_path):
         s0, s1 = r0["samples"][epoch], r1["samples"][epoch]
         assert not set(s0) & set(s1)
         assert sorted(s0 + s1) == list(range(TRAIN_IMAGES))  # every sample once per epoch across the ranks
+    # A folder another run holds: rank 0 is refused its lock, and rank 1 stops with it instead of waiting.
+    from beit.train_state import RunFolderLock
+
+    lock = RunFolderLock(out)
+    try:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "beit.train"]
+        cmd += common(assets, out, "--steps", "9")
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    finally:
+        lock.release()
+    assert proc.returncode != 0
+    assert "another run is writing to" in proc.stderr and "rank 0 could not take its lock" in proc.stderr
 
 
 def test_an_injected_nonfinite_loss_is_skipped_and_counted(assets, tmp_path):
