@@ -65,18 +65,35 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _write_durably(path: Path, write) -> None:
-    """``write(f)`` into a temporary file beside ``path``, fsync, rename over ``path``."""
+def _write_durably(path: Path, write, before_replace=None) -> None:
+    """``write(f)`` into a temporary file beside ``path``, fsync, ``before_replace()`` if given, rename over
+    ``path``; the temporary file is removed on any failure."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         with open(tmp, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if before_replace is not None:
+            before_replace()
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+class _HashingWriter:
+    """A file's ``write`` that also feeds the bytes to a hash (torch.save writes a file front to back)."""
+
+    def __init__(self, f, digest):
+        self.f, self.digest = f, digest
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -91,21 +108,19 @@ def _fsync_dir(folder: Path) -> None:
 def save_checkpoint(state: dict, output_dir: Path, step: int, keep: int) -> Path:
     """Write atomically (temporary file, fsync, rename) with its checksum, then keep the newest ``keep``.
 
-    The checksum is taken from the written file and renamed into place before the checkpoint, so every checkpoint
-    has one; the older checkpoints are deleted only after the new one is in place and verified."""
+    The checksum is of the bytes torch.save produced, renamed into place before the checkpoint, so every
+    checkpoint has one; the file on disk is then read back against it, and the older checkpoints are deleted only
+    after the new one is in place and verified."""
     output_dir.mkdir(parents=True, exist_ok=True)
     path = output_dir / f"checkpoint-{step:08d}.pth"
-    tmp = output_dir / f".{path.name}.tmp"
+    digest = hashlib.sha256()
+
+    def write_checksum() -> None:
+        _write_durably(checksum_path(path), lambda f: f.write(f"{digest.hexdigest()}  {path.name}\n".encode()))
+
     try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        digest = _sha256(tmp)
-        _write_durably(checksum_path(path), lambda f: f.write(f"{digest}  {path.name}\n".encode()))
-        os.replace(tmp, path)
+        _write_durably(path, lambda f: torch.save(state, _HashingWriter(f, digest)), before_replace=write_checksum)
     except BaseException as e:
-        tmp.unlink(missing_ok=True)
         cause = _os_error(e)
         if cause is not None:  # disk full, permission denied, ...: one line, the older checkpoints untouched
             raise TrainingError(
