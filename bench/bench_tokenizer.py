@@ -127,8 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, ids, throughput = [], {}, {}
     for name, (fn, dtype, extra) in providers.items():
         ids[name] = fn(x)  # also the warm-up on the CPU
-        warmup_ms = 25 if device.type == "cuda" else 0
-        t50, t20, t80 = harness.time_fn(lambda fn=fn: fn(x), device=device, rep_ms=rep_ms, warmup_ms=warmup_ms,
+        t50, t20, t80 = harness.time_fn(lambda fn=fn: fn(x), device=device, rep_ms=rep_ms, warmed=True,
                                         min_reps=harness.min_reps(args.quick))  # fmt: skip
         common = dict(shape=shape, dtype=dtype, env=env, cudnn_benchmark=torch.backends.cudnn.benchmark, **extra)
         rows.append(harness.row(KERNEL, name, "fwd", "time", "ms", (t50, t20, t80), **common))

@@ -96,15 +96,16 @@ def time_fn(
     warmup_ms: float = 25,
     rep_ms: float = 100,
     min_reps: int = 3,
+    warmed: bool = False,
 ) -> tuple[float, float, float]:
-    """Milliseconds per call of ``fn`` at the quantiles 0.5, 0.2, 0.8. On the CPU, ``warmup_ms=0`` skips the
-    warm-up call (for a caller that has just called ``fn``), and at least ``min_reps`` calls are timed."""
+    """Milliseconds per call of ``fn`` at the quantiles 0.5, 0.2, 0.8. On the CPU one call warms up, unless
+    ``warmed`` (the caller has just called ``fn``), and at least ``min_reps`` calls are timed."""
     device = torch.device(device) if device is not None else _default_device()
     if device.type == "cuda":
         from triton.testing import do_bench
 
         return tuple(do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=list(QUANTILES)))
-    if warmup_ms > 0:
+    if not warmed:
         fn()  # warm-up: first calls compile or allocate
     times = []
     deadline = time.perf_counter() + rep_ms / 1e3
@@ -281,8 +282,7 @@ def sweep_candidate(rows: list[dict], out: str | None, kernel: str, name: str, m
             if not agrees(run()):
                 raise AssertionError("outputs differ from the default configuration's")
             # On the CPU the agreement check's call was the warm-up.
-            warmup_ms = 10 if torch.device(device).type == "cuda" else 0
-            t = time_fn(run, device=device, rep_ms=rep_ms, warmup_ms=warmup_ms, min_reps=min_reps(quick))
+            t = time_fn(run, device=device, rep_ms=rep_ms, warmup_ms=10, warmed=True, min_reps=min_reps(quick))
         r = row(kernel, name, mode, "time", "ms", t, **fields)
     except Exception as e:  # noqa: BLE001
         r = row(kernel, name, mode, "error", "", None, note=f"{type(e).__name__}: {e}".splitlines()[0][:300], **fields)

@@ -69,6 +69,7 @@ from beit.engine import Metrics, MIMStep, train_step  # noqa: E402
 from beit.flops import peak_flops, tokenizer_flops_per_image, train_flops_per_image  # noqa: E402
 from beit.masking import MaskingGenerator, generate_masks  # noqa: E402
 from beit.optim import fused_adamw  # noqa: E402
+from beit.precision import autocast, grad_scaler  # noqa: E402
 
 IMPLS = ("ref", "sdpa", "compile", "triton", "triton+compile", "triton+graph")  # the default list
 EXTRA_IMPLS = ("sdpa+graph", "compile+tok", "triton+overlap")
@@ -119,13 +120,12 @@ def run_impl(impl: str, args, device, env, rows: list[dict] | None = None) -> li
         step_mod = torch.compile(step_mod)
     # The trainer's optimizer and step: fused AdamW behind a GradScaler that only carries the found-inf flag.
     opt = fused_adamw(model, 1e-4, 0.05)
-    scaler = torch.amp.GradScaler(device.type, init_scale=1.0)
     precision = "bf16" if device.type == "cuda" else "fp32"
+    scaler = grad_scaler(precision, device)
     grid = args.image_size // 16
     num_mask = max(1, round(75 / 196 * grid * grid))
     data = make_data(args.batch, args.image_size, grid, num_mask, min(16, num_mask), device)
     images, tok_images, bool_masked_pos, mask_index = data
-    amp_dtype = torch.bfloat16 if device.type == "cuda" else None
     # ref: the official module's fp16 cast and NCHW layout; the others: bf16, channels_last (beit-pretrain's), with
     # the glue fused by our conv_epilogue on the triton paths and in PyTorch ops on sdpa and compile.
     tokenizer = make_tokenizer(args.tokenizer, args.image_size // 2, device,
@@ -158,7 +158,7 @@ def run_impl(impl: str, args, device, env, rows: list[dict] | None = None) -> li
         with torch.no_grad():
             return tokenizer.get_codebook_indices(tok_images, positions=positions).flatten(1) % vocab
 
-    amp = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+    amp = autocast(precision, device)
 
     def one_step(with_tokenizer: bool, tokens: torch.Tensor | None = None):
         """One step (the trainer's ``train_step``), its phase boundaries as events; ``tokens`` given: this batch's,
@@ -256,7 +256,7 @@ def run_impl(impl: str, args, device, env, rows: list[dict] | None = None) -> li
             torch.cuda.synchronize()
         wall = (time.perf_counter() - wall0) * 1e3 / args.steps
         ips = args.batch / (wall / 1e3)
-        common = dict(shape=shape, dtype="bfloat16" if amp_dtype else "float32", env=env)
+        common = dict(shape=shape, dtype="bfloat16" if precision == "bf16" else "float32", env=env)
         extra = dict(note=note) if note else {}
         rows.append(harness.row("train_step", impl, mode, "time", "ms", wall, **common, **extra))
         rows.append(harness.row("train_step", impl, mode, "throughput", "images/s", ips, **common, **extra))
