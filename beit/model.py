@@ -152,6 +152,23 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)  # [B, D, Hp, Wp] -> [B, Hp*Wp, D]
 
 
+def check_images(x, patch_embed: PatchEmbed, factory: str) -> None:
+    """A clear error for images the model cannot take: not a float [B, C, H, W] tensor of the model's size.
+    ``factory`` names the function that builds the model at another size."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"images must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4 or x.shape[1] != patch_embed.in_chans:
+        raise ValueError(f"images must be [B, {patch_embed.in_chans}, H, W], got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"images must be a float tensor (normalised), got {x.dtype}")
+    if tuple(x.shape[2:]) != patch_embed.img_size:
+        h, w = patch_embed.img_size
+        raise ValueError(
+            f"image size {x.shape[2]}x{x.shape[3]} does not match the model's {h}x{w}; "
+            f"build the model with {factory}(..., img_size=({x.shape[2]}, {x.shape[3]}))"
+        )
+
+
 class Block(nn.Module):
     """Pre-norm transformer block with layer scale (``gamma_1``, ``gamma_2``) and drop path."""
 
@@ -348,18 +365,7 @@ class VisionTransformerForMaskedImageModeling(nn.Module):
         return self.patch_embed.num_patches
 
     def _check_inputs(self, x: torch.Tensor, bool_masked_pos: torch.Tensor | None) -> torch.Tensor | None:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"images must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 4 or x.shape[1] != self.patch_embed.in_chans:
-            raise ValueError(f"images must be [B, {self.patch_embed.in_chans}, H, W], got shape {tuple(x.shape)}")
-        if not x.is_floating_point():
-            raise TypeError(f"images must be a float tensor (normalised), got {x.dtype}")
-        if tuple(x.shape[2:]) != self.patch_embed.img_size:
-            h, w = self.patch_embed.img_size
-            raise ValueError(
-                f"image size {x.shape[2]}x{x.shape[3]} does not match the model's {h}x{w}; "
-                f"build the model with create_model(..., img_size=({x.shape[2]}, {x.shape[3]}))"
-            )
+        check_images(x, self.patch_embed, "create_model")
         if bool_masked_pos is None:
             return None
         if not isinstance(bool_masked_pos, torch.Tensor):
