@@ -6,9 +6,11 @@ logged every ``log_interval`` steps, a training-state checkpoint every ``ckpt_in
 end. The loop stops between optimizer steps only, so a checkpoint never splits an accumulation, and on SIGINT it
 finishes the step in flight, writes a checkpoint and raises KeyboardInterrupt.
 
-A trainer supplies the model, its loss module and inputs (``Task``), the optimizer and schedules, the loader, and
-``extras(ips)`` for the metrics of its own (MFU); checkpoints, resume state, logging and the distributed
-reductions are the loop's.
+A trainer supplies the model, its loss module and inputs (``Task``), the optimizer and schedules, the loader,
+``extras(ips)`` for the metrics of its own (MFU), ``after_step()`` for device work after each optimizer step (a
+model EMA) and ``at_boundary(position, final)`` for work at each epoch's end and before the final checkpoint
+(evaluation), so that its results are in the checkpoint written next; checkpoints, resume state, logging and the
+distributed reductions are the loop's.
 """
 
 from __future__ import annotations
@@ -90,10 +92,14 @@ def run_loop(
     graph_step=None,
     faults: Faults = NO_FAULTS,
     record_samples: bool = False,
+    after_step: Callable[[], None] | None = None,
+    at_boundary: Callable[[Position, bool], None] | None = None,
 ) -> LoopResult:
     """Train from ``position`` to ``opts.total_steps``. ``saved_extra()`` adds the trainer's own entries to every
     training-state checkpoint (options, model config, data record); ``record_samples`` lists, per epoch, the
-    data-set indices of the samples this rank saw."""
+    data-set indices of the samples this rank saw. ``at_boundary(position, final)`` runs after each epoch's last
+    step (``final`` False, the epoch not yet advanced) and once before the final checkpoint (``final`` True), on
+    every rank."""
     pos = position
     log_state = {"t": time.perf_counter(), "images": 0}
     last_metrics: dict = {}
@@ -201,16 +207,22 @@ def run_loop(
                     epoch_over = True
                     break
                 pos.step += 1
+                if after_step is not None:
+                    after_step()
                 sinks.advance()
                 if pos.step % opts.log_interval == 0 or pos.step == opts.total_steps:
                     log(lr)
                 if opts.ckpt_interval and pos.step % opts.ckpt_interval == 0 and pos.step < opts.total_steps:
                     checkpoint()
             if epoch_over:
+                if at_boundary is not None and not interrupted["flag"]:
+                    at_boundary(pos, False)
                 pos.epoch += 1
                 pos.batch_in_epoch = 0
                 if pos.step < opts.total_steps:
                     checkpoint()
+        if at_boundary is not None and not interrupted["flag"]:
+            at_boundary(pos, True)
         final = checkpoint()
     finally:
         signal.signal(signal.SIGINT, old_handler)

@@ -307,23 +307,7 @@ def train(args: argparse.Namespace, record_samples: bool = False) -> dict:
             )
         args.batch_size = args.global_batch_size // per
     out_dir = Path(args.output_dir)
-    lock, refused = None, None
-    if d.main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            lock = train_state.RunFolderLock(out_dir)  # one writer per run folder, before any work
-        except TrainingError as e:
-            refused = e
-    if d.enabled:  # every rank stops when rank 0 is refused, rather than waiting at its first collective
-        flag = torch.tensor([0.0 if refused is None else 1.0], device=d.device)
-        d.all_reduce(flag, "max")
-        if flag.item() and refused is None:
-            refused = TrainingError(f"{out_dir} is locked by another run (rank 0 could not take its lock)")
-    if refused is not None:
-        raise refused
-    if d.main:
-        for name in train_state.remove_leftovers(out_dir):
-            print(f"removed {out_dir / name}, left by a run killed while writing a checkpoint", flush=True)
+    lock = train_state.open_run_folder(d, out_dir)  # one writer per run folder, before any work
     try:
         return _train(args, d, out_dir, record_samples)
     finally:
@@ -384,19 +368,7 @@ def _train(args: argparse.Namespace, d: Dist, out_dir: Path, record_samples: boo
         ckpt = train_state.load_checkpoint(resume)
         train_state.check_compatible(ckpt, args, resume, RESUME_KEYS)
         train_state.check_resume_point(ckpt, args.seed, resume, data_record, out_dir)
-        try:
-            model.load_state_dict(ckpt["model"])
-        except RuntimeError as e:
-            raise TrainingError(f"{resume} does not fit this model: {str(e).splitlines()[0]}") from e
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        position = Position(ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"])
-        rng = ckpt.get("rng", {}).get(str(d.rank))
-        if rng is not None:
-            train_state.set_rng_state(rng, d.device)
-        if d.main:
-            print(f"resumed from {resume} at step {position.step} (epoch {position.epoch}, batch "
-                  f"{position.batch_in_epoch})", flush=True)  # fmt: skip
+        position = Position(*train_state.restore(ckpt, resume, d, model, optimizer, scaler))
 
     if d.main:
         train_state.write_args(args, out_dir)

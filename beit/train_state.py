@@ -312,3 +312,45 @@ def jsonable(d: dict) -> dict:
 def write_args(args, out_dir: Path) -> None:
     """The resolved options, as a YAML file that works as a --config."""
     (out_dir / "args.yaml").write_text(yaml.safe_dump(jsonable(vars(args)), sort_keys=True))
+
+
+def open_run_folder(d: Dist, out_dir: Path) -> RunFolderLock | None:
+    """Create the run folder and take its lock (rank 0), before any work; under torchrun every rank stops when rank 0
+    is refused, rather than waiting at its first collective. Then remove what a killed run left half-written.
+    Returns the lock (None on other ranks); release it when the run ends."""
+    lock, refused = None, None
+    if d.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            lock = RunFolderLock(out_dir)
+        except TrainingError as e:
+            refused = e
+    if d.enabled:
+        flag = torch.tensor([0.0 if refused is None else 1.0], device=d.device)
+        d.all_reduce(flag, "max")
+        if flag.item() and refused is None:
+            refused = TrainingError(f"{out_dir} is locked by another run (rank 0 could not take its lock)")
+    if refused is not None:
+        raise refused
+    if d.main:
+        for name in remove_leftovers(out_dir):
+            print(f"removed {out_dir / name}, left by a run killed while writing a checkpoint", flush=True)
+    return lock
+
+
+def restore(ckpt: dict, path, d: Dist, model, optimizer, scaler) -> tuple[int, int, int]:
+    """Load a verified training state into the model, optimizer, scaler and this rank's RNGs; returns
+    (step, epoch, batch_in_epoch). A model that does not fit the checkpoint is a TrainingError naming the file."""
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise TrainingError(f"{path} does not fit this model: {str(e).splitlines()[0]}") from e
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    rng = ckpt.get("rng", {}).get(str(d.rank))
+    if rng is not None:
+        set_rng_state(rng, d.device)
+    if d.main:
+        print(f"resumed from {path} at step {ckpt['step']} (epoch {ckpt['epoch']}, batch {ckpt['batch_in_epoch']})",
+              flush=True)  # fmt: skip
+    return ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
