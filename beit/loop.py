@@ -135,7 +135,7 @@ def run_loop(
             graph_step.set_schedule(lr, wd)
         else:
             for g in optimizer.param_groups:
-                g["lr"] = lr
+                g["lr"] = lr * g.get("lr_scale", 1.0)  # layer-wise decay: the official per-group scale
                 if g["weight_decay"] > 0:
                     g["weight_decay"] = wd
         return lr

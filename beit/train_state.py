@@ -105,14 +105,13 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
-def save_checkpoint(state: dict, output_dir: Path, step: int, keep: int) -> Path:
-    """Write atomically (temporary file, fsync, rename) with its checksum, then keep the newest ``keep``.
-
-    The checksum is of the bytes torch.save produced, renamed into place before the checkpoint, so every
-    checkpoint has one; the file on disk is then read back against it, and the older checkpoints are deleted only
-    after the new one is in place and verified."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    path = output_dir / f"checkpoint-{step:08d}.pth"
+def save_verified(state: dict, path: Path) -> Path:
+    """Write ``state`` to ``path`` atomically (temporary file, fsync, rename) with its checksum file, then read the
+    file on disk back against it. The checksum is of the bytes torch.save produced, renamed into place before the
+    file itself, so every such file has one. A write error (disk full, permission denied) is one TrainingError
+    naming the folder and the cause, the temporary file removed and the previous file at ``path`` untouched."""
+    folder = path.parent
+    folder.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
 
     def write_checksum() -> None:
@@ -122,16 +121,23 @@ def save_checkpoint(state: dict, output_dir: Path, step: int, keep: int) -> Path
         _write_durably(path, lambda f: torch.save(state, _HashingWriter(f, digest)), before_replace=write_checksum)
     except BaseException as e:
         cause = _os_error(e)
-        if cause is not None:  # disk full, permission denied, ...: one line, the older checkpoints untouched
+        if cause is not None:  # disk full, permission denied, ...: one line, the older files untouched
             raise TrainingError(
-                f"cannot write a checkpoint into {output_dir}: {cause.strerror or cause}; the last good checkpoint "
+                f"cannot write a checkpoint into {folder}: {cause.strerror or cause}; the last good checkpoint "
                 "there is intact, and a resume continues from it once the folder can be written"
             ) from e
         raise
-    _fsync_dir(output_dir)
+    _fsync_dir(folder)
     problem = checkpoint_problem(path)
-    if problem is not None:  # the file on disk is not what was written: keep every older checkpoint
+    if problem is not None:  # the file on disk is not what was written
         raise TrainingError(f"{path} was written damaged ({problem}); the older checkpoints are kept")
+    return path
+
+
+def save_checkpoint(state: dict, output_dir: Path, step: int, keep: int) -> Path:
+    """``save_verified`` as ``checkpoint-{step}.pth``, then keep the newest ``keep``: the older checkpoints are
+    deleted only after the new one is in place and verified."""
+    path = save_verified(state, output_dir / f"checkpoint-{step:08d}.pth")
     for old in list_checkpoints(output_dir)[:-keep]:
         old.unlink(missing_ok=True)
         checksum_path(old).unlink(missing_ok=True)
@@ -151,10 +157,10 @@ def _os_error(e: BaseException) -> OSError | None:
 
 
 def remove_leftovers(output_dir: Path) -> list[str]:
-    """Delete the temporary files a run killed while writing a checkpoint left (``.checkpoint-*.tmp``); returns
+    """Delete the temporary files a run killed while writing a checkpoint left (``.checkpoint-*.pth.tmp``); returns
     their names. Only the run holding the folder's lock may call it."""
     removed = []
-    for p in Path(output_dir).glob(".checkpoint-*.tmp"):
+    for p in Path(output_dir).glob(".*.pth*.tmp"):  # checkpoints, best weights and their checksum files
         p.unlink(missing_ok=True)
         removed.append(p.name)
     return sorted(removed)
