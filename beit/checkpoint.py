@@ -14,6 +14,7 @@ Checkpoints are read with ``torch.load(weights_only=True)`` or safetensors: neve
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -70,6 +71,11 @@ _HF_TOP = {
     "layernorm.bias": "norm.bias",
     "lm_head.weight": "lm_head.weight",
     "lm_head.bias": "lm_head.bias",
+    # BeitForImageClassification: the pooler's LayerNorm (mean pooling) and the classifier.
+    "beit.pooler.layernorm.weight": "fc_norm.weight",
+    "beit.pooler.layernorm.bias": "fc_norm.bias",
+    "classifier.weight": "head.weight",
+    "classifier.bias": "head.bias",
 }
 _HF4_SHARED = "beit.encoder.relative_position_bias.relative_position_bias_table"
 _HF5_SHARED = "beit.shared_position_bias.relative_position_bias_table"
@@ -208,10 +214,19 @@ def fit_state_dict(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, t
     return sd
 
 
+def is_classifier(model: nn.Module) -> bool:
+    """A fine-tuning classifier (``beit.classifier.VisionTransformer`` or one like it): it has a ``head`` to reset."""
+    return hasattr(model, "head") and callable(getattr(model, "reset_classifier", None))
+
+
 def export_state_dict(model: nn.Module, dst: str = "unilm") -> dict[str, torch.Tensor]:
     """Our model's weights in another layout: "unilm" (the official one, ``relative_position_index`` buffers
     included so the official code loads it strictly), "hf" (the transformers 4 names of the files on the hub,
-    which transformers 5 also reads) or "hf5" (the transformers 5 module names)."""
+    which transformers 5 also reads) or "hf5" (the transformers 5 module names).
+
+    A MIM model maps to ``BeitForMaskedImageModeling``, a classifier to ``BeitForImageClassification``: its
+    ``fc_norm`` is the pooler's LayerNorm (``beit.pooler.layernorm``), ``head`` the ``classifier``, and ``norm``
+    (cls pooling) the encoder's final ``beit.layernorm``."""
     if dst not in EXPORTS:
         raise ValueError(f"unknown export layout {dst!r}: expected one of {', '.join(EXPORTS)}")
     sd = {k: v.detach() for k, v in model.state_dict().items()}
@@ -220,11 +235,20 @@ def export_state_dict(model: nn.Module, dst: str = "unilm") -> dict[str, torch.T
             if name.endswith("relative_position_index"):
                 sd[name] = buf.detach()
         return dict(sorted(sd.items()))
-    v5 = dst == "hf5"
+    return state_dict_to_hf(sd, v5=dst == "hf5", classifier=is_classifier(model))
+
+
+def state_dict_to_hf(
+    sd: dict[str, torch.Tensor], v5: bool = False, classifier: bool = False
+) -> dict[str, torch.Tensor]:
+    """A state dict in our names to Hugging Face names (transformers 4, or 5 with ``v5``); ``classifier``: the
+    final ``norm`` is ``BeitModel``'s (``beit.layernorm``) rather than ``BeitForMaskedImageModeling``'s."""
     layer_map = {ours: hf for hf, ours in (_HF5_LAYER if v5 else _HF4_LAYER).items()}
     qkv_names = _HF5_QKV if v5 else _HF4_QKV
     prefix = "beit.layers." if v5 else "beit.encoder.layer."
     top = {ours: hf for hf, ours in _HF_TOP.items()}
+    if classifier:
+        top.update({"norm.weight": "beit.layernorm.weight", "norm.bias": "beit.layernorm.bias"})
     out = {}
     for k, v in sd.items():
         if k in top:
@@ -251,12 +275,13 @@ def export_state_dict(model: nn.Module, dst: str = "unilm") -> dict[str, torch.T
 
 
 def hf_config_kwargs(model: nn.Module) -> dict:
-    """Keyword arguments of ``transformers.BeitConfig`` for a ``BeitForMaskedImageModeling`` equal to ``model``."""
+    """Keyword arguments of ``transformers.BeitConfig`` for the Hugging Face model equal to ``model``:
+    ``BeitForMaskedImageModeling`` for a MIM model, ``BeitForImageClassification`` for a classifier."""
     c = model.config
     if c.attn_head_dim is not None or c.qk_scale is not None or not c.qkv_bias:
         raise ValueError("Hugging Face BEiT supports only the default head dimension, scale and q/v biases")
     img = model.patch_embed.img_size
-    return dict(
+    kwargs = dict(
         image_size=img[0] if img[0] == img[1] else list(img),
         patch_size=model.patch_embed.patch_size[0],
         num_channels=c.in_chans,
@@ -265,16 +290,18 @@ def hf_config_kwargs(model: nn.Module) -> dict:
         num_attention_heads=c.num_heads,
         intermediate_size=int(c.embed_dim * c.mlp_ratio),
         hidden_act="gelu",
-        vocab_size=c.vocab_size,
-        use_mask_token=True,
         use_absolute_position_embeddings=c.use_abs_pos_emb,
         use_relative_position_bias=c.use_rel_pos_bias,
         use_shared_relative_position_bias=c.use_shared_rel_pos_bias,
         layer_scale_init_value=c.init_values or 0.0,
         layer_norm_eps=c.layer_norm_eps,
         drop_path_rate=c.drop_path_rate,
-        use_mean_pooling=True,
     )
+    if is_classifier(model):
+        kwargs.update(use_mask_token=False, use_mean_pooling=c.use_mean_pooling, num_labels=model.num_classes)
+    else:
+        kwargs.update(vocab_size=c.vocab_size, use_mask_token=True, use_mean_pooling=True)
+    return kwargs
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -336,34 +363,103 @@ def torch_load_problem(e: BaseException) -> str:
 
 @dataclass
 class LoadReport:
+    """What ``load_pretrained`` did: the model's keys the checkpoint lacked (``missing_keys``), the checkpoint's keys
+    the model has no place for (``unexpected_keys``), the keys left out on purpose (``dropped_keys``: the MIM head,
+    the mask token, a shared table copied into the blocks, a head for other classes) and one line per adaptation
+    (``notes``)."""
+
     missing_keys: list[str] = field(default_factory=list)
     unexpected_keys: list[str] = field(default_factory=list)
     source: str = ""
+    dropped_keys: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    head_reinitialised: bool = False
 
     def __str__(self) -> str:
         lines = [f"loaded a {self.source} checkpoint"]
+        lines += self.notes
+        if self.dropped_keys:
+            lines.append(f"dropped on purpose ({len(self.dropped_keys)}): {', '.join(self.dropped_keys)}")
         if self.missing_keys:
             lines.append(f"missing keys ({len(self.missing_keys)}): {', '.join(self.missing_keys)}")
         if self.unexpected_keys:
             lines.append(f"unexpected keys ({len(self.unexpected_keys)}): {', '.join(self.unexpected_keys)}")
-        if len(lines) == 1:
-            lines.append("all keys matched")
+        if not (self.missing_keys or self.unexpected_keys):
+            lines.append("all other keys matched")
         return "; ".join(lines)
 
 
-def load_pretrained(
-    model: nn.Module, checkpoint: str | os.PathLike | dict, src: str = "auto", strict: bool = False
-) -> LoadReport:
-    """Load an official, timm or Hugging Face checkpoint (a path or a state dict) into ``model``.
+def _checkpoint_grid(checkpoint, raw: dict) -> tuple[int, int] | None:
+    """The patch grid a checkpoint was trained at, when its file says: the ``model_config`` of our checkpoints, or
+    the ``config.json`` beside a Hugging Face ``model.safetensors``."""
+    from beit.pretrained import grid_from_config
 
-    Returns the missing and unexpected keys; with ``strict=True`` either raises. Shape mismatches always raise.
+    if isinstance(raw, dict) and isinstance(raw.get("model_config"), dict):
+        return grid_from_config(raw["model_config"])
+    if isinstance(checkpoint, (str, os.PathLike)):
+        path = Path(checkpoint)
+        config = path / "config.json" if path.is_dir() else path.parent / "config.json"
+        if config.is_file():
+            try:
+                return grid_from_config(json.loads(config.read_text()))
+            except (OSError, ValueError):
+                return None
+    return None
+
+
+def load_pretrained(
+    model: nn.Module,
+    checkpoint: str | os.PathLike | dict,
+    src: str = "auto",
+    strict: bool = False,
+    *,
+    src_grid: tuple[int, int] | None = None,
+    require_pos_embed: bool = False,
+) -> LoadReport:
+    """Load an official, timm or Hugging Face checkpoint, or one of ours (a path or a state dict) into ``model``.
+
+    A MIM model gets the weights under its names (a shared table copied into per-block tables when it has only
+    those). A classifier (``beit.create_classifier``) gets the official fine-tuning adaptation
+    (``beit.pretrained.adapt_to_classifier``): the MIM head and mask token dropped, a shared table copied into
+    every block, tables resized to the model's patch grid (``resize_rel_pos_table``), an absolute position
+    embedding resized bicubically, and a head for another class count dropped and the model's re-initialised.
+    ``src_grid`` (h, w) is the checkpoint's patch grid, needed only for a rectangular grid the file does not record;
+    ``require_pos_embed`` makes a model's absolute position embedding the checkpoint lacks an error rather than a
+    missing key.
+
+    Returns a ``LoadReport``; with ``strict=True`` missing or unexpected keys raise. Architecture and shape
+    mismatches always raise, before the model is changed.
     """
-    sd = read_state_dict(checkpoint) if not isinstance(checkpoint, dict) else checkpoint
-    flat = unwrap_state_dict(sd)
+    raw = read_state_dict(checkpoint) if not isinstance(checkpoint, dict) else checkpoint
+    flat = unwrap_state_dict(raw)
     source = detect_source(flat) if src == "auto" else src
-    converted = convert_state_dict(flat, source, model=model)
-    result = model.load_state_dict(converted, strict=False)
-    report = LoadReport(sorted(result.missing_keys), sorted(result.unexpected_keys), source)
+    if not is_classifier(model):
+        converted = convert_state_dict(flat, source, model=model)
+        result = model.load_state_dict(converted, strict=False)
+        report = LoadReport(sorted(result.missing_keys), sorted(result.unexpected_keys), source)
+    else:
+        from beit.pretrained import adapt_to_classifier, reinitialise_head
+
+        index_tokens = next((v.shape[0] for k, v in flat.items() if k.endswith("relative_position_index")), None)
+        grid = tuple(src_grid) if src_grid is not None else _checkpoint_grid(checkpoint, raw)
+        converted, info = adapt_to_classifier(
+            convert_state_dict(flat, source),
+            model,
+            src_grid=grid,
+            index_tokens=index_tokens,
+            require_pos_embed=require_pos_embed,
+        )
+        converted = fit_state_dict(converted, model)  # the shape check of every key left
+        reinitialise_head(model, info)
+        result = model.load_state_dict(converted, strict=False)
+        report = LoadReport(
+            sorted(result.missing_keys),
+            sorted(result.unexpected_keys),
+            source,
+            dropped_keys=info.dropped_keys,
+            notes=info.notes,
+            head_reinitialised=info.head_reinitialised,
+        )
     if strict and (report.missing_keys or report.unexpected_keys):
         raise ValueError(str(report))
     return report
