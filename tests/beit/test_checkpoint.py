@@ -465,3 +465,156 @@ def test_exported_safetensors_carry_a_checksum_that_catches_damage(tmp_path):
     # A safetensors file from elsewhere (no checksum of ours) loads as before.
     save_file({"w": torch.ones(2)}, str(tmp_path / "plain.safetensors"))
     assert torch.equal(read_state_dict(tmp_path / "plain.safetensors")["w"], torch.ones(2))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Classifiers: transformers' BeitForImageClassification, a shared-table MIM source, our HF export, and the official
+# fine-tuned key names written out by hand.
+
+
+def ours_classifier(**kw):
+    from beit.classifier import ClassifierConfig, VisionTransformer
+
+    args = dict(img_size=48, patch_size=16, embed_dim=32, depth=2, num_heads=4, num_classes=5, layer_norm_eps=1e-6)
+    return VisionTransformer(ClassifierConfig(**dict(args, **kw))).eval()
+
+
+def hf_classifier(**kw):
+    transformers = pytest.importorskip("transformers")
+    args = dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        image_size=48,
+        patch_size=16,
+        num_labels=5,
+        use_mask_token=False,
+        use_absolute_position_embeddings=False,
+        use_relative_position_bias=True,
+        use_shared_relative_position_bias=False,
+        layer_scale_init_value=0.1,
+        layer_norm_eps=1e-6,
+        use_mean_pooling=True,
+    )
+    config = transformers.BeitConfig(**dict(args, **kw))
+    config._attn_implementation = "eager"
+    return randomize_(transformers.BeitForImageClassification(config)).eval()
+
+
+def hf_class_logits(model, x):
+    with torch.no_grad():
+        return model(pixel_values=x).logits
+
+
+@pytest.mark.parametrize("mean_pooling", [True, False])
+def test_hf_image_classification_converts_to_the_same_logits(mean_pooling, tmp_path):
+    """With mean pooling HF's pooler LayerNorm of the patch tokens' mean is our fc_norm; without, BeitModel's final
+    layernorm over every token is our norm, and the pooler returns the cls token of its output."""
+    hf = hf_classifier(use_mean_pooling=mean_pooling)
+    names = set(hf.state_dict())
+    assert ("beit.pooler.layernorm.weight" in names) == mean_pooling
+    assert ("beit.layernorm.weight" in names) == (not mean_pooling)
+    x, _ = inputs()
+    ref = hf_class_logits(hf, x)
+    hf.save_pretrained(str(tmp_path))  # whatever names this transformers writes
+    for source in (hf.state_dict(), tmp_path):
+        model = ours_classifier(use_mean_pooling=mean_pooling)
+        report = load_pretrained(model, source, strict=True)
+        assert report.source == "hf" and report.dropped_keys == []
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_a_shared_table_mim_source_loads_into_a_per_block_classifier_as_copies():
+    transformers = pytest.importorskip("transformers")
+    hf = hf_model()  # BeitForMaskedImageModeling, one shared table
+    shared = hf.state_dict()[
+        next(k for k in hf.state_dict() if k.endswith("relative_position_bias_table"))
+    ]  # the only table
+    model = ours_classifier()
+    report = load_pretrained(model, hf.state_dict())
+    assert "mask_token" in report.dropped_keys and "lm_head.weight" in report.dropped_keys
+    assert "rel_pos_bias.relative_position_bias_table" in report.dropped_keys
+    assert not any(k.startswith(("lm_head", "mask_token")) for k in report.unexpected_keys)
+    for block in model.blocks:
+        torch.testing.assert_close(block.attn.relative_position_bias_table.detach(), shared, rtol=0, atol=0)
+    # The blocks then compute what HF's shared-table encoder computes (its BeitModel has no final norm here).
+    x, _ = inputs()
+    with torch.no_grad():
+        ref = hf.beit(pixel_values=x).last_hidden_state
+        torch.testing.assert_close(model.forward_tokens(x), ref, rtol=1e-5, atol=1e-5)
+    assert isinstance(hf, transformers.BeitForMaskedImageModeling)
+
+
+@pytest.mark.parametrize("mean_pooling", [True, False])
+def test_classifier_export_loads_into_hf_image_classification(mean_pooling, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from safetensors.torch import save_file
+
+    model = randomize_(ours_classifier(use_mean_pooling=mean_pooling))
+    x, _ = inputs()
+    with torch.no_grad():
+        ref = model(x)
+    fresh = hf_classifier(use_mean_pooling=mean_pooling)
+    if any(k.startswith("beit.layers.") for k in fresh.state_dict()):
+        fresh.load_state_dict(export_state_dict(model, "hf5"), strict=True)
+        torch.testing.assert_close(hf_class_logits(fresh, x), ref, rtol=1e-5, atol=1e-5)
+    sd = export_state_dict(model, "hf")
+    assert ("classifier.weight" in sd) and ("beit.pooler.layernorm.weight" in sd) == mean_pooling
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "model.safetensors"))
+    kwargs = hf_config_kwargs(model)
+    assert kwargs["num_labels"] == 5 and kwargs["use_mean_pooling"] == mean_pooling
+    config = transformers.BeitConfig(**kwargs)
+    (tmp_path / "config.json").write_text(
+        json.dumps(dict(config.to_dict(), architectures=["BeitForImageClassification"]))
+    )
+    loaded, info = transformers.BeitForImageClassification.from_pretrained(str(tmp_path), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    torch.testing.assert_close(hf_class_logits(loaded.eval(), x), ref, rtol=1e-5, atol=1e-5)
+
+
+def official_finetuned_shapes(depth=2, mean_pooling=True, classes=1000) -> dict[str, tuple]:
+    """The state dict of unilm's modeling_finetune.VisionTransformer as run_class_finetuning.py builds it
+    (use_rel_pos_bias, no absolute position embedding, layer scale, qkv_bias): persistent relative_position_index
+    buffers in every block, fc_norm with mean pooling, norm with the cls token, head."""
+    shapes = {"cls_token": (1, 1, D), "patch_embed.proj.weight": (D, 3, 16, 16), "patch_embed.proj.bias": (D,)}
+    for i in range(depth):
+        p = f"blocks.{i}."
+        shapes.update({
+            p + "gamma_1": (D,), p + "gamma_2": (D,),
+            p + "norm1.weight": (D,), p + "norm1.bias": (D,),
+            p + "attn.q_bias": (D,), p + "attn.v_bias": (D,),
+            p + "attn.relative_position_bias_table": (TABLE, 4),
+            p + "attn.relative_position_index": (10, 10),
+            p + "attn.qkv.weight": (3 * D, D),
+            p + "attn.proj.weight": (D, D), p + "attn.proj.bias": (D,),
+            p + "norm2.weight": (D,), p + "norm2.bias": (D,),
+            p + "mlp.fc1.weight": (MLP, D), p + "mlp.fc1.bias": (MLP,),
+            p + "mlp.fc2.weight": (D, MLP), p + "mlp.fc2.bias": (D,),
+        })  # fmt: skip
+    pool = "fc_norm" if mean_pooling else "norm"
+    shapes.update({pool + ".weight": (D,), pool + ".bias": (D,), "head.weight": (classes, D), "head.bias": (classes,)})
+    return shapes
+
+
+@pytest.mark.parametrize("mean_pooling", [True, False])
+def test_a_hand_written_official_finetuned_checkpoint_loads_with_every_key(mean_pooling, tmp_path):
+    shapes = official_finetuned_shapes(mean_pooling=mean_pooling)
+    sd = random_state(shapes, seed=2)
+    from beit.model import gen_relative_position_index
+
+    for i in range(2):
+        sd[f"blocks.{i}.attn.relative_position_index"] = gen_relative_position_index((3, 3))
+    path = tmp_path / "checkpoint-best.pth"
+    torch.save({"module": {"module." + k: v for k, v in sd.items()}}, path)  # a DeepSpeed-style wrapper
+    model = ours_classifier(num_classes=1000, use_mean_pooling=mean_pooling)
+    report = load_pretrained(model, path, strict=True)
+    assert report.source == "unilm"
+    assert report.missing_keys == [] and report.unexpected_keys == [] and report.dropped_keys == []
+    loaded = model.state_dict()
+    assert set(loaded) == {k for k in shapes if not k.endswith("relative_position_index")}
+    for k, v in loaded.items():
+        torch.testing.assert_close(v, sd[k], rtol=0, atol=0, msg=k)
+    # Our unilm export of the classifier writes exactly the official keys.
+    assert set(export_state_dict(model, "unilm")) == set(shapes)
