@@ -389,7 +389,7 @@ class LoadReport:
         return "; ".join(lines)
 
 
-def _checkpoint_grid(checkpoint, raw: dict) -> tuple[int, int] | None:
+def checkpoint_grid(checkpoint, raw: dict) -> tuple[int, int] | None:
     """The patch grid a checkpoint was trained at, when its file says: the ``model_config`` of our checkpoints, or
     the ``config.json`` beside a Hugging Face ``model.safetensors``."""
     from beit.pretrained import grid_from_config
@@ -441,7 +441,7 @@ def load_pretrained(
         from beit.pretrained import adapt_to_classifier, reinitialise_head
 
         index_tokens = next((v.shape[0] for k, v in flat.items() if k.endswith("relative_position_index")), None)
-        grid = tuple(src_grid) if src_grid is not None else _checkpoint_grid(checkpoint, raw)
+        grid = tuple(src_grid) if src_grid is not None else checkpoint_grid(checkpoint, raw)
         converted, info = adapt_to_classifier(
             convert_state_dict(flat, source),
             model,

@@ -343,3 +343,89 @@ def test_the_mim_model_path_is_unchanged():
     assert report.dropped_keys == [] and report.notes == []
     torch.testing.assert_close(model.state_dict(), src.state_dict(), rtol=0, atol=0)
 
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# beit-export --task segmentation
+
+
+def official_backbone_keys(depth):
+    """The state dict names of unilm's semantic_segmentation/backbone/beit.py BEiT (use_rel_pos_bias=True,
+    use_abs_pos_emb=False, qkv_bias, init_values), its fpn necks left out: written from that file, not ours."""
+    keys = {"cls_token", "patch_embed.proj.weight", "patch_embed.proj.bias"}
+    for i in range(depth):
+        p = f"blocks.{i}."
+        keys |= {p + n for n in (
+            "gamma_1", "gamma_2", "norm1.weight", "norm1.bias", "attn.q_bias", "attn.v_bias",
+            "attn.relative_position_bias_table", "attn.relative_position_index", "attn.qkv.weight",
+            "attn.proj.weight", "attn.proj.bias", "norm2.weight", "norm2.bias",
+            "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias",
+        )}  # fmt: skip
+    return keys
+
+
+def test_segmentation_export_for_mmseg_and_transformers(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    from beit.export import main
+
+    src = randomize_(mim(img_size=48, depth=4))  # 3x3 patches, a shared table
+    ckpt = tmp_path / "checkpoint-10.pth"
+    torch.save(our_pretraining_checkpoint(src), ckpt)
+    out = tmp_path / "seg"
+    assert main([str(ckpt), str(out), "--task", "segmentation", "--img-size", "64"]) == 0
+    assert "3x3 to a 4x4" in capsys.readouterr().out
+    shared = src.state_dict()["rel_pos_bias.relative_position_bias_table"]
+    table = resize_rel_pos_table(shared, (3, 3), (4, 4))
+
+    # (a) The official mmseg backbone's layout: its names exactly (no lm_head, mask_token, norm or head).
+    saved = torch.load(out / "beit_backbone.pth", map_location="cpu", weights_only=True)
+    backbone = saved["model"]
+    assert set(backbone) == official_backbone_keys(4)
+    for i in range(4):
+        torch.testing.assert_close(backbone[f"blocks.{i}.attn.relative_position_bias_table"], table)
+        index = backbone[f"blocks.{i}.attn.relative_position_index"]
+        assert index.shape == (17, 17) and index.max() == table.shape[0] - 1
+    for k, v in src.state_dict().items():
+        if k in backbone and "relative_position" not in k:
+            torch.testing.assert_close(backbone[k], v, rtol=0, atol=0, msg=k)
+
+    # (b) transformers' BeitForSemanticSegmentation: only the neck and the heads start fresh.
+    hf, info = transformers.BeitForSemanticSegmentation.from_pretrained(str(out / "hf"), output_loading_info=True)
+    assert info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    assert all(k.startswith(("decode_head.", "auxiliary_head.", "fpn")) for k in info["missing_keys"]), info
+    assert hf.config.image_size == 64 and hf.config.num_labels == 150
+    hf_tables = [v for k, v in hf.state_dict().items() if k.endswith("relative_position_bias_table")]
+    assert len(hf_tables) == 4
+    for t in hf_tables:
+        torch.testing.assert_close(t, table)
+    # The encoder computes what ours computes at 64 px from the same checkpoint.
+    ours = classifier(img_size=64, depth=4, num_classes=0).eval()
+    beit.load_pretrained(ours, ckpt)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(hf.eval().beit(pixel_values=x).last_hidden_state, ours.forward_tokens(x))
+        assert hf(pixel_values=x).logits.shape[:2] == (2, 150)
+
+    # The default task is unchanged.
+    assert main([str(ckpt), str(tmp_path / "mim")]) == 0
+    assert (tmp_path / "mim" / "model.safetensors").is_file() and (tmp_path / "mim" / "hf" / "config.json").is_file()
+
+
+def test_segmentation_export_refuses_bad_input(tmp_path, capsys):
+    from beit.export import main
+
+    ckpt = tmp_path / "checkpoint-10.pth"
+    torch.save(our_pretraining_checkpoint(randomize_(mim(img_size=48, depth=4))), ckpt)
+    cases = [
+        ([str(ckpt), "--img-size", "72"], "--img-size 72 is not a positive multiple of the checkpoint's patch size 16"),
+        ([str(tmp_path / "resnet.pth")], "is not a BEiT checkpoint"),
+        ([str(tmp_path / "shallow.pth")], "depth 2 has too few blocks"),
+    ]
+    torch.save({"conv1.weight": torch.zeros(8, 3, 7, 7), "fc.weight": torch.zeros(10, 8)}, tmp_path / "resnet.pth")
+    torch.save(our_pretraining_checkpoint(mim(img_size=48, depth=2)), tmp_path / "shallow.pth")
+    for args, message in cases:
+        out = tmp_path / "out"
+        assert main([args[0], str(out), "--task", "segmentation", *args[1:]]) == 2
+        err = capsys.readouterr().err
+        assert message in err, err
+        assert not out.exists()  # refused before anything is written
