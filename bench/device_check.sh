@@ -12,6 +12,8 @@
 #
 #   STAGES="train_eager max_batch" bash bench/device_check.sh    reruns only the named stages (a rerun on a warm
 #   machine keeps its Triton cache); max_batch, the largest-batch search, runs only when named.
+#   STAGES=finetune bash bench/device_check.sh    the fine-tuning step (issue 21), only when named: its limit of
+#   300 s is outside the default total above (one call: 300 s, 305 s with the grace, plus the install).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$(mktemp -d)}
@@ -20,7 +22,7 @@ export PYTHONUNBUFFERED=1
 status=0
 STAGES=${STAGES:-gpu_tests bench_attention bench_fused_ops bench_tokenizer train_eager train_compile}
 KNOWN_STAGES="gpu_tests bench_attention bench_fused_ops bench_tokenizer tune_attention tune_glue train_eager \
-train_compile profile max_batch train_large"
+train_compile profile max_batch train_large finetune"
 for s in $STAGES; do  # a misspelt stage would run nothing and still exit 0
     case " $KNOWN_STAGES " in
     *" $s "*) ;;
@@ -111,13 +113,21 @@ stage max_batch 100 python bench/train_throughput.py --impls "${MAX_BATCH_IMPLS:
 # STAGES=train_large: BEiT-L/16 (24 blocks, width 1024), batch 128, the eager implementations.
 stage train_large 120 python bench/train_throughput.py --model beit_large_patch16_224 --batch 128 \
     --impls ref,sdpa,triton --steps 4 --warmup 2 "${tuned_arg[@]}" --out "$OUT/train_large.json"
+# STAGES=finetune: the fine-tuning step (bench/finetune_throughput.py): the classifier with per-block bias
+# gradients, soft targets, layer-decay AdamW, BEiT-B/16 at 224 px batch 256 then 384 px batch 64, bf16; every
+# implementation at both shapes before the next, compile last: its two cold compiles are the slowest part (the
+# pretraining step's took 87 to 99 s each, bench/RESULTS.md), and a limit that stops them keeps the eager rows.
+# FINETUNE_IMPLS=ref,sdpa,triton,triton+graph leaves compile out (the ratios then say so in their note).
+stage finetune 300 python bench/finetune_throughput.py \
+    --impls "${FINETUNE_IMPLS:-ref,sdpa,triton,triton+graph,compile}" --steps 6 --warmup 2 "${tuned_arg[@]}" \
+    --out "$OUT/finetune_throughput.json"
 
 # The chart (matplotlib is on the device image); its failure must not hide the table. Only files that exist: a
 # stage not run, or stopped before its first row, leaves none. The main step rows go before the largest-batch
 # search's re-timed ones: summarize.py keeps the first of each.
 results=()
 for f in "$OUT"/bench_*.json "$OUT"/train_eager.json "$OUT"/train_compile.json "$OUT"/train_max_batch.json \
-    "$OUT"/train_large.json; do
+    "$OUT"/train_large.json "$OUT"/finetune_throughput.json; do
     [ -f "$f" ] && results+=("$f")
 done
 [ ${#results[@]} -gt 0 ] || { echo "no benchmark or training-step rows to summarise under $OUT"; exit $status; }
