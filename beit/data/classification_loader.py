@@ -1,0 +1,687 @@
+"""The fine-tuning and evaluation loaders over a classification source (``beit.data.classification``): the DALI
+pipeline (GPU, or the same graph on the CPU) and a PIL loader for machines without DALI.
+
+Batches are dicts, every batch full (static shapes):
+    images  [B, 3, S, S] float32, normalised with ``normalization``'s mean/std (on the GPU for DALI on the GPU)
+    labels  [B] int64, the class index of each sample
+    index   [B] int64, the sample's position in ``loader.source``
+    valid   [B] bool, False for padding: the samples that fill the last batches so that every rank takes
+            ``len(loader)`` steps. They are real samples repeated (their labels are right) and must be left out of
+            the loss and of every count, so that each sample weighs once an epoch or is evaluated once.
+with ``labels``, ``index`` and ``valid`` on the same device as ``images``.
+
+Transforms (unilm ``beit/datasets.py`` ``build_transform``, with timm's ``create_transform`` for training):
+    train   RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3, bicubic) to S x S, horizontal flip p=0.5, RandAugment
+            (timm's spec string, default ``rand-m9-mstd0.5-inc1``), normalisation. Random erasing, mixup and cutmix
+            are the trainer's (on the GPU), not the loader's.
+    eval    the shorter side resized to int(S / crop_pct) bicubic, the centre S x S cropped, normalisation;
+            crop_pct defaults to 0.875 (224/256) below 384 px and 1.0 from 384 px (the shorter side resized to S,
+            then the centre crop). The official code's other branch, for S <= 32 (no resize; a padded random crop
+            in training), is not provided: such sizes are refused.
+
+Order and sharding, as in pretraining (``order.epoch_order``): training draws one permutation per epoch, the same
+on every rank, padded to a multiple of ``num_shards * batch_size`` and dealt round-robin, so each sample is seen
+once per epoch across ranks; evaluation takes the samples in order, dealt the same way, so the ranks' valid
+samples are disjoint and together are every sample exactly once. ``set_epoch(e)`` then ``iter_from(k)`` gives
+batches k, k+1, ... of epoch e exactly as an uninterrupted iteration of that epoch does, on a fresh loader too:
+    PIL   every sample draws its randomness from (seed, rank, epoch, slot), independent of where iteration starts
+          and of the number of worker processes;
+    DALI  DALI's random operators draw from per-pipeline streams, so a pipeline covers a fixed stretch of the
+          epoch (the whole epoch, or ``segment_batches`` batches) with a seed from (seed, rank, epoch, stretch);
+          resuming inside a stretch runs it from its start and drops the batches before the resume point. A
+          resume thus decodes up to an epoch (or a segment) in vain, once; shorter segments bound that at the
+          price of a pipeline build per segment (about a second of host time with RandAugment's graph).
+
+Bad samples (as in pretraining): checked up front (``files.validate_images`` for files, ``check_encoded`` for tar
+members, the index's bad samples), then left out with a warning naming them (``on_bad_file="skip"``, listed in
+``loader.bad_files``) or an error naming the first (``"error"``); one that still fails to decode later becomes
+padding (``valid`` False) with a warning, or stops with an error naming it.
+
+RandAugment: the DALI path uses DALI's ``nvidia.dali.auto_aug.rand_augment`` with the spec mapped onto it (see
+``RandAugmentSpec``); the PIL path uses timm's ``rand_augment_transform`` with the official hyperparameters when
+timm is installed, and refuses a RandAugment request without it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import re
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from beit.data.base import LoaderBase
+from beit.data.classification import ClassificationSource, open_classification_source
+from beit.data.files import MAX_PIXELS, BadImageError, validate_images
+from beit.data.loader import dali_available
+from beit.data.order import mix_seeds
+from beit.data.plugin import require_dali
+from beit.data.transforms import CROP_RATIO, CROP_SCALE, NORMALIZATIONS, random_resized_crop_box, resized_crop
+
+DEFAULT_RAND_AUGMENT = "rand-m9-mstd0.5-inc1"
+DALI_MAGNITUDE_BINS = 101  # timm's magnitude scale 0..10 in steps of 0.1: bin = 10 * M
+TRANSLATE_PCT = 0.45  # timm's relative translation at magnitude 10 (``translate_pct``)
+INSTALL_HINT = "install DALI (pip install -e '.[dali]') or timm, or pass rand_augment=None"
+
+
+def default_crop_pct(image_size: int) -> float:
+    """The official evaluation crop: 224/256 below 384 px, 1.0 (resize only) from 384 px."""
+    return 224 / 256 if image_size < 384 else 1.0
+
+
+def eval_resize_size(image_size: int, crop_pct: float | None = None) -> int:
+    """The shorter side before the centre crop: int(image_size / crop_pct)."""
+    return int(image_size / (default_crop_pct(image_size) if crop_pct is None else crop_pct))
+
+
+def resize_center_crop(img, image_size: int, crop_pct: float | None = None):
+    """The evaluation transform on a PIL image, as torchvision's Resize(int(S / crop_pct), bicubic) and
+    CenterCrop(S): the shorter side to int(S / crop_pct) (the longer one scaled and truncated; an image already
+    that size is left alone), then the centre S x S (offsets rounded)."""
+    from PIL import Image
+
+    size = eval_resize_size(image_size, crop_pct)
+    w, h = img.size
+    short, long = (w, h) if w <= h else (h, w)
+    if short != size:
+        new_long = int(size * long / short)
+        img = img.resize((size, new_long) if w <= h else (new_long, size), Image.Resampling.BICUBIC)
+    w, h = img.size
+    top, left = int(round((h - image_size) / 2.0)), int(round((w - image_size) / 2.0))
+    return img.crop((left, top, left + image_size, top + image_size))
+
+
+@dataclass(frozen=True)
+class RandAugmentSpec:
+    """timm's RandAugment spec ``rand-m{M}-n{N}-mstd{S}-inc{0|1}`` (any order; timm's defaults M=10, N=2,
+    mstd 0, inc 0). On DALI, ``rand_augment(n=N, m=10 M, num_magnitude_bins=101, monotonic_mag=inc)``:
+    the magnitudes are timm's (both map bin k of K to low + k/(K-1) (high - low), and M/10 = 10 M/100), the
+    "increasing" (inc1) ranges are DALI's monotonic suite, inc0 its non-monotonic one. DALI draws no magnitude
+    noise: ``mstd`` is not applied there. The README's "Fine-tuning data" section lists the other differences."""
+
+    spec: str
+    magnitude: float = 10.0
+    num_ops: int = 2
+    magnitude_std: float = 0.0
+    increasing: bool = False
+
+    @classmethod
+    def parse(cls, spec: str) -> RandAugmentSpec:
+        parts = str(spec).split("-")
+        if parts[0] != "rand":
+            raise ValueError(f"rand_augment {spec!r}: expected timm's 'rand-m9-mstd0.5-inc1' form")
+        values: dict[str, str] = {}
+        for p in parts[1:]:
+            m = re.fullmatch(r"(mstd|inc|m|n)(\d+(?:\.\d+)?)", p)
+            if m is None:
+                raise ValueError(
+                    f"rand_augment {spec!r}: unsupported part {p!r} (supported: m<magnitude>, n<ops>, "
+                    "mstd<std>, inc<0|1>)"
+                )
+            values[m.group(1)] = m.group(2)
+        mag = float(values.get("m", 10))
+        if not 0 <= mag <= 10:
+            raise ValueError(f"rand_augment {spec!r}: magnitude m must lie in 0..10 (timm clips it there)")
+        if abs(mag * 10 - round(mag * 10)) > 1e-9:
+            raise ValueError(f"rand_augment {spec!r}: magnitude m must be a multiple of 0.1")
+        n = values.get("n", "2")
+        if not n.isdigit():
+            raise ValueError(f"rand_augment {spec!r}: n (the number of operations) must be an integer")
+        inc = values.get("inc", "0")
+        if inc not in ("0", "1"):
+            raise ValueError(f"rand_augment {spec!r}: inc must be 0 or 1")
+        return cls(str(spec), mag, int(n), float(values.get("mstd", 0)), inc == "1")
+
+    @property
+    def dali_bin(self) -> int:
+        return int(round(self.magnitude * 10))
+
+
+def _timm_rand_augment(spec: RandAugmentSpec, image_size: int, normalization: str):
+    """timm's RandAugment with the official hyperparameters (timm ``create_transform``: translate_const 45 % of
+    the size, fill with the mean colour, bicubic), or an ImportError saying what to install."""
+    try:
+        from timm.data.auto_augment import rand_augment_transform
+    except ImportError as e:
+        raise ImportError(
+            f"RandAugment ({spec.spec}) on the PIL path needs timm, which is not installed: {INSTALL_HINT}"
+        ) from e
+    from PIL import Image
+
+    mean = NORMALIZATIONS[normalization][0]
+    hparams = dict(
+        translate_const=int(image_size * TRANSLATE_PCT),
+        img_mean=tuple(min(255, round(255 * x)) for x in mean),
+        interpolation=Image.Resampling.BICUBIC,
+    )
+    return rand_augment_transform(spec.spec, hparams)
+
+
+class ClassificationLoader(LoaderBase):
+    """What both classification loaders share: the source, its validation, the transforms' options. ``files``
+    holds the names of the usable samples (positions ``positions`` of the source)."""
+
+    def __init__(
+        self,
+        source: ClassificationSource,
+        batch_size: int,
+        *,
+        train: bool,
+        image_size: int,
+        num_threads: int,
+        seed: int,
+        shard_id: int | None,
+        num_shards: int | None,
+        normalization: str,
+        rand_augment: str | None,
+        crop_pct: float | None,
+        on_bad_file: str,
+        validate: bool,
+        max_pixels: int | None,
+        pin_memory: bool,
+    ):
+        if not isinstance(source, ClassificationSource):
+            raise TypeError(f"source must be a ClassificationSource, got {type(source).__name__}")
+        if image_size <= 32:
+            raise ValueError(
+                f"image_size={image_size}: sizes of 32 px and below (the official code's no-resize branch) are not "
+                "supported; fine-tune at 48 px or more (BEiT fine-tunes CIFAR-100 at 224)"
+            )
+        if crop_pct is not None and not 0 < crop_pct <= 1:
+            raise ValueError(f"crop_pct must lie in (0, 1], got {crop_pct}")
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(f"normalization must be one of {list(NORMALIZATIONS)}, got {normalization!r}")
+        self.train = bool(train)
+        self.normalization = normalization
+        self.image_size = image_size
+        self.rand_augment = RandAugmentSpec.parse(rand_augment) if (rand_augment and self.train) else None
+        self._check_backend()  # a missing dependency fails before the source is validated
+        self.crop_pct = default_crop_pct(image_size) if crop_pct is None else float(crop_pct)
+        self.resize_size = eval_resize_size(image_size, self.crop_pct)
+        super().__init__(
+            source.names,
+            batch_size,
+            num_threads=num_threads,
+            seed=seed,
+            shard_id=shard_id,
+            num_shards=num_shards,
+            image_size=image_size,
+            tokenizer_size=image_size,  # no tokenizer view here
+            output_dtype="float32",
+            normalization=normalization,
+            on_bad_file=on_bad_file,
+            masking=None,
+            shuffle=self.train,
+            validate=False,
+            max_pixels=max_pixels,
+        )
+        self.source = source
+        self.pin_memory = pin_memory
+        self.classes = list(source.classes)
+        self.num_classes = source.num_classes
+        keep, self.bad_files = _validate(source, on_bad_file, num_threads, max_pixels, validate)
+        self.positions = keep  # [M] int64: source position of each usable sample
+        self.files = [source.names[p] for p in keep]
+        self._index = {f: i for i, f in enumerate(self.files)}
+
+    def _check_backend(self) -> None:
+        """Raise when this backend cannot apply the requested transforms (called before any work)."""
+
+    @property
+    def num_samples(self) -> int:
+        """The usable samples: the valid entries of one epoch over all ranks."""
+        return len(self.files)
+
+    def _normalize(self, hwc: torch.Tensor) -> torch.Tensor:
+        mean, std = NORMALIZATIONS[self.normalization]
+        x = hwc.permute(2, 0, 1).float().div_(255)  # [S, S, 3] uint8 -> [3, S, S]
+        return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+
+
+def _validate(source, on_bad_file, num_threads, max_pixels, validate) -> tuple[np.ndarray, list[tuple[str, str]]]:
+    """(positions of the usable samples [M] int64, (name, reason) of the others): the index's bad samples, then
+    those the up-front check sets aside. "error" raises on the first, naming it; "skip" warns, naming them."""
+    if validate and source.kind == "files":
+        _, bad = validate_images(source.files, on_bad_file, num_threads, max_pixels)  # warns or raises itself
+        out = {f for f, _ in bad}
+        return np.asarray([i for i, f in enumerate(source.files) if f not in out], dtype=np.int64), bad
+    bad = list(source.bad_samples)
+    reasons = source.check(num_threads, max_pixels) if validate else [None] * len(source)
+    bad += [(name, r) for name, r in zip(source.names, reasons) if r is not None]
+    if bad and on_bad_file == "error":
+        (name, reason), more = bad[0], f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise BadImageError(f"bad sample {name}: {reason}{more}; pass on_bad_file='skip' to leave such samples out")
+    keep = np.asarray([i for i, r in enumerate(reasons) if r is None], dtype=np.int64)
+    if bad:
+        shown = "; ".join(f"{name}: {r}" for name, r in bad[:20])
+        more = f"; ... and {len(bad) - 20} more (loader.bad_files lists all)" if len(bad) > 20 else ""
+        warnings.warn(f"skipping {len(bad)} bad samples of {source.description}: {shown}{more}", stacklevel=5)
+    if keep.size == 0:
+        raise ValueError(f"no usable samples in {source.description}")
+    return keep, bad
+
+
+# ---------------------------------------------------------------------------------------------------- PIL
+
+
+class _PilEpoch(torch.utils.data.Dataset):
+    """One rank's epoch from slot ``start`` on; slot ``j`` draws its randomness from (seed, j)."""
+
+    def __init__(self, loader: PilClassificationLoader, order: np.ndarray, valid: np.ndarray, seed: int, start: int):
+        self.loader, self.order, self.valid, self.seed, self.start = loader, order, valid, seed, start
+
+    def __len__(self) -> int:
+        return len(self.order) - self.start
+
+    def _open(self, j: int):
+        """(loader file index, valid, RGB image, failure report); the report is "" unless the sample failed."""
+        ld = self.loader
+        n = len(ld.files)
+        i = int(self.order[j])
+        try:
+            return i, bool(self.valid[j]), ld.source.image(int(ld.positions[i])), ""
+        except Exception as e:
+            if ld.on_bad_file == "error":
+                raise BadImageError(f"decoding failed: {ld.files[i]}: {type(e).__name__}: {e}") from e
+            # The next sample that decodes takes the slot as padding; the report travels with the sample because
+            # warnings raised in DataLoader workers never reach the main process.
+            report = f"{ld.files[i]}\0{type(e).__name__}: {e}"
+            for k in range(1, n):
+                try:
+                    return (i + k) % n, False, ld.source.image(int(ld.positions[(i + k) % n])), report
+                except Exception:  # another bad sample: try the next one
+                    continue
+            raise BadImageError(f"no sample decodes (first failure: {ld.files[i]}: {e})") from e
+
+    def __getitem__(self, j: int) -> dict:
+        from PIL import Image
+
+        ld = self.loader
+        j += self.start
+        i, valid, img, failure = self._open(j)
+        if ld.train:
+            rng = np.random.default_rng(mix_seeds(self.seed, j))
+            box = random_resized_crop_box(img.width, img.height, rng)
+            img = resized_crop(img, box, ld.image_size, Image.Resampling.BICUBIC)
+            if rng.random() < 0.5:
+                img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            if ld.rand_augment_transform is not None:
+                img = _seeded(ld.rand_augment_transform, img, mix_seeds(self.seed, j, 0x2A))
+        else:
+            img = resize_center_crop(img, ld.image_size, ld.crop_pct)
+        pos = int(ld.positions[i])
+        return {
+            "images": ld._normalize(torch.from_numpy(np.asarray(img).copy())),
+            "labels": torch.tensor(int(ld.source.labels[pos]), dtype=torch.int64),
+            "index": torch.tensor(pos, dtype=torch.int64),
+            "valid": torch.tensor(valid),
+            "decode_failure": failure,
+        }
+
+
+def _seeded(transform, img, seed: int):
+    """``transform(img)`` with Python's and numpy's global generators (timm's RandAugment draws from both) seeded
+    by ``seed``, and restored afterwards: the caller's own draws are unaffected."""
+    state, np_state = random.getstate(), np.random.get_state()  # noqa: NPY002 (timm draws from the legacy global)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)  # noqa: NPY002
+    try:
+        return transform(img)
+    finally:
+        random.setstate(state)
+        np.random.set_state(np_state)  # noqa: NPY002
+
+
+class PilClassificationLoader(ClassificationLoader):
+    """The transforms with PIL (and timm's RandAugment) in a torch DataLoader: ``num_threads`` worker processes,
+    in-process when it is 1."""
+
+    backend = "pil"
+
+    def __init__(self, source, batch_size: int, **kw):
+        self.rand_augment_transform = None
+        super().__init__(source, batch_size, **kw)
+        self.device = "cpu"
+
+    def _check_backend(self) -> None:
+        if self.rand_augment is not None:
+            self.rand_augment_transform = _timm_rand_augment(self.rand_augment, self.image_size, self.normalization)
+
+    def _iterate(self, step: int) -> Iterator[dict]:
+        order, valid = self._this_epoch()
+        ds = _PilEpoch(self, order, valid, self._epoch_seed(), start=step * self.batch_size)
+        workers = self.num_threads if self.num_threads > 1 else 0
+        dl = torch.utils.data.DataLoader(
+            ds,
+            batch_size=self.batch_size,
+            shuffle=False,
+            num_workers=workers,
+            pin_memory=self.pin_memory,
+            prefetch_factor=4 if workers else None,
+            # Its own generator: otherwise the DataLoader draws its base seed from the global torch RNG, and the
+            # model's random draws would depend on where an epoch's iteration started.
+            generator=torch.Generator().manual_seed(self._epoch_seed() % 2**63),
+        )
+        batches = iter(dl)
+        try:
+            try:
+                for batch in batches:
+                    for report in batch.pop("decode_failure"):
+                        if report:
+                            self._skip_runtime_failure(*report.split("\0", 1))
+                    yield batch
+            except BadImageError as e:
+                # From a worker the error arrives as its whole traceback; its own message is the last line.
+                lines = str(e).strip().splitlines()
+                if len(lines) > 1:
+                    raise BadImageError(lines[-1].split("BadImageError: ", 1)[-1]) from None
+                raise
+        finally:
+            shutdown = getattr(batches, "_shutdown_workers", None)  # stop the workers when the epoch ends
+            if shutdown is not None:
+                shutdown()
+
+
+# ---------------------------------------------------------------------------------------------------- DALI
+
+
+class _Feed:
+    """External-source callback: batch ``info.iteration`` of a stretch, as (samples, codes [B, 1] int64). Samples
+    are encoded bytes (1-D uint8) or decoded [H, W, 3] uint8 pixels. The batch depends only on its number, so
+    DALI's prefetching cannot reorder anything."""
+
+    def __init__(self, source: ClassificationSource, positions: np.ndarray, codes: np.ndarray, batch_size: int):
+        self.source, self.positions, self.codes, self.batch_size = source, positions, codes, batch_size
+
+    def __call__(self, info):
+        lo = info.iteration * self.batch_size
+        if lo >= len(self.positions):
+            raise StopIteration
+        sel = self.positions[lo : lo + self.batch_size]
+        if self.source.kind == "pixels":
+            samples = [self.source.pixels[p] for p in sel]
+        else:
+            samples = [np.frombuffer(self.source.read(int(p)), dtype=np.uint8) for p in sel]
+        return samples, self.codes[lo : lo + self.batch_size].reshape(-1, 1)
+
+
+def _dali_pipeline(loader: DaliClassificationLoader, positions: np.ndarray, codes: np.ndarray, seed: int):
+    """The pipeline over the samples ``positions`` (source positions) in order; ``codes`` carry each sample's loader
+    file index, -(index + 1) for padding, through the pipeline."""
+    dali = require_dali()
+    from nvidia.dali import fn, types
+
+    gpu = loader.device == "gpu"
+    kind = loader.source.kind
+    s = loader.image_size
+    mean, std = NORMALIZATIONS[loader.normalization]
+    ra = loader.rand_augment
+
+    def op_seed(k: int) -> int:
+        # Explicit per-operator seeds: DALI's automatic ones depend on how many operators precede each.
+        return mix_seeds(seed, k) % 2**31
+
+    @dali.pipeline_def(
+        batch_size=loader.batch_size,
+        num_threads=loader.num_threads,
+        device_id=torch.cuda.current_device() if gpu else None,
+        seed=seed % 2**31,
+        prefetch_queue_depth=2,
+        enable_conditionals=ra is not None,  # RandAugment selects its operations with conditionals
+    )
+    def pipe():
+        if kind == "files":
+            files = [loader.source.files[int(p)] for p in positions]
+            data, code = fn.readers.file(files=files, labels=codes.tolist(), random_shuffle=False, name="Reader")
+        else:
+            feed = _Feed(loader.source, positions, codes, loader.batch_size)
+            layout = ["HWC" if kind == "pixels" else "", ""]
+            data, code = fn.external_source(source=feed, num_outputs=2, batch=True, batch_info=True, layout=layout)
+        decoder = "mixed" if gpu else "cpu"
+        if kind == "pixels" and gpu:
+            data = data.gpu()
+        norm = dict(mean=[255 * m for m in mean], std=[255 * v for v in std], dtype=types.FLOAT, output_layout="CHW")
+        if loader.train:
+            crop = dict(random_area=list(CROP_SCALE), random_aspect_ratio=list(CROP_RATIO), num_attempts=10)
+            if kind == "pixels":
+                images = fn.random_resized_crop(
+                    data, size=[s, s], interp_type=types.INTERP_CUBIC, antialias=True, seed=op_seed(1), **crop
+                )
+            else:
+                # The box decoded alone (ROI decode), then resized; uint8 out, as PIL's resize gives.
+                images = fn.decoders.image_random_crop(
+                    data, device=decoder, output_type=types.RGB, seed=op_seed(1), **crop
+                )
+                images = fn.resize(images, size=[s, s], interp_type=types.INTERP_CUBIC, antialias=True)
+            if ra is not None:
+                from nvidia.dali.auto_aug import rand_augment
+
+                images = rand_augment.rand_augment(
+                    images,
+                    n=ra.num_ops,
+                    m=ra.dali_bin,
+                    num_magnitude_bins=DALI_MAGNITUDE_BINS,
+                    shape=[s, s],
+                    max_translate_rel=TRANSLATE_PCT,
+                    fill_value=int(round(255 * sum(mean) / 3)),  # one grey level: DALI takes no fill colour
+                    interp_type=types.INTERP_LINEAR,  # the best its warps offer
+                    monotonic_mag=ra.increasing,
+                    seed=op_seed(3),
+                )
+            # The flip comes after RandAugment here, in the normalising pass, where timm flips before it: the same
+            # distribution, since every geometric operation's sign is drawn at random and colour operations
+            # commute with a flip.
+            flip = fn.random.coin_flip(probability=0.5, seed=op_seed(2))
+            out = fn.crop_mirror_normalize(images, mirror=flip, **norm)
+        else:
+            # torchvision's geometry in integers, from each image's shape (before decoding): DALI's own
+            # resize_shorter rounds the longer side and its centre crop rounds offsets half up, each a pixel off.
+            shape = fn.shapes(data, dtype=types.INT64) if kind == "pixels" else fn.peek_image_shape(
+                data, dtype=types.INT64
+            )  # fmt: skip
+            (height, width), (top, left) = _eval_geometry(fn, types, shape, loader.resize_size, s)
+            images = data if kind == "pixels" else fn.decoders.image(data, device=decoder, output_type=types.RGB)
+            images = fn.resize(images, resize_x=width, resize_y=height, interp_type=types.INTERP_CUBIC, antialias=True)
+            start = fn.cast(fn.stack(top, left), dtype=types.INT32)
+            out = fn.crop_mirror_normalize(fn.slice(images, start=start, shape=[s, s], axis_names="HW"), **norm)
+        if gpu:
+            code = code.gpu()
+        return out, code
+
+    with _quiet_dali_deprecations():
+        p = pipe()
+        p.build()
+    return p
+
+
+@contextlib.contextmanager
+def _quiet_dali_deprecations():
+    """Drop DALI's deprecation warnings (RandAugment's suite calls operators by their old experimental names, four
+    warnings a build). DALI issues them under its own ``simplefilter("default")``, which overrides any filter of
+    ours, so they are dropped where they are shown; every other warning is shown as before."""
+    show = warnings.showwarning
+
+    def filtered(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, DeprecationWarning) and "is now deprecated" in str(message):
+            return
+        show(message, category, filename, lineno, file, line)
+
+    with warnings.catch_warnings():  # restores showwarning on exit
+        warnings.showwarning = filtered
+        yield
+
+
+def _eval_geometry(fn, types, shape, size: int, crop: int):
+    """DALI nodes for the evaluation transform's sizes and crop offsets from an image's [H, W, C] int64 ``shape``,
+    exactly as ``resize_center_crop`` computes them: ((new height, new width) float, (top, left) int64)."""
+    import nvidia.dali.math as dmath
+
+    h, w = shape[0], shape[1]
+    portrait = fn.cast(w <= h, dtype=types.INT64)
+    long = (size * dmath.max(h, w)) // dmath.min(h, w)  # int(size * long / short), in integers
+    new_w = portrait * size + (1 - portrait) * long
+    new_h = portrait * long + (1 - portrait) * size
+
+    def half_to_even(d):  # Python's round(d / 2) for d >= 0
+        k = d // 2
+        return k + (d - 2 * k) * (k - 2 * (k // 2))
+
+    sizes = (fn.cast(new_h, dtype=types.FLOAT), fn.cast(new_w, dtype=types.FLOAT))
+    return sizes, (half_to_even(new_h - crop), half_to_even(new_w - crop))
+
+
+class DaliClassificationLoader(ClassificationLoader):
+    """The DALI pipeline over a classification source: file sources through DALI's file reader, tar shards
+    (encoded bytes) and CIFAR (pixels) through an external source that reads them in the epoch's order."""
+
+    backend = "dali"
+
+    def __init__(self, source, batch_size: int, *, device: str = "gpu", segment_batches: int | None = None, **kw):
+        require_dali()
+        if device == "gpu" and not torch.cuda.is_available():
+            raise RuntimeError("device='gpu' needs CUDA; use device='cpu' on this machine")
+        if segment_batches is not None and segment_batches <= 0:
+            raise ValueError(f"segment_batches must be positive or None, got {segment_batches}")
+        super().__init__(source, batch_size, **kw)
+        self.device = device
+        self.pin_memory = self.pin_memory and device == "cpu"
+        self.segment_batches = segment_batches
+        out = torch.device("cuda", torch.cuda.current_device()) if device == "gpu" else torch.device("cpu")
+        self._positions_t = torch.from_numpy(self.positions).to(out)
+        self._labels_t = torch.from_numpy(self.source.labels).to(out)
+
+    def _stretch(self, order: np.ndarray, valid: np.ndarray, lo: int, hi: int, seed: int) -> Iterator[dict]:
+        """Batches ``lo`` to ``hi`` (exclusive) of the epoch from one pipeline seeded with ``seed``."""
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+        b = self.batch_size
+        sel, ok = order[lo * b : hi * b], valid[lo * b : hi * b]
+        codes = np.where(ok, sel, -sel - 1).astype(np.int64)
+        pipe = _dali_pipeline(self, self.positions[sel], codes, seed)
+        reader = dict(reader_name="Reader") if self.source.kind == "files" else {}
+        it = DALIGenericIterator(pipe, ["images", "code"], last_batch_policy=LastBatchPolicy.PARTIAL, **reader)
+        for (out,) in it:
+            code = out["code"].reshape(-1).long()
+            ok = code >= 0
+            index = self._positions_t[torch.where(ok, code, -code - 1)]
+            batch = {"images": out["images"], "labels": self._labels_t[index], "index": index, "valid": ok}
+            if self.pin_memory:  # a copy from pageable memory to a GPU makes the host wait for it
+                batch = {k: v.pin_memory() for k, v in batch.items()}
+            yield batch
+
+    def _iterate(self, step: int) -> Iterator[dict]:
+        order, valid = self._this_epoch()
+        n = len(self)
+        # Training: fixed segments, each its own pipeline and seed, so that any start gives the same batches.
+        # Evaluation draws nothing at random: one pipeline from the start step.
+        seg = (self.segment_batches or n) if self.train else n
+        while step < n:
+            lo = (step // seg) * seg if self.train else step
+            hi = min(lo + seg, n)
+            try:
+                for k, batch in enumerate(self._stretch(order, valid, lo, hi, self._epoch_seed(lo)), start=lo):
+                    if k < step:
+                        continue  # before the resume point: drawn so that the later batches keep their draws
+                    yield batch
+                    step = k + 1
+            except RuntimeError as e:
+                if "Critical error in pipeline" not in str(e) and "Failed to decode" not in str(e):
+                    raise
+                self._on_decode_failure(e, order, valid, step)
+
+    def _on_decode_failure(self, e: RuntimeError, order: np.ndarray, valid: np.ndarray, step: int) -> None:
+        """Name the sample the pipeline failed on (it prefetches: the next few batches), then raise, or make its
+        slots padding from ``step`` on so that the stretch can be run again."""
+        b = self.batch_size
+        window = order[step * b : (step + 4) * b]
+        culprits = self.source.undecodable(self.positions[np.unique(window)])
+        if not culprits or self.on_bad_file == "error":
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            names = "; ".join(f"{f}: {r}" for f, r in culprits) or "could not tell which sample: " + first
+            raise BadImageError(f"decoding failed: {names}") from e
+        for name, reason in culprits:
+            self._skip_runtime_failure(name, reason)
+        self._replace(order, valid, self._failed, step * b)
+
+
+# ---------------------------------------------------------------------------------------------------- entry point
+
+
+def build_classification_loader(
+    source,
+    batch_size: int,
+    *,
+    train: bool,
+    image_size: int = 224,
+    backend: str = "auto",
+    device: str = "cpu",
+    num_threads: int = 4,
+    seed: int = 0,
+    shard_id: int | None = None,
+    num_shards: int | None = None,
+    normalization: str = "inception",
+    rand_augment: str | None = DEFAULT_RAND_AUGMENT,
+    crop_pct: float | None = None,
+    on_bad_file: str = "skip",
+    pin_memory: bool = False,
+    validate: bool = True,
+    max_pixels: int | None = MAX_PIXELS,
+    classes: Sequence[str] | int | None = None,
+    val_fraction: float | None = None,
+    segment_batches: int | None = None,
+) -> ClassificationLoader:
+    """A fine-tuning (``train=True``) or evaluation loader: an iterable of batch dicts (see the module docstring)
+    with ``len()`` steps per epoch, ``set_epoch(e)``, ``iter_from(k)``, ``num_classes``, ``classes``,
+    ``num_samples`` and ``bad_files``.
+
+    ``source``: a ``ClassificationSource``, or a path or shard spec opened with ``open_classification_source``
+    (the "train" split for training, "val" for evaluation; ``classes``, ``val_fraction`` and ``seed`` go to it).
+    ``backend``: "dali" (``device`` "gpu": mixed decoding and augmentation on the GPU; "cpu": the same graph on
+    the CPU), "pil", or "auto" (DALI when it can be imported). ``normalization``: "inception" (mean = std = 0.5,
+    BEiT's fine-tuning default) or "imagenet". ``rand_augment``: timm's spec string, or None; training only.
+    ``crop_pct``: evaluation's crop fraction (default 0.875 below 384 px, 1.0 from 384 px). ``shard_id`` /
+    ``num_shards`` default to torch.distributed's rank and world size when it is initialised. ``on_bad_file``,
+    ``validate``, ``max_pixels``, ``pin_memory``: as ``beit.data.build_loader``. ``segment_batches``: DALI
+    training's pipeline length in batches (None: one pipeline per epoch; see the module docstring).
+    """
+    if backend not in ("auto", "dali", "pil"):
+        raise ValueError(f"backend must be 'auto', 'dali' or 'pil', got {backend!r}")
+    if device not in ("cpu", "gpu"):
+        raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
+    if backend == "auto":
+        backend = "dali" if dali_available() else "pil"
+    if backend == "pil" and device == "gpu":
+        raise ValueError("the PIL loader runs on the CPU: pass device='cpu' (pin_memory=True for a GPU consumer)")
+    if backend == "dali" and not dali_available():
+        require_dali()  # raises, saying how to install it
+    if rand_augment is not None and train:
+        spec = RandAugmentSpec.parse(rand_augment)  # a bad spec fails before any listing
+        if backend == "pil":
+            _timm_rand_augment(spec, image_size, normalization)  # timm missing fails before any listing
+    if not isinstance(source, ClassificationSource):
+        source = open_classification_source(
+            source, "train" if train else "val", classes=classes, val_fraction=val_fraction, seed=seed,
+            num_threads=num_threads,
+        )  # fmt: skip
+    kw = dict(
+        train=train,
+        image_size=image_size,
+        num_threads=num_threads,
+        seed=seed,
+        shard_id=shard_id,
+        num_shards=num_shards,
+        normalization=normalization,
+        rand_augment=rand_augment,
+        crop_pct=crop_pct,
+        on_bad_file=on_bad_file,
+        validate=validate,
+        max_pixels=max_pixels,
+        pin_memory=pin_memory,
+    )
+    if backend == "pil":
+        return PilClassificationLoader(source, batch_size, **kw)
+    return DaliClassificationLoader(source, batch_size, device=device, segment_batches=segment_batches, **kw)
