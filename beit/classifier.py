@@ -255,6 +255,13 @@ def list_classifiers() -> list[str]:
     return sorted(_CLASSIFIER_ARGS)
 
 
+def classifier_image_size(name: str) -> int:
+    """The input size a registered classifier is built for by default."""
+    if name not in _CLASSIFIER_ARGS:
+        raise ValueError(f"unknown classifier {name!r}: available are {', '.join(list_classifiers())}")
+    return int(_CLASSIFIER_ARGS[name].get("img_size", 224))
+
+
 def create_classifier(name: str, num_classes: int = 1000, **overrides) -> VisionTransformer:
     """Build a registered BEiT classifier (``list_classifiers()``), with any ``ClassifierConfig`` field overridden by
     keyword (``img_size=384``, ``drop_path_rate=0.1``, ``use_mean_pooling=False``, ``impl="triton"``, ...).

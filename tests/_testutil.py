@@ -17,6 +17,27 @@ def no_host_sync():
         torch.cuda.set_sync_debug_mode("default")
 
 
+# The device of the kernel value tests: the GPU where there is one, so that they check the compiled kernels, else
+# the CPU, where the kernels run in Triton's interpreter. Inputs are drawn on the CPU and moved here, so that both
+# get the same values.
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def assert_bitwise_reproducible(step, names):
+    """``step()`` runs a forward and backward from fixed inputs and returns its outputs and gradients (None for one
+    not taken), named by ``names``; a second call must give the same bits, in memory of its own (the same buffer
+    returned twice would be equal trivially)."""
+    first, second = step(), step()
+    assert len(first) == len(second) == len(names)
+    for name, a, b in zip(names, first, second):
+        assert (a is None) == (b is None), name
+        if a is None:
+            continue
+        assert a.numel() > 0 and a.data_ptr() != b.data_ptr(), name
+        assert torch.isfinite(a).all() and a.count_nonzero() > 0, f"{name}: not finite, or all zero"
+        assert torch.equal(a, b), f"{name}: differs between two runs on the same inputs"
+
+
 def max_err(a, ref) -> float:
     return (a.double() - ref.double()).abs().max().item()
 
@@ -65,3 +86,19 @@ def tiny_run_args(assets, out, *extra, device: str = "cpu") -> list[str]:
         "--no-progress", "--log-interval", "5", "--lr", "1e-3", "--warmup-steps", "2",
         *extra,
     ]  # fmt: skip
+
+
+def assert_same(x, y, where="checkpoint"):
+    """Recursive bitwise equality of checkpoint contents (tensors, dicts, lists, tuples, plain values)."""
+    if isinstance(x, torch.Tensor):
+        assert isinstance(y, torch.Tensor) and x.dtype == y.dtype and torch.equal(x, y), where
+    elif isinstance(x, dict):
+        assert isinstance(y, dict) and sorted(map(str, x)) == sorted(map(str, y)), where
+        for k in x:
+            assert_same(x[k], y[k], f"{where}[{k!r}]")
+    elif isinstance(x, (list, tuple)):
+        assert isinstance(y, (list, tuple)) and len(x) == len(y), where
+        for i, (u, v) in enumerate(zip(x, y)):
+            assert_same(u, v, f"{where}[{i}]")
+    else:
+        assert x == y, where

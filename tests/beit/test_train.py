@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _testutil import TRAIN_IMAGES, make_train_assets, no_host_sync, tiny_run_args
+from _testutil import TRAIN_IMAGES, assert_same, make_train_assets, no_host_sync, tiny_run_args
 
 from beit.errors import TrainingError
 from beit.train import DEMO, main, parse_args
@@ -40,22 +40,6 @@ def test_twenty_steps_lower_the_loss(assets, tmp_path):
     assert (tmp_path / "args.yaml").is_file()
     ckpt = load_checkpoint(list_checkpoints(tmp_path)[-1])
     assert ckpt["step"] == 20 and ckpt["args"]["steps"] == 20
-
-
-def assert_same(x, y, where="checkpoint"):
-    """Recursive bitwise equality of checkpoint contents (tensors, dicts, lists, tuples, plain values)."""
-    if isinstance(x, torch.Tensor):
-        assert isinstance(y, torch.Tensor) and x.dtype == y.dtype and torch.equal(x, y), where
-    elif isinstance(x, dict):
-        assert isinstance(y, dict) and sorted(map(str, x)) == sorted(map(str, y)), where
-        for k in x:
-            assert_same(x[k], y[k], f"{where}[{k!r}]")
-    elif isinstance(x, (list, tuple)):
-        assert isinstance(y, (list, tuple)) and len(x) == len(y), where
-        for i, (u, v) in enumerate(zip(x, y)):
-            assert_same(u, v, f"{where}[{i}]")
-    else:
-        assert x == y, where
 
 
 def test_interrupted_and_resumed_run_is_bitwise_identical(assets, tmp_path, capsys):
