@@ -33,6 +33,8 @@ DEV = [
     "ruff>=0.5",
     # Interop tests compare against an independent BEiT implementation.
     "transformers>=4.40",
+    # The relative-position-table resize is tested against FITPACK's bicubic spline (the official code's interp2d).
+    "scipy",
     # dall-e 0.1 is installed with --no-deps by the README's test command: its metadata asks for torchvision,
     # which would replace the installed torch by a multi-GB CUDA build. These are what it imports.
     "attrs",
@@ -68,6 +70,8 @@ setup(
         "console_scripts": [
             "beit-env=beit.env:main",
             "beit-pretrain=beit.train:main",
+            "beit-finetune=beit.finetune:main",
+            "beit-attention-map=beit.attention_map:main",
             "beit-export=beit.export:main",
             "beit-linprobe=beit.linprobe:main",
             "beit-tokenizer=beit.tokenizer:main",
