@@ -8,7 +8,8 @@ Default (``--task mim``), into the folder OUT:
                              a Hugging Face ``BeitForMaskedImageModeling`` folder (the hub's transformers 4 names,
                              which transformers 5 also reads), loadable with ``from_pretrained``
 CKPT is a ``beit-pretrain`` checkpoint (its ``model_config`` rebuilds the model) or any checkpoint
-``beit.load_pretrained`` reads, with ``--model`` naming the architecture.
+``beit.load_pretrained`` reads, with ``--model`` naming the architecture. A ``beit-finetune`` checkpoint is written
+the same way, its Hugging Face folder a ``BeitForImageClassification``.
 
 ``--task segmentation --img-size 640``: the encoder for semantic segmentation (no MIM head, mask token, final norm
 or classifier), with a relative position table in every block (a shared one copied) resized to the target patch
@@ -54,11 +55,18 @@ TASKS = ("mim", "segmentation")
 _OUT_INDICES = {12: [3, 5, 7, 11], 24: [7, 11, 15, 23]}
 
 
+def _is_classifier_config(cfg) -> bool:
+    return isinstance(cfg, dict) and "num_classes" in cfg
+
+
 def model_from_checkpoint(path: str | Path, model_name: str | None = None, **overrides):
     """Rebuild the MIM model of a checkpoint and load its weights (strict)."""
-    ckpt = read_state_dict(path)
+    return _mim_model(read_state_dict(path), path, model_name, **overrides)
+
+
+def _mim_model(ckpt, path, model_name: str | None = None, **overrides):
     if isinstance(ckpt, dict) and "model_config" in ckpt:
-        if isinstance(ckpt["model_config"], dict) and "num_classes" in ckpt["model_config"]:
+        if _is_classifier_config(ckpt["model_config"]):
             raise ValueError(f"{path} holds a classifier (a fine-tuning checkpoint), not a pretraining model")
         cfg = dict(ckpt["model_config"], **overrides)
         cfg["impl"] = cfg.get("impl", "auto")
@@ -72,6 +80,19 @@ def model_from_checkpoint(path: str | Path, model_name: str | None = None, **ove
     model = beit.create_model(model_name, **overrides)
     beit.load_pretrained(model, ckpt, strict=True)
     return model
+
+
+def exportable_model(path: str | Path, model_name: str | None = None):
+    """The model of a checkpoint as it is, for ``export``: a fine-tuning checkpoint's classifier (rebuilt from its
+    ``model_config``, loaded strictly), else the MIM model of ``model_from_checkpoint``."""
+    ckpt = read_state_dict(path)
+    if isinstance(ckpt, dict) and _is_classifier_config(ckpt.get("model_config")):
+        from beit.classifier import classifier_from_config
+
+        model = classifier_from_config(ckpt["model_config"])
+        model.load_state_dict(unwrap_state_dict(ckpt))
+        return model
+    return _mim_model(ckpt, path, model_name)
 
 
 def _save_safetensors(sd: dict[str, torch.Tensor], path: Path) -> None:
@@ -240,8 +261,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(note)
             paths = export_segmentation(encoder, args.out, num_labels=args.num_labels)
         else:
-            model = model_from_checkpoint(args.checkpoint, args.model)
-            paths = export(model, args.out)
+            paths = export(exportable_model(args.checkpoint, args.model), args.out)
     except (OSError, ValueError, RuntimeError, TypeError) as e:
         print(f"beit-export: error: {e}", file=sys.stderr)
         return 2

@@ -3,6 +3,8 @@ replaces, and a transcription of the official code path), and ``load_pretrained`
 and safetensors checkpoints (shared table copied, tables and position embedding resized, heads re-initialised,
 architecture mismatches refused)."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -333,6 +335,15 @@ def test_our_finetuning_checkpoints_and_safetensors_exports_load(tmp_path):
     bigger = classifier(img_size=80, num_classes=5, use_mean_pooling=False)
     report = beit.load_pretrained(bigger, paths["hf"], strict=True)
     assert any("4x4 to a 5x5" in n for n in report.notes)
+    # beit-export writes a fine-tuning checkpoint as it is: its Hugging Face folder is a classifier's.
+    from beit.export import main
+
+    assert main([str(path), str(tmp_path / "cli")]) == 0
+    config = json.loads((tmp_path / "cli" / "hf" / "config.json").read_text())
+    assert config["architectures"] == ["BeitForImageClassification"] and config["num_labels"] == 5
+    again = classifier(img_size=64, num_classes=5, use_mean_pooling=False)
+    beit.load_pretrained(again, tmp_path / "cli" / "hf", strict=True)
+    torch.testing.assert_close(again.state_dict(), src.state_dict(), rtol=0, atol=0)
 
 
 def test_the_mim_model_path_is_unchanged():
