@@ -355,7 +355,6 @@ def test_the_mim_model_path_is_unchanged():
     torch.testing.assert_close(model.state_dict(), src.state_dict(), rtol=0, atol=0)
 
 
-
 # ----------------------------------------------------------------------------------------------------------------
 # beit-export --task segmentation
 
