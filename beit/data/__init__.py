@@ -137,3 +137,48 @@ __all__ = [
     "unmap_pixels",
     "validate_images",
 ]
+
+# Fine-tuning and evaluation data: labelled sources (class folders, CIFAR-100, WebDataset shards) and their loaders.
+from beit.data.classification import (  # noqa: E402
+    Cifar100Source,
+    ClassificationSource,
+    ImageFolderSource,
+    WebDatasetSource,
+    check_encoded,
+    expand_braces,
+    open_classification_source,
+    read_cifar_pickle,
+    split_holdout,
+)
+from beit.data.classification_loader import (  # noqa: E402
+    DEFAULT_RAND_AUGMENT,
+    ClassificationLoader,
+    DaliClassificationLoader,
+    PilClassificationLoader,
+    RandAugmentSpec,
+    build_classification_loader,
+    default_crop_pct,
+    eval_resize_size,
+    resize_center_crop,
+)
+
+__all__ += [
+    "DEFAULT_RAND_AUGMENT",
+    "ClassificationLoader",
+    "Cifar100Source",
+    "ClassificationSource",
+    "DaliClassificationLoader",
+    "ImageFolderSource",
+    "PilClassificationLoader",
+    "RandAugmentSpec",
+    "WebDatasetSource",
+    "build_classification_loader",
+    "check_encoded",
+    "default_crop_pct",
+    "eval_resize_size",
+    "expand_braces",
+    "open_classification_source",
+    "read_cifar_pickle",
+    "resize_center_crop",
+    "split_holdout",
+]
