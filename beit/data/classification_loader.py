@@ -37,8 +37,11 @@ members, the index's bad samples), then left out with a warning naming them (``o
 ``loader.bad_files``) or an error naming the first (``"error"``); one that still fails to decode later becomes
 padding (``valid`` False) with a warning, or stops with an error naming it.
 
-RandAugment: the DALI path uses DALI's ``nvidia.dali.auto_aug.rand_augment`` with the spec mapped onto it (see
-``RandAugmentSpec``); the PIL path uses timm's ``rand_augment_transform`` with the official hyperparameters when
+RandAugment: the DALI path runs timm's operation list built from DALI's own augmentations
+(``nvidia.dali.auto_aug``: ``timm_rand_augment_suite``) through DALI's ``apply_rand_augment``, each of the N
+layers applied with probability 0.5 as in timm; it differs from timm in drawing no magnitude noise (``mstd``),
+in bilinear rather than bicubic warps and in one grey fill level (see ``RandAugmentSpec`` and the README's
+"Fine-tuning data"). The PIL path uses timm's ``rand_augment_transform`` with the official hyperparameters when
 timm is installed, and refuses a RandAugment request without it.
 """
 
@@ -98,10 +101,10 @@ def resize_center_crop(img, image_size: int, crop_pct: float | None = None):
 @dataclass(frozen=True)
 class RandAugmentSpec:
     """timm's RandAugment spec ``rand-m{M}-n{N}-mstd{S}-inc{0|1}`` (any order; timm's defaults M=10, N=2,
-    mstd 0, inc 0). On DALI, ``rand_augment(n=N, m=10 M, num_magnitude_bins=101, monotonic_mag=inc)``:
-    the magnitudes are timm's (both map bin k of K to low + k/(K-1) (high - low), and M/10 = 10 M/100), the
-    "increasing" (inc1) ranges are DALI's monotonic suite, inc0 its non-monotonic one. DALI draws no magnitude
-    noise: ``mstd`` is not applied there. The README's "Fine-tuning data" section lists the other differences."""
+    mstd 0, inc 0). On DALI: N layers of DALI's ``apply_rand_augment`` over ``timm_rand_augment_suite(inc)`` at
+    magnitude bin 10 M of 101, which maps to timm's M / 10 of each range (bin k of K is low + k / (K - 1) of the
+    way to high). DALI's magnitude is one number for the whole batch: ``mstd`` (timm's per-operation
+    N(M, mstd) noise) is parsed but not applied there."""
 
     spec: str
     magnitude: float = 10.0
@@ -458,20 +461,8 @@ def _dali_pipeline(loader: DaliClassificationLoader, positions: np.ndarray, code
                 )
                 images = fn.resize(images, size=[s, s], interp_type=types.INTERP_CUBIC, antialias=True)
             if ra is not None:
-                from nvidia.dali.auto_aug import rand_augment
-
-                images = rand_augment.rand_augment(
-                    images,
-                    n=ra.num_ops,
-                    m=ra.dali_bin,
-                    num_magnitude_bins=DALI_MAGNITUDE_BINS,
-                    shape=[s, s],
-                    max_translate_rel=TRANSLATE_PCT,
-                    fill_value=int(round(255 * sum(mean) / 3)),  # one grey level: DALI takes no fill colour
-                    interp_type=types.INTERP_LINEAR,  # the best its warps offer
-                    monotonic_mag=ra.increasing,
-                    seed=op_seed(3),
-                )
+                fill = int(round(255 * sum(mean) / 3))  # one grey level: DALI's warps take no fill colour
+                images = _dali_rand_augment(fn, types, images, ra, s, fill, op_seed)
             # The flip comes after RandAugment here, in the normalising pass, where timm flips before it: the same
             # distribution, since every geometric operation's sign is drawn at random and colour operations
             # commute with a flip.
@@ -513,6 +504,68 @@ def _quiet_dali_deprecations():
     with warnings.catch_warnings():  # restores showwarning on exit
         warnings.showwarning = filtered
         yield
+
+
+def timm_rand_augment_suite(increasing: bool) -> list:
+    """timm's RandAugment operations (``_RAND_INCREASING_TRANSFORMS`` for inc1, ``_RAND_TRANSFORMS`` for inc0), in
+    timm's order, as DALI augmentations with timm's magnitude ranges: AutoContrast, Equalize, Invert, Rotate
+    (30 degrees), Posterize (inc1: 4 down to 0 bits kept, DALI keeping at least 1; inc0: 0 up to 4), Solarize
+    (inc1: threshold 256 down to 0; inc0: up), SolarizeAdd (up to 110), Color, Contrast, Brightness, Sharpness
+    (inc1: factor 1 +- 0.9 M/10, sign drawn; inc0: 0.1 + 1.8 M/10), ShearX/Y (0.3, sign drawn), TranslateX/YRel
+    (45 % of the size, sign drawn). DALI's own suites differ: an Identity operation, no Invert or SolarizeAdd,
+    and posterize keeping 8 down to 4 bits."""
+    from nvidia.dali.auto_aug import augmentations as a
+
+    if increasing:
+        posterize = a.posterize.augmentation((4, 0), False, a.poster_mask_uint8)
+        solarize = a.solarize.augmentation((256, 0))
+        enhance = [op.augmentation((0, 0.9), True, a.shift_enhance_range) for op in (a.color, a.contrast, a.brightness)]
+        sharpness = a.sharpness.augmentation((0, 0.9), True, a.sharpness_kernel)
+    else:
+        posterize = a.posterize.augmentation((0, 4), False, a.poster_mask_uint8)
+        solarize = a.solarize.augmentation((0, 256))
+        enhance = [op.augmentation((0.1, 1.9), False, None) for op in (a.color, a.contrast, a.brightness)]
+        sharpness = a.sharpness.augmentation((0.1, 1.9), False, a.sharpness_kernel_shifted)
+    return [
+        a.auto_contrast,
+        a.equalize,
+        a.invert,
+        a.rotate.augmentation((0, 30), True),
+        posterize,
+        solarize,
+        a.solarize_add.augmentation((0, 110)),
+        *enhance,
+        sharpness,
+        a.shear_x.augmentation((0, 0.3), True),
+        a.shear_y.augmentation((0, 0.3), True),
+        a.translate_x.augmentation((0, TRANSLATE_PCT), True),
+        a.translate_y.augmentation((0, TRANSLATE_PCT), True),
+    ]
+
+
+def _dali_rand_augment(fn, types, images, ra: RandAugmentSpec, size: int, fill: int, op_seed):
+    """timm's RandAugment with DALI's operations: ``ra.num_ops`` layers, each applying with probability 0.5 (timm's
+    per-operation probability) one operation drawn uniformly, with replacement, from
+    ``timm_rand_augment_suite`` at magnitude M (DALI's ``apply_rand_augment``: bin 10 M of 101). Warps are
+    bilinear (DALI's warps offer no bicubic) and fill with one grey level. Called inside a pipeline with
+    conditionals enabled."""
+    from nvidia.dali.auto_aug.rand_augment import apply_rand_augment
+
+    suite = timm_rand_augment_suite(ra.increasing)
+    for layer in range(ra.num_ops):
+        if fn.random.coin_flip(probability=0.5, seed=op_seed(10 + 2 * layer)):
+            images = apply_rand_augment(
+                suite,
+                images,
+                1,
+                ra.dali_bin,
+                num_magnitude_bins=DALI_MAGNITUDE_BINS,
+                seed=op_seed(11 + 2 * layer),
+                shape=[size, size],
+                fill_value=fill,
+                interp_type=types.INTERP_LINEAR,
+            )
+    return images
 
 
 def _eval_geometry(fn, types, shape, size: int, crop: int):

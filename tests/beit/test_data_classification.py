@@ -314,6 +314,33 @@ def test_dali_reads_cifar_pixels_and_tar_bytes(kind, cifar, shards):
         _check_batches(_batches(loader), src, 4, loader)
 
 
+@needs_dali
+def test_dali_rand_augment_is_timms_operation_list_applied_with_probability_half():
+    """With RandAugment and without it, the crop and flip draws are the same (explicit seeds): a sample comes out
+    unchanged when neither of the 2 layers applied its operation, (1 - 0.5)^2 = 1/4 of them in timm."""
+    from beit.data.classification_loader import timm_rand_augment_suite
+
+    timm_inc = ["AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing", "SolarizeIncreasing",
+                "SolarizeAdd", "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing",
+                "SharpnessIncreasing", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"]  # fmt: skip
+    plain = [n.replace("Increasing", "").replace("Rel", "") for n in timm_inc]
+    snake = ["".join("_" + c.lower() if c.isupper() else c for c in n).lstrip("_") for n in plain]
+    assert [aug.name for aug in timm_rand_augment_suite(True)] == snake
+    assert [aug.name for aug in timm_rand_augment_suite(False)] == snake
+    n = 96
+    yy, xx = np.mgrid[0:32, 0:32]
+    pixels = np.stack([np.stack([xx * 7 + k, yy * 5 + 3 * k, (xx + yy) * 3 + k], -1) % 250 for k in range(n)])
+    src = Cifar100Source(pixels.astype(np.uint8), np.zeros(n, np.int64), ["c"] * 100, "smooth")
+    out = {}
+    for ra in (DEFAULT_RAND_AUGMENT, None):
+        loader = build_classification_loader(src, n, train=True, image_size=S, backend="dali", num_threads=2,
+                                             rand_augment=ra)  # fmt: skip
+        (batch,) = _batches(loader)
+        out[ra] = batch["images"]
+    unchanged = ((out[None] - out[DEFAULT_RAND_AUGMENT]).abs().flatten(1).amax(1) < 1e-6).float().mean().item()
+    assert 0.1 < unchanged < 0.42, unchanged
+
+
 def test_pil_train_batches(imagenet):
     loader = build_classification_loader(
         imagenet, 4, train=True, image_size=S, backend="pil", num_threads=1, rand_augment=None
