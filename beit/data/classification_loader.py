@@ -445,6 +445,8 @@ def _dali_pipeline(loader: DaliClassificationLoader, positions: np.ndarray, code
             layout = ["HWC" if kind == "pixels" else "", ""]
             data, code = fn.external_source(source=feed, num_outputs=2, batch=True, batch_info=True, layout=layout)
         decoder = "mixed" if gpu else "cpu"
+        if not loader.train:  # evaluation's geometry, from the host-side samples (operator arguments live there)
+            shape = (fn.shapes if kind == "pixels" else fn.peek_image_shape)(data, dtype=types.INT64)
         if kind == "pixels" and gpu:
             data = data.gpu()
         norm = dict(mean=[255 * m for m in mean], std=[255 * v for v in std], dtype=types.FLOAT, output_layout="CHW")
@@ -471,9 +473,6 @@ def _dali_pipeline(loader: DaliClassificationLoader, positions: np.ndarray, code
         else:
             # torchvision's geometry in integers, from each image's shape (before decoding): DALI's own
             # resize_shorter rounds the longer side and its centre crop rounds offsets half up, each a pixel off.
-            shape = fn.shapes(data, dtype=types.INT64) if kind == "pixels" else fn.peek_image_shape(
-                data, dtype=types.INT64
-            )  # fmt: skip
             (height, width), (top, left) = _eval_geometry(fn, types, shape, loader.resize_size, s)
             images = data if kind == "pixels" else fn.decoders.image(data, device=decoder, output_type=types.RGB)
             images = fn.resize(images, resize_x=width, resize_y=height, interp_type=types.INTERP_CUBIC, antialias=True)

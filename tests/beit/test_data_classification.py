@@ -341,6 +341,30 @@ def test_dali_rand_augment_is_timms_operation_list_applied_with_probability_half
     assert 0.1 < unchanged < 0.42, unchanged
 
 
+@pytest.mark.gpu
+@needs_dali
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", ["folder", "cifar", "webdataset"])
+def test_dali_gpu_pipeline(kind, imagenet, cifar, shards):
+    """Mixed decoding and augmentation on the GPU: batches on the GPU; evaluation within resampling noise of the
+    CPU pipeline's."""
+    src = {"folder": lambda: ImageFolderSource.from_folder(imagenet / "train"),
+           "cifar": lambda: Cifar100Source.load(cifar[0]),
+           "webdataset": lambda: WebDatasetSource(shards[0])}[kind]()  # fmt: skip
+    kw = dict(image_size=S, backend="dali", num_threads=2, on_bad_file="skip")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train = build_classification_loader(src, 4, train=True, device="gpu", **kw)
+        gpu = build_classification_loader(src, 4, train=False, device="gpu", **kw)
+        cpu = build_classification_loader(src, 4, train=False, device="cpu", **kw)
+    batches = _batches(train)
+    assert all(v.is_cuda for b in batches for v in b.values())
+    _check_batches([{k: v.cpu() for k, v in b.items()} for b in batches], src, 4, train)
+    for g, c in zip(_batches(gpu), _batches(cpu)):
+        assert torch.equal(g["index"].cpu(), c["index"]) and torch.equal(g["labels"].cpu(), c["labels"])
+        assert (g["images"].cpu() - c["images"]).abs().mean() < 0.01
+
+
 def test_pil_train_batches(imagenet):
     loader = build_classification_loader(
         imagenet, 4, train=True, image_size=S, backend="pil", num_threads=1, rand_augment=None
