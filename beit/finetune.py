@@ -516,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.demo:
             from beit.finetune_demo import run_demo
 
-            run_demo(args)
+            run_demo(args, finetune)
             return 0
         result = finetune(args)
     except (TrainingError, BadImageError) as e:

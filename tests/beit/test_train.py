@@ -211,7 +211,7 @@ def test_export_writes_loadable_layouts(assets, tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_end_to_end(tmp_path):
+def test_demo_end_to_end(pretraining_demo):
     """The README's main job: synthetic data, a fitted k-means tokenizer, a small BEiT; MIM accuracy well above
     the majority-token baseline; the outputs a user looks at; the linear probe runs on the result."""
     from beit.data import build_loader
@@ -219,8 +219,7 @@ def test_demo_end_to_end(tmp_path):
     from beit.linprobe import main as linprobe_main
     from beit.tokenizer import load_tokenizer
 
-    out = tmp_path / "demo"
-    assert main(["--demo", "--output-dir", str(out), "--no-progress"]) == 0
+    out = pretraining_demo  # main(["--demo", "--output-dir", out, "--no-progress"]), run by the fixture
     logs = log_lines(out)
     assert logs[-1]["step"] == DEMO["steps"] and logs[-1]["loss"] < logs[0]["loss"]
     assert parse_args(["--config", str(out / "args.yaml")]).steps == DEMO["steps"]  # args.yaml works as a config
