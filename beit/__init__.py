@@ -18,6 +18,7 @@ from beit.model import (  # noqa: E402
     list_models,
     resolve_impl,
 )
+from beit.pretrained import resize_rel_pos_table  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -36,5 +37,6 @@ __all__ = [
     "list_models",
     "load_pretrained",
     "mask_to_index",
+    "resize_rel_pos_table",
     "resolve_impl",
 ]
