@@ -10,12 +10,11 @@ import os
 
 import pytest
 import torch
+from _testutil import DEVICE, assert_bitwise_reproducible
 
 import beit_kernels
 from beit_kernels import reference, tuning
 from beit_kernels.attention import _num_groups
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def torch_lowp_attention(q, k, v, bias, scale):
@@ -96,7 +95,7 @@ def test_gpu_tile_table(monkeypatch, dtype, D):
     """The tiles a GPU launch takes (fp32: 32 x 32, 32 x 16 for dk/dv, 16 x 16 at D > 64; half precision:
     128 x 64 forward at D <= 64, 64 x 32 forward and 32 x 32 backward at D > 128), run in the interpreter, which
     otherwise takes 64 x 64 tiles for everything; N = 37 leaves a partial block at the end."""
-    if DEVICE == "cuda":
+    if DEVICE.type == "cuda":
         pytest.skip("the GPU runs these tiles in every test")
     monkeypatch.setattr(tuning, "interpreting", lambda: False)
     configs = [tuning.attention_tile(k, D, dtype, 99 * 1024) for k in ("fwd", "dq", "dkdv")]  # an sm86's shared memory
@@ -118,12 +117,12 @@ def test_masking_bias_with_whole_key_blocks_at_minus_inf(dtype, pattern):
     -inf (NaN), as neither the reference nor SDPA does."""
     B, H, N, D = 3, 2, 80, 16
     q, k, v, _, do = make_inputs(B, H, N, D, dtype, None)
-    i = torch.arange(N)
+    i = torch.arange(N, device=DEVICE)
     if pattern == "last_keys":
         masked = (i[None, :] < N - 8).expand(N, N)  # every row sees only the last 8 keys
     else:
         masked = (i[:, None] - i[None, :]).abs() > 8  # the late rows' first blocks are all masked
-    bias = torch.zeros(H, N, N).masked_fill(masked, float("-inf")).to(DEVICE).requires_grad_()
+    bias = torch.zeros(H, N, N, device=DEVICE).masked_fill(masked, float("-inf")).requires_grad_()
     out, grads = check(q, k, v, bias, do)
     assert torch.equal(grads[3][:, masked], torch.zeros_like(grads[3][:, masked]))
 
@@ -218,7 +217,7 @@ def test_fused_backward_kernel(monkeypatch, tuned, shape, bias_kind, dkdv_t):
     tuned({"attention.bwd_fused": True})
     _set_dkdv_t(tuned, dkdv_t)
     B, H, N, D = shape
-    cpu = torch.device("cpu")
+    cpu = torch.device("cpu")  # the switch's own logic: the interpreter's device has no shared-memory limit
     fused_at = tuning.attention_fused
     assert fused_at(N, D, torch.float16, cpu) and not fused_at(N, D, torch.float32, cpu)
     assert not fused_at(257, 64, torch.float16, cpu)
@@ -390,11 +389,35 @@ def test_no_n_by_n_tensor_is_saved_for_backward():
     assert nn_shaped == [(H, N, N)]  # the bias, an input; nothing of [B, H, N, N]
 
 
-def test_bias_gradient_is_bitwise_reproducible():
-    q, k, v, bias, do = make_inputs(3, 2, 50, 32, torch.float32, (2, 50, 50))
-    runs = [run(lambda *a: beit_kernels.attention(*a[:4]), q, k, v, bias, do, None)[1] for _ in range(2)]
-    for a, b in zip(*runs):
-        assert torch.equal(a, b)
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)])
+# The interpreter runs programs one after another, so only a GPU can show an order dependence: there the packed
+# qkv (the model's path) is checked too; in the interpreter the split case keeps the test itself checked, for time.
+@pytest.mark.parametrize("packed", [False, pytest.param(True, marks=pytest.mark.gpu)], ids=["split", "packed"])
+def test_forward_and_backward_are_bitwise_reproducible(dtype, packed):
+    """BEiT-B's attention at 197 tokens on a GPU (13 in the interpreter, for time), with a shared bias whose
+    gradient is summed over batch groups in a fixed order, no atomics (B = 7: groups of 3, 3 and 1 on the GPU; 2
+    groups of 2 in the interpreter): two runs agree bit for bit."""
+    B, H, N, D = (7, 12, 197, 64) if DEVICE.type == "cuda" else (4, 2, 13, 16)
+    if packed:
+        g = torch.Generator().manual_seed(6)
+        qkv = torch.randn(B, N, 3, H, D, generator=g).to(DEVICE, dtype).requires_grad_()
+        bias = torch.randn(H, N, N, generator=g).to(DEVICE).requires_grad_()
+        do = torch.randn(B, N, H, D, generator=g).to(DEVICE, dtype)
+
+        def step():
+            out = beit_kernels.attention_qkvpacked(qkv, bias)
+            return [out.detach(), *torch.autograd.grad(out, (qkv, bias), do)]
+
+        names = ("out", "dqkv", "dbias")
+    else:
+        q, k, v, bias, do = make_inputs(B, H, N, D, dtype, (H, N, N))
+
+        def step():
+            out, grads = run(lambda *a: beit_kernels.attention(*a[:4]), q, k, v, bias, do, None)
+            return [out, *grads]
+
+        names = ("out", "dq", "dk", "dv", "dbias")
+    assert_bitwise_reproducible(step, names)
 
 
 def test_batch_groups_never_reach_the_batch_size():
@@ -503,13 +526,13 @@ def test_gpu_backward_kernels_real_shape(tuned, bias_kind, kernel):
     dk and dv as plain or transposed products, is off by default), compiled for this GPU, at BEiT-B's shape in
     bf16."""
     fused = kernel.startswith("fused")
-    if fused and tuning.shared_memory(torch.device(DEVICE)) < 160 * 1024:
+    if fused and tuning.shared_memory(DEVICE) < 160 * 1024:
         pytest.skip("the fused backward needs 160 KiB of shared memory a block")
     tuned({"attention.dkdv_all_queries": kernel == "all_queries", "attention.bwd_fused": fused})
     _set_dkdv_t(tuned, kernel == "fused_t")
     B, H, N, D = 8, 12, 197, 64
-    assert tuning.attention_all_queries(N, D, torch.bfloat16, torch.device(DEVICE)) == (kernel == "all_queries")
-    assert tuning.attention_fused(N, D, torch.bfloat16, torch.device(DEVICE)) == fused
+    assert tuning.attention_all_queries(N, D, torch.bfloat16, DEVICE) == (kernel == "all_queries")
+    assert tuning.attention_fused(N, D, torch.bfloat16, DEVICE) == fused
     check(*make_inputs(B, H, N, D, torch.bfloat16, bias_shapes(B, H, N)[bias_kind]))
 
 

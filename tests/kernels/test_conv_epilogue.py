@@ -4,12 +4,12 @@ import math
 
 import pytest
 import torch
+from _testutil import DEVICE, no_host_sync
 
 import beit_kernels
 from beit_kernels import reference
 from beit_kernels.backend import interpreting
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CL = torch.channels_last
 
 
@@ -141,8 +141,6 @@ def test_bad_input_is_refused_before_any_work():
 
 @pytest.mark.gpu
 def test_gpu_bf16_no_sync_and_graph_capture():
-    from _testutil import no_host_sync
-
     shape = (3, 256, 28, 28)
     x, res = make(shape, torch.bfloat16, 0), make(shape, torch.bfloat16, 1)
     bias = make((256,), torch.float32, 2)

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from _testutil import check_close, no_host_sync
+from _testutil import DEVICE, assert_bitwise_reproducible, check_close, no_host_sync
 
 import beit_kernels
 from beit_kernels import reference
@@ -10,12 +10,16 @@ from beit_kernels.masked_gather import masked_gather_bwd, masked_gather_fwd
 
 
 def padded_index(B, T, K, counts, generator, dtype=torch.int64):
-    """[B, K]: counts[b] distinct ascending positions in [0, T), then -1 padding."""
+    """[B, K] on DEVICE: counts[b] distinct ascending positions in [0, T) drawn on the CPU, then -1 padding."""
     rows = []
     for c in counts:
         pos = torch.randperm(T, generator=generator)[:c].sort().values
         rows.append(torch.cat((pos, torch.full((K - c,), -1, dtype=torch.int64))))
-    return torch.stack(rows).to(dtype)
+    return torch.stack(rows).to(DEVICE, dtype)
+
+
+def randn(*shape, generator, dtype=torch.float64):
+    return torch.randn(*shape, dtype=dtype, generator=generator).to(DEVICE)
 
 
 def run(fn, x, index, w, b, dtype, grad_out, eps=1e-6):
@@ -41,11 +45,11 @@ CASES = [
 @pytest.mark.parametrize("B,T,D,K,counts,ln", CASES)
 def test_masked_gather_matches_reference(dtype, B, T, D, K, counts, ln):
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(B, T, D, dtype=torch.float64, generator=g) * 2 + 0.5
-    w = torch.randn(D, dtype=torch.float64, generator=g) if "w" in ln else None
-    b = torch.randn(D, dtype=torch.float64, generator=g) if "b" in ln else None
+    x = randn(B, T, D, generator=g) * 2 + 0.5
+    w = randn(D, generator=g) if "w" in ln else None
+    b = randn(D, generator=g) if "b" in ln else None
     index = padded_index(B, T, K, counts, g)
-    grad_out = torch.randn(B * K, D, dtype=torch.float64, generator=g)
+    grad_out = randn(B * K, D, generator=g)
     rounded = [t.to(dtype).double() if t is not None else None for t in (x, w, b)]
     ref, ref_grads = run(reference.masked_gather, rounded[0], index, rounded[1], rounded[2], torch.float64, grad_out)
     got, grads = run(beit_kernels.masked_gather, x, index, w, b, dtype, grad_out)
@@ -62,10 +66,10 @@ def test_masked_gather_matches_reference(dtype, B, T, D, K, counts, ln):
 
 def test_int32_index_and_strided_x():
     g = torch.Generator().manual_seed(2)
-    full = torch.randn(3, 8, 40, generator=g, dtype=torch.float64)
+    full = randn(3, 8, 40, generator=g)
     index = padded_index(3, 7, 4, (4, 2, 0), g, dtype=torch.int32).t().contiguous().t()  # column-major [B, K]
-    w, b = torch.randn(40, generator=g), torch.randn(40, generator=g)
-    grad_out = torch.randn(12, 40, generator=g, dtype=torch.float64)
+    w, b = randn(40, generator=g, dtype=torch.float32), randn(40, generator=g, dtype=torch.float32)
+    grad_out = randn(12, 40, generator=g)
     full32, full64 = full.float().requires_grad_(), full.clone().requires_grad_()
     # [B, T, D] views with the cls row skipped: not contiguous over the batch
     got = beit_kernels.masked_gather(full32[:, 1:], index, ln_weight=w, ln_bias=b)
@@ -78,31 +82,32 @@ def test_int32_index_and_strided_x():
 
 def test_only_gathered_rows_receive_gradient():
     g = torch.Generator().manual_seed(3)
-    x = torch.randn(2, 6, 16, generator=g, requires_grad=True)
-    index = torch.tensor([[1, 4, -1], [-1, -1, -1]])
-    beit_kernels.masked_gather(x, index, ln_weight=torch.ones(16)).sum().mul(0).add(
+    x = randn(2, 6, 16, generator=g, dtype=torch.float32).requires_grad_()
+    index = torch.tensor([[1, 4, -1], [-1, -1, -1]], device=DEVICE)
+    beit_kernels.masked_gather(x, index, ln_weight=torch.ones(16, device=DEVICE)).sum().mul(0).add(
         beit_kernels.masked_gather(x, index).square().sum()
     ).backward()
-    touched = torch.zeros(2, 6, dtype=torch.bool)
+    touched = torch.zeros(2, 6, dtype=torch.bool, device=DEVICE)
     touched[0, 1] = touched[0, 4] = True
     assert torch.equal(x.grad[~touched], torch.zeros_like(x.grad[~touched]))
     torch.testing.assert_close(x.grad[touched], 2 * x.detach()[touched])
 
 
 def test_eps_is_used():
-    x = torch.zeros(1, 3, 8)
+    x = torch.zeros(1, 3, 8, device=DEVICE)
     x[0, 0, :4] = 1e-4  # variance 2.5e-9, far below eps=1: the output scales with the eps
-    index = torch.tensor([[0]])
+    index = torch.tensor([[0]], device=DEVICE)
+    w = torch.ones(8, device=DEVICE)
     for eps in (1e-6, 1.0):
-        got = beit_kernels.masked_gather(x, index, ln_weight=torch.ones(8), eps=eps)
-        ref = reference.masked_gather(x.double(), index, ln_weight=torch.ones(8, dtype=torch.float64), eps=eps)
+        got = beit_kernels.masked_gather(x, index, ln_weight=w, eps=eps)
+        ref = reference.masked_gather(x.double(), index, ln_weight=w.double(), eps=eps)
         check_close(f"eps={eps}", got, ref, None, torch.float32)
 
 
 def test_compiles_without_graph_break():
     g = torch.Generator().manual_seed(4)
-    x = torch.randn(2, 7, 24, generator=g, requires_grad=True)
-    w = torch.randn(24, generator=g, requires_grad=True)
+    x = randn(2, 7, 24, generator=g, dtype=torch.float32).requires_grad_()
+    w = randn(24, generator=g, dtype=torch.float32).requires_grad_()
     index = padded_index(2, 7, 3, (3, 1), g)
 
     def step(x, index):
@@ -118,40 +123,49 @@ def test_compiles_without_graph_break():
 
 def test_opcheck_registrations():
     g = torch.Generator().manual_seed(5)
-    x = torch.randn(2, 7, 24, generator=g)
+    x = randn(2, 7, 24, generator=g, dtype=torch.float32)
     index = padded_index(2, 7, 3, (3, 1), g)
+    w, b = torch.ones(24, device=DEVICE), torch.zeros(24, device=DEVICE)
     checks = ("test_schema", "test_faketensor")
-    torch.library.opcheck(masked_gather_fwd, (x, index, torch.ones(24), torch.zeros(24), 1e-6, True), test_utils=checks)
-    _, mean, rstd = masked_gather_fwd(x, index, torch.ones(24), None, 1e-6, True)
-    dy = torch.randn(6, 24, generator=g)
+    torch.library.opcheck(masked_gather_fwd, (x, index, w, b, 1e-6, True), test_utils=checks)
+    _, mean, rstd = masked_gather_fwd(x, index, w, None, 1e-6, True)
+    dy = randn(6, 24, generator=g, dtype=torch.float32)
     x_perm = x.transpose(0, 1).contiguous().transpose(0, 1)  # dense, batch not outermost: grad_x is still contiguous
-    torch.library.opcheck(masked_gather_bwd, (dy, x_perm, index, torch.ones(24), mean, rstd, True), test_utils=checks)
+    torch.library.opcheck(masked_gather_bwd, (dy, x_perm, index, w, mean, rstd, True), test_utils=checks)
 
 
-X = torch.zeros(2, 5, 8)
-IDX = torch.tensor([[0, 1], [2, -1]])
+X = torch.zeros(2, 5, 8, device=DEVICE)
+IDX = torch.tensor([[0, 1], [2, -1]], device=DEVICE)
+# A bad index value is caught by a device-side assert: on CUDA it fires asynchronously and leaves the process's CUDA
+# context unusable for every later test, so those cases run where it fires at once, in the interpreter (CPU tensors).
+INTERPRETER_ONLY = pytest.mark.skipif(DEVICE.type == "cuda", reason="a failed device-side assert ends CUDA's context")
 
 
 @pytest.mark.parametrize(
     "x,index,kw,err,match",
     [
-        (torch.zeros(5, 8), IDX, {}, ValueError, r"\[B, T, D\]"),
+        (torch.zeros(5, 8, device=DEVICE), IDX, {}, ValueError, r"\[B, T, D\]"),
         (X.long(), IDX, {}, TypeError, "fp32, fp16 or bf16"),
         (X, IDX.float(), {}, TypeError, "int32 or int64"),
         (X, IDX[:1], {}, ValueError, r"\[B, K\] with B=2"),
         (X, IDX[0], {}, ValueError, r"\[B, K\]"),
         (X.transpose(1, 2).contiguous().transpose(1, 2), IDX, {}, ValueError, "unit stride"),
-        (X, IDX, dict(ln_weight=torch.ones(7)), ValueError, r"ln_weight must be \[8\]"),
-        (X, IDX, dict(ln_bias=torch.ones(8, dtype=torch.int64)), TypeError, "ln_bias must be a float"),
-        (X, IDX, dict(ln_weight=torch.ones(8), eps=0.0), ValueError, "eps must be positive"),
+        (X, IDX, dict(ln_weight=torch.ones(7, device=DEVICE)), ValueError, r"ln_weight must be \[8\]"),
+        (X, IDX, dict(ln_bias=torch.ones(8, dtype=torch.int64, device=DEVICE)), TypeError, "ln_bias must be a float"),
+        (X, IDX, dict(ln_weight=torch.ones(8, device=DEVICE), eps=0.0), ValueError, "eps must be positive"),
         # Values are checked on the device (no host sync); on the CPU the assert fires at once.
-        (X, torch.tensor([[0, 5], [2, -1]]), {}, RuntimeError, "distinct positions"),
-        (X, torch.tensor([[0, -2], [2, -1]]), {}, RuntimeError, "distinct positions"),
-        (X, torch.tensor([[3, 3], [2, -1]]), {}, RuntimeError, "distinct positions"),
-        (X, torch.tensor([[0, 1], [4, 4]], dtype=torch.int32), {}, RuntimeError, "distinct positions"),
-        (X, torch.tensor([[0, 1, -1], [2, 1, -3]]), {}, RuntimeError, "distinct positions"),
-        # Zero-width rows still check their index (the kernel launches with one masked lane).
-        (torch.zeros(2, 5, 0), torch.tensor([[1, 1], [2, -1]]), {}, RuntimeError, "distinct positions"),
+        *(
+            pytest.param(x, index, {}, RuntimeError, "distinct positions", marks=INTERPRETER_ONLY)
+            for x, index in [
+                (X, torch.tensor([[0, 5], [2, -1]])),
+                (X, torch.tensor([[0, -2], [2, -1]])),
+                (X, torch.tensor([[3, 3], [2, -1]])),
+                (X, torch.tensor([[0, 1], [4, 4]], dtype=torch.int32)),
+                (X, torch.tensor([[0, 1, -1], [2, 1, -3]])),
+                # Zero-width rows still check their index (the kernel launches with one masked lane).
+                (torch.zeros(2, 5, 0), torch.tensor([[1, 1], [2, -1]])),
+            ]
+        ),
     ],
 )
 def test_bad_inputs_raise(x, index, kw, err, match):
@@ -168,9 +182,26 @@ def test_bad_inputs_raise(x, index, kw, err, match):
     ],
 )
 def test_valid_index_passes_the_device_check(index):
-    x = torch.randn(2, 5, 8)
-    out = beit_kernels.masked_gather(x, index, ln_weight=torch.ones(8))
-    torch.testing.assert_close(out, reference.masked_gather(x, index, ln_weight=torch.ones(8)))
+    x, index, w = torch.randn(2, 5, 8).to(DEVICE), index.to(DEVICE), torch.ones(8, device=DEVICE)
+    out = beit_kernels.masked_gather(x, index, ln_weight=w)
+    torch.testing.assert_close(out, reference.masked_gather(x, index, ln_weight=w))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)])
+def test_forward_and_backward_are_bitwise_reproducible(dtype):
+    """BEiT-B's gather of its masked tokens on a GPU (13 tokens in the interpreter, for time): the LayerNorm
+    gradients' partial sums are added in a fixed order, so two runs agree bit for bit."""
+    T, D, K, counts = (197, 768, 75, (75, 60, 71)) if DEVICE.type == "cuda" else (13, 40, 5, (5, 3, 4))
+    g = torch.Generator().manual_seed(8)
+    x, w, b = randn(3, T, D, generator=g), randn(D, generator=g), randn(D, generator=g)
+    index = padded_index(3, T, K, counts, g)
+    grad_out = randn(3 * K, D, generator=g)
+
+    def step():
+        out, grads = run(beit_kernels.masked_gather, x, index, w, b, dtype, grad_out)
+        return [out.detach(), *grads]
+
+    assert_bitwise_reproducible(step, ("out", "grad x", "grad ln_weight", "grad ln_bias"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -182,9 +213,9 @@ def test_gpu_bf16_beit_b_matches_reference():
     B, T, D, K = 256, 197, 768, 75
     g = torch.Generator().manual_seed(6)
     counts = torch.randint(40, K + 1, (B,), generator=g).tolist()
-    index = padded_index(B, T, K, counts, g).cuda()
-    x, w, b = (torch.randn(*s, dtype=torch.float64, generator=g).cuda() for s in ((B, T, D), (D,), (D,)))
-    grad_out = torch.randn(B * K, D, dtype=torch.float64, generator=g).cuda()
+    index = padded_index(B, T, K, counts, g)
+    x, w, b = (randn(*s, generator=g) for s in ((B, T, D), (D,), (D,)))
+    grad_out = randn(B * K, D, generator=g)
     rounded = [t.to(torch.bfloat16).double() for t in (x, w, b)]
     ref, ref_grads = run(reference.masked_gather, *rounded[:1], index, *rounded[1:], torch.float64, grad_out)
     got, grads = run(beit_kernels.masked_gather, x, index, w, b, torch.bfloat16, grad_out)
@@ -198,10 +229,10 @@ def test_gpu_bf16_beit_b_matches_reference():
 def test_gpu_no_sync():
     B, T, D, K = 32, 197, 768, 75
     g = torch.Generator().manual_seed(7)
-    index = padded_index(B, T, K, [K - (i % 7) for i in range(B)], g).cuda()
-    x = torch.randn(B, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    w = torch.ones(D, device="cuda", requires_grad=True)
-    b = torch.zeros(D, device="cuda", requires_grad=True)
+    index = padded_index(B, T, K, [K - (i % 7) for i in range(B)], g)
+    x = torch.randn(B, T, D, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.ones(D, device=DEVICE, requires_grad=True)
+    b = torch.zeros(D, device=DEVICE, requires_grad=True)
     with no_host_sync():
         out = beit_kernels.masked_gather(x, index, ln_weight=w, ln_bias=b)
         out.float().square().mean().backward()

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from _testutil import DEVICE
 
 from beit_kernels.nn import Attention, RelativePositionBias
 
@@ -14,8 +15,9 @@ def test_attention_impls_agree(window):
     with torch.no_grad():
         for p in attn.parameters():
             p.normal_(0, 0.2)
-    shared = torch.randn(3, n, n, requires_grad=True)
-    x = torch.randn(3, n, 48)
+    attn.to(DEVICE)
+    shared = torch.randn(3, n, n).to(DEVICE).requires_grad_()
+    x = torch.randn(3, n, 48).to(DEVICE)
     results = {}
     for impl in ("ref", "sdpa", "triton"):
         attn.impl = impl
@@ -79,8 +81,8 @@ def test_qkv_split_backward(impl, split):
     """sdpa splits qkv with unbind (one stack in backward), triton hands the packed qkv to the kernel (whose
     backward writes one dqkv); the reference keeps the official indexing (three zero-filled full-size gradients
     added up)."""
-    attn = Attention(48, num_heads=3, qkv_bias=True, impl=impl)
-    out = attn(torch.randn(3, 7, 48, requires_grad=True))
+    attn = Attention(48, num_heads=3, qkv_bias=True, impl=impl).to(DEVICE)
+    out = attn(torch.randn(3, 7, 48, device=DEVICE, requires_grad=True))
     names = _grad_fns(out)
     assert split in names
     others = {"SelectBackward0", "UnbindBackward0", "AttentionPackedFunctionBackward"} - {split}

@@ -4,7 +4,7 @@ import importlib
 
 import pytest
 import torch
-from _testutil import check_close, max_err, no_host_sync
+from _testutil import DEVICE, assert_bitwise_reproducible, check_close, max_err, no_host_sync
 
 import beit_kernels
 from beit_kernels import reference
@@ -12,7 +12,15 @@ from beit_kernels import reference
 MEAN, STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
 
 
-def make_inputs(B, H, W, p, D, *, uint8, cls=True, pos=True, mask_p=0.5, seed=0, device="cpu"):
+@pytest.fixture(autouse=True)
+def _fp32_without_tf32():
+    """fp32 is held to 1e-5 of float64; the kernel's fp32 GEMMs follow cuDNN's TF32 switch, as Conv2d does, and
+    that is on by default, which would put them at 1e-3 on a GPU."""
+    with torch.backends.cudnn.flags(allow_tf32=False):
+        yield
+
+
+def make_inputs(B, H, W, p, D, *, uint8, cls=True, pos=True, mask_p=0.5, seed=0, device=DEVICE):
     g = torch.Generator().manual_seed(seed)
     N = (H // p) * (W // p)
     if uint8:
@@ -67,7 +75,7 @@ def test_patch_embed_matches_reference(tuned, dtype, B, H, W, p, D, uint8, cls, 
     tuned({"patch_embed.bwd": {"weight_grad": weight_grad}})
     images, mask, params = make_inputs(B, H, W, p, D, uint8=uint8, cls=cls, pos=pos)
     N = (H // p) * (W // p)
-    grad_out = torch.randn(B, N + int(cls), D, dtype=torch.float64)
+    grad_out = torch.randn(B, N + int(cls), D, dtype=torch.float64).to(DEVICE)
     # The reference of the kernel's own inputs, in float64 (the fp16 parameters, upcast).
     rounded = {k: v.to(dtype).double() if v is not None else None for k, v in params.items()}
     imgs64 = images if uint8 else images.to(dtype).double()
@@ -83,6 +91,22 @@ def test_patch_embed_matches_reference(tuned, dtype, B, H, W, p, D, uint8, cls, 
     assert set(grads) == set(ref_grads)
     for k in ref_grads:
         check_close(f"grad {k}", grads[k], ref_grads[k], base_grads.get(k), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)])
+def test_forward_and_backward_are_bitwise_reproducible(dtype):
+    """BEiT-B's embedding of 3 uint8 images at 224 px (197 tokens) on a GPU, 6 patches in the interpreter (for
+    time): the weight, bias and token gradients' partial sums are added in a fixed order, so two runs agree bit for
+    bit."""
+    H, W, D = (224, 224, 768) if DEVICE.type == "cuda" else (48, 32, 40)
+    images, mask, params = make_inputs(3, H, W, 16, D, uint8=True, seed=4)
+    grad_out = torch.randn(3, (H // 16) * (W // 16) + 1, D, dtype=torch.float64).to(DEVICE)
+
+    def step():
+        out, grads = run(beit_kernels.patch_embed, images, mask, params, dtype, grad_out, True)
+        return [out.detach(), *(grads[k] for k in params)]
+
+    assert_bitwise_reproducible(step, ("out", *(f"grad {k}" for k in params)))
 
 
 def test_blend_is_exact_on_masked_rows():
@@ -102,7 +126,7 @@ def test_mask_extremes(mask_kind):
         3, 48, 32, 16, 40, uint8=False, mask_p=0.0 if mask_kind == "none_masked" else 1.0
     )
     use_mask = mask if mask_kind != "no_mask" else None
-    grad_out = torch.randn(3, 7, 40, dtype=torch.float64)
+    grad_out = torch.randn(3, 7, 40, dtype=torch.float64).to(DEVICE)
 
     def fn(impl):
         def call(images, weight, bias, *, mask, mask_token, cls_token, pos_embed):
@@ -147,7 +171,7 @@ def test_mask_in_grid_shape_and_strided_images():
 def test_autocast_output_dtype():
     images, mask, params = make_inputs(2, 32, 32, 16, 24, uint8=True)
     p = cast(params, grad=True)
-    with torch.autocast("cpu", dtype=torch.float16):
+    with torch.autocast(DEVICE.type, dtype=torch.float16):
         out = embed(beit_kernels.patch_embed, images, mask, p, mean=MEAN, std=STD)
     assert out.dtype == torch.float16
     out.float().sum().backward()
@@ -207,7 +231,7 @@ def test_opcheck_registrations():
     )
     checks = ("test_schema", "test_faketensor")
     torch.library.opcheck(torch.ops.beit_kernels.patch_embed_fwd.default, args, test_utils=checks)
-    grad_out = torch.randn(1, 3, 24)
+    grad_out = torch.randn(1, 3, 24).to(DEVICE)
     bwd_args = (grad_out, images, p["weight"], mask, None, None, True)
     torch.library.opcheck(torch.ops.beit_kernels.patch_embed_bwd.default, bwd_args, test_utils=checks)
     torch.library.opcheck(torch.ops.beit_kernels.patch_embed_bwd.default, (*bwd_args, "cublas"), test_utils=checks)
@@ -246,27 +270,31 @@ def bad(**over):
     return beit_kernels.patch_embed(images, weight, bias, **kw)
 
 
+def zeros(*shape, **kw):
+    return torch.zeros(*shape, device=DEVICE, **kw)
+
+
 @pytest.mark.parametrize(
     "over,err,match",
     [
-        (dict(images=torch.zeros(2, 32, 32, dtype=torch.uint8)), ValueError, "4-D"),
-        (dict(images=torch.zeros(2, 3, 32, 32, dtype=torch.uint8)), ValueError, "channels-last"),
-        (dict(images=torch.zeros(2, 32, 32, 3)), ValueError, r"\[B, 3, H, W\]"),
-        (dict(images=torch.zeros(2, 3, 32, 32, dtype=torch.int32)), TypeError, "uint8 or float"),
-        (dict(images=torch.zeros(2, 40, 32, 3, dtype=torch.uint8)), ValueError, "multiple of the patch size"),
-        (dict(weight=torch.zeros(24, 3, 16, 8)), ValueError, r"\[D, 3, p, p\]"),
-        (dict(weight=torch.zeros(24, 3, 16, 16, dtype=torch.int64)), TypeError, "float"),
-        (dict(bias=torch.zeros(23)), ValueError, "bias must have shape"),
-        (dict(mask=torch.zeros(2, 5, dtype=torch.bool)), ValueError, "mask must be"),
-        (dict(mask=torch.zeros(2, 4)), TypeError, "torch.bool"),
+        (dict(images=zeros(2, 32, 32, dtype=torch.uint8)), ValueError, "4-D"),
+        (dict(images=zeros(2, 3, 32, 32, dtype=torch.uint8)), ValueError, "channels-last"),
+        (dict(images=zeros(2, 32, 32, 3)), ValueError, r"\[B, 3, H, W\]"),
+        (dict(images=zeros(2, 3, 32, 32, dtype=torch.int32)), TypeError, "uint8 or float"),
+        (dict(images=zeros(2, 40, 32, 3, dtype=torch.uint8)), ValueError, "multiple of the patch size"),
+        (dict(weight=zeros(24, 3, 16, 8)), ValueError, r"\[D, 3, p, p\]"),
+        (dict(weight=zeros(24, 3, 16, 16, dtype=torch.int64)), TypeError, "float"),
+        (dict(bias=zeros(23)), ValueError, "bias must have shape"),
+        (dict(mask=zeros(2, 5, dtype=torch.bool)), ValueError, "mask must be"),
+        (dict(mask=zeros(2, 4)), TypeError, "torch.bool"),
         (dict(mask_token=None), ValueError, "mask needs mask_token"),
-        (dict(pos_embed=torch.zeros(1, 4, 24)), ValueError, "pos_embed must have shape"),
-        (dict(cls_token=torch.zeros(1, 2, 24)), ValueError, "cls_token must have shape"),
+        (dict(pos_embed=zeros(1, 4, 24)), ValueError, "pos_embed must have shape"),
+        (dict(cls_token=zeros(1, 2, 24)), ValueError, "cls_token must have shape"),
         (dict(mean=(0.0, 0.0, 0.0)), ValueError, "both mean and std"),
         (dict(mean=(0.0, 0.0), std=(1.0, 1.0)), ValueError, "3 per-channel"),
         (dict(mean=(0.0, 0.0, 0.0), std=(1.0, 0.0, 1.0)), ValueError, "non-zero"),
         (dict(mean="abc", std=(1.0, 1.0, 1.0)), ValueError, "3 per-channel"),
-        (dict(images=torch.zeros(2, 3, 32, 32, requires_grad=True)), ValueError, "must not require grad"),
+        (dict(images=zeros(2, 3, 32, 32, requires_grad=True)), ValueError, "must not require grad"),
     ],
 )
 def test_bad_inputs_raise_before_launch(over, err, match):
@@ -290,8 +318,8 @@ def test_mean_and_std_as_any_iterable_of_three():
 def test_gpu_bf16_beit_b_matches_reference(tuned, weight_grad):
     tuned({"patch_embed.bwd": {"weight_grad": weight_grad}})
     B, D = 64, 768
-    images, mask, params = make_inputs(B, 224, 224, 16, D, uint8=True, device="cuda")
-    grad_out = torch.randn(B, 197, D, dtype=torch.float64, device="cuda")
+    images, mask, params = make_inputs(B, 224, 224, 16, D, uint8=True)
+    grad_out = torch.randn(B, 197, D, dtype=torch.float64, device=DEVICE)
     rounded = {k: v.to(torch.bfloat16).double() if v is not None else None for k, v in params.items()}
     ref, ref_grads = run(reference.patch_embed, images, mask, rounded, torch.float64, grad_out, True)
     got, grads = run(beit_kernels.patch_embed, images, mask, params, torch.bfloat16, grad_out, True)
@@ -303,12 +331,12 @@ def test_gpu_bf16_beit_b_matches_reference(tuned, weight_grad):
 
 @pytest.mark.gpu
 def test_gpu_no_sync():
-    images, mask, params = make_inputs(8, 224, 224, 16, 768, uint8=True, device="cuda")
+    images, mask, params = make_inputs(8, 224, 224, 16, 768, uint8=True)
     p = cast(params, grad=True)
-    mean = torch.tensor(MEAN, device="cuda")
-    std = torch.tensor(STD, device="cuda")
+    mean = torch.tensor(MEAN, device=DEVICE)
+    std = torch.tensor(STD, device=DEVICE)
     with no_host_sync():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
             out = embed(beit_kernels.patch_embed, images, mask, p, mean=mean, std=std)
         out.float().square().mean().backward()
     assert torch.isfinite(p["weight"].grad).all()
