@@ -20,14 +20,22 @@ token, and the blocks' fused glue (``beit.mim_plans.fused_blocks``, unless ``fus
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
 
 from beit.mim_plans import fused_blocks
-from beit.model import Block, PatchEmbed, RelativePositionBias, _default_impl, check_images, trunc_normal_
+from beit.model import (
+    PatchEmbed,
+    RelativePositionBias,
+    _default_impl,
+    build_blocks,
+    check_images,
+    fix_init_weight,
+    init_module,
+    trunc_normal_,
+)
 from beit_kernels.backend import IMPLS, resolve_impl
 
 
@@ -93,27 +101,7 @@ class VisionTransformer(nn.Module):
         self.rel_pos_bias = (
             RelativePositionBias(window_size, config.num_heads) if config.use_shared_rel_pos_bias else None
         )
-        dpr = torch.linspace(0, config.drop_path_rate, config.depth, device="cpu").tolist()  # official rule
-        self.blocks = nn.ModuleList(
-            [
-                Block(
-                    dim=dim,
-                    num_heads=config.num_heads,
-                    mlp_ratio=config.mlp_ratio,
-                    qkv_bias=config.qkv_bias,
-                    qk_scale=config.qk_scale,
-                    drop=config.drop_rate,
-                    attn_drop=config.attn_drop_rate,
-                    drop_path=dpr[i],
-                    init_values=config.init_values,
-                    window_size=window_size if config.use_rel_pos_bias else None,
-                    attn_head_dim=config.attn_head_dim,
-                    eps=config.layer_norm_eps,
-                    impl=config.impl,
-                )
-                for i in range(config.depth)
-            ]
-        )
+        self.blocks = build_blocks(config, window_size)
         eps = config.layer_norm_eps
         self.norm = nn.Identity() if config.use_mean_pooling else nn.LayerNorm(dim, eps=eps)
         self.fc_norm = nn.LayerNorm(dim, eps=eps) if config.use_mean_pooling else None
@@ -128,28 +116,12 @@ class VisionTransformer(nn.Module):
         trunc_normal_(self.cls_token, std=std)
         if isinstance(self.head, nn.Linear):
             trunc_normal_(self.head.weight, std=std)
-        self.apply(self._init_module)
-        self.fix_init_weight()
+        self.apply(lambda m: init_module(m, std))
+        fix_init_weight(self.blocks)
         if isinstance(self.head, nn.Linear):
             with torch.no_grad():
                 self.head.weight.mul_(self.config.init_scale)
                 self.head.bias.mul_(self.config.init_scale)
-
-    def _init_module(self, m: nn.Module) -> None:
-        std = self.config.init_std
-        if isinstance(m, (nn.Linear, nn.Conv2d)):
-            trunc_normal_(m.weight, std=std)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-
-    @torch.no_grad()
-    def fix_init_weight(self) -> None:
-        for layer_id, block in enumerate(self.blocks, start=1):
-            block.attn.proj.weight.div_(math.sqrt(2.0 * layer_id))
-            block.mlp.fc2.weight.div_(math.sqrt(2.0 * layer_id))
 
     @torch.no_grad()
     def reset_classifier(self, num_classes: int) -> None:

@@ -220,6 +220,51 @@ class Block(nn.Module):
         return x
 
 
+def build_blocks(config, window_size: tuple[int, int]) -> nn.ModuleList:
+    """The official stack of ``config.depth`` blocks (``BeitConfig`` or ``ClassifierConfig``): drop path rising
+    linearly to ``drop_path_rate``, and a relative position table of each block's own when ``use_rel_pos_bias``."""
+    dpr = torch.linspace(0, config.drop_path_rate, config.depth, device="cpu").tolist()  # official rule
+    return nn.ModuleList(
+        [
+            Block(
+                dim=config.embed_dim,
+                num_heads=config.num_heads,
+                mlp_ratio=config.mlp_ratio,
+                qkv_bias=config.qkv_bias,
+                qk_scale=config.qk_scale,
+                drop=config.drop_rate,
+                attn_drop=config.attn_drop_rate,
+                drop_path=dpr[i],
+                init_values=config.init_values,
+                window_size=window_size if config.use_rel_pos_bias else None,
+                attn_head_dim=config.attn_head_dim,
+                eps=config.layer_norm_eps,
+                impl=config.impl,
+            )
+            for i in range(config.depth)
+        ]
+    )
+
+
+def init_module(m: nn.Module, std: float) -> None:
+    """The official ``_init_weights``: truncated normal Linear and Conv2d weights, zero biases, unit LayerNorms."""
+    if isinstance(m, (nn.Linear, nn.Conv2d)):
+        trunc_normal_(m.weight, std=std)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+@torch.no_grad()
+def fix_init_weight(blocks) -> None:
+    """The official rescaling of each block's output projections by 1 / sqrt(2 * layer id)."""
+    for layer_id, block in enumerate(blocks, start=1):
+        block.attn.proj.weight.div_(math.sqrt(2.0 * layer_id))
+        block.mlp.fc2.weight.div_(math.sqrt(2.0 * layer_id))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The model
 
@@ -286,27 +331,7 @@ class VisionTransformerForMaskedImageModeling(nn.Module):
         self.rel_pos_bias = (
             RelativePositionBias(window_size, config.num_heads) if config.use_shared_rel_pos_bias else None
         )
-        dpr = torch.linspace(0, config.drop_path_rate, config.depth, device="cpu").tolist()  # official rule
-        self.blocks = nn.ModuleList(
-            [
-                Block(
-                    dim=dim,
-                    num_heads=config.num_heads,
-                    mlp_ratio=config.mlp_ratio,
-                    qkv_bias=config.qkv_bias,
-                    qk_scale=config.qk_scale,
-                    drop=config.drop_rate,
-                    attn_drop=config.attn_drop_rate,
-                    drop_path=dpr[i],
-                    init_values=config.init_values,
-                    window_size=window_size if config.use_rel_pos_bias else None,
-                    attn_head_dim=config.attn_head_dim,
-                    eps=config.layer_norm_eps,
-                    impl=config.impl,
-                )
-                for i in range(config.depth)
-            ]
-        )
+        self.blocks = build_blocks(config, window_size)
         self.norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
         self.lm_head = nn.Linear(dim, config.vocab_size)
         self.init_weights()
@@ -319,24 +344,8 @@ class VisionTransformerForMaskedImageModeling(nn.Module):
         trunc_normal_(self.cls_token, std=std)
         trunc_normal_(self.mask_token, std=std)
         trunc_normal_(self.lm_head.weight, std=std)
-        self.apply(self._init_module)
-        self.fix_init_weight()
-
-    def _init_module(self, m: nn.Module) -> None:
-        std = self.config.init_std
-        if isinstance(m, (nn.Linear, nn.Conv2d)):
-            trunc_normal_(m.weight, std=std)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-
-    @torch.no_grad()
-    def fix_init_weight(self) -> None:
-        for layer_id, block in enumerate(self.blocks, start=1):
-            block.attn.proj.weight.div_(math.sqrt(2.0 * layer_id))
-            block.mlp.fc2.weight.div_(math.sqrt(2.0 * layer_id))
+        self.apply(lambda m: init_module(m, std))
+        fix_init_weight(self.blocks)
 
     # -- API --------------------------------------------------------------------------------------------------
     @property
