@@ -22,8 +22,19 @@ Transforms (unilm ``beit/datasets.py`` ``build_transform``, with timm's ``create
 Order and sharding, as in pretraining (``order.epoch_order``): training draws one permutation per epoch, the same
 on every rank, padded to a multiple of ``num_shards * batch_size`` and dealt round-robin, so each sample is seen
 once per epoch across ranks; evaluation takes the samples in order, dealt the same way, so the ranks' valid
-samples are disjoint and together are every sample exactly once. ``set_epoch(e)`` then ``iter_from(k)`` gives
-batches k, k+1, ... of epoch e exactly as an uninterrupted iteration of that epoch does, on a fresh loader too:
+samples are disjoint and together are every sample exactly once.
+
+Repeated augmentation (training, ``repeated_aug`` k > 1; DeiT's ``RASampler``, which the paper uses and the official
+script lacks): the epoch's permutation (the same as without it) has each sample repeated k times in a row, then is
+dealt round-robin as above, and each rank keeps only ``num_samples // (num_shards * batch_size)`` batches. An epoch
+thus has about as many steps as without repetition (rounded down to whole steps: ``len(loader)``) and sees about
+1/k of the samples, each k times (the last one kept possibly fewer) with its own augmentation (each copy has its
+own slot, hence its own draws). The k copies of a sample go to k different ranks when ``num_shards >= k``; on
+fewer ranks, copies share a rank in consecutive slots, the same batch or two adjacent ones (on one rank, all k in a
+row). No slot is padding there, so ``valid`` is False only for samples that fail to decode.
+
+With or without repetition, ``set_epoch(e)`` then ``iter_from(k)`` gives batches k, k+1, ... of epoch e exactly as
+an uninterrupted iteration of that epoch does, on a fresh loader too:
     PIL   every sample draws its randomness from (seed, rank, epoch, slot), independent of where iteration starts
           and of the number of worker processes;
     DALI  DALI's random operators draw from per-pipeline streams, so a pipeline covers a fixed stretch of the
@@ -61,7 +72,7 @@ from beit.data.base import LoaderBase
 from beit.data.classification import ClassificationSource, open_classification_source
 from beit.data.files import MAX_PIXELS, BadImageError, validate_images
 from beit.data.loader import dali_available
-from beit.data.order import mix_seeds
+from beit.data.order import epoch_order, mix_seeds, repeated_steps
 from beit.data.plugin import require_dali
 from beit.data.transforms import CROP_RATIO, CROP_SCALE, NORMALIZATIONS, random_resized_crop_box, resized_crop
 
@@ -186,6 +197,7 @@ class ClassificationLoader(LoaderBase):
         validate: bool,
         max_pixels: int | None,
         pin_memory: bool,
+        repeated_aug: int = 1,
     ):
         if not isinstance(source, ClassificationSource):
             raise TypeError(f"source must be a ClassificationSource, got {type(source).__name__}")
@@ -198,6 +210,8 @@ class ClassificationLoader(LoaderBase):
             raise ValueError(f"crop_pct must lie in (0, 1], got {crop_pct}")
         if normalization not in NORMALIZATIONS:
             raise ValueError(f"normalization must be one of {list(NORMALIZATIONS)}, got {normalization!r}")
+        _check_repeated_aug(repeated_aug, train)
+        self.repeated_aug = int(repeated_aug)
         self.train = bool(train)
         self.normalization = normalization
         self.image_size = image_size
@@ -224,25 +238,58 @@ class ClassificationLoader(LoaderBase):
         )
         self.source = source
         self.pin_memory = pin_memory
+        if self.repeated_aug > 1:  # the source's size bounds the usable count: too few fails before validating
+            repeated_steps(len(source), batch_size, self.num_shards, self.repeated_aug)
         self.classes = list(source.classes)
         self.num_classes = source.num_classes
         keep, self.bad_files = _validate(source, on_bad_file, num_threads, max_pixels, validate)
         self.positions = keep  # [M] int64: source position of each usable sample
         self.files = [source.names[p] for p in keep]
         self._index = {f: i for i, f in enumerate(self.files)}
+        if self.repeated_aug > 1:
+            repeated_steps(len(self.files), batch_size, self.num_shards, self.repeated_aug)
+
+    def __len__(self) -> int:
+        if self.repeated_aug > 1:
+            return repeated_steps(len(self.files), self.batch_size, self.num_shards, self.repeated_aug)
+        return super().__len__()
+
+    def epoch_order(self, epoch: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """This rank's (file indices, valid) for an epoch (default: the current one), with ``repeated_aug``'s
+        repetition (``order.epoch_order``'s ``repeats``)."""
+        return epoch_order(
+            len(self.files),
+            self.batch_size,
+            epoch=self.epoch if epoch is None else epoch,
+            seed=self.seed,
+            shard_id=self.shard_id,
+            num_shards=self.num_shards,
+            shuffle=self.shuffle,
+            repeats=self.repeated_aug,
+        )
 
     def _check_backend(self) -> None:
         """Raise when this backend cannot apply the requested transforms (called before any work)."""
 
     @property
     def num_samples(self) -> int:
-        """The usable samples: the valid entries of one epoch over all ranks."""
+        """The usable samples: without repeated augmentation, the valid entries of one epoch over all ranks."""
         return len(self.files)
 
     def _normalize(self, hwc: torch.Tensor) -> torch.Tensor:
         mean, std = NORMALIZATIONS[self.normalization]
         x = hwc.permute(2, 0, 1).float().div_(255)  # [S, S, 3] uint8 -> [3, S, S]
         return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+
+
+def _check_repeated_aug(repeated_aug, train: bool) -> None:
+    if isinstance(repeated_aug, bool) or not isinstance(repeated_aug, (int, np.integer)) or repeated_aug < 1:
+        raise ValueError(f"repeated_aug must be a positive integer (1: off), got {repeated_aug!r}")
+    if repeated_aug > 1 and not train:
+        raise ValueError(
+            f"repeated_aug={repeated_aug} is for training: evaluation must see every sample exactly once "
+            "(pass repeated_aug=1 for evaluation loaders)"
+        )
 
 
 def _validate(source, on_bad_file, num_threads, max_pixels, validate) -> tuple[np.ndarray, list[tuple[str, str]]]:
@@ -685,6 +732,7 @@ def build_classification_loader(
     classes: Sequence[str] | int | None = None,
     val_fraction: float | None = None,
     segment_batches: int | None = None,
+    repeated_aug: int = 1,
 ) -> ClassificationLoader:
     """A fine-tuning (``train=True``) or evaluation loader: an iterable of batch dicts (see the module docstring)
     with ``len()`` steps per epoch, ``set_epoch(e)``, ``iter_from(k)``, ``num_classes``, ``classes``,
@@ -699,6 +747,10 @@ def build_classification_loader(
     ``num_shards`` default to torch.distributed's rank and world size when it is initialised. ``on_bad_file``,
     ``validate``, ``max_pixels``, ``pin_memory``: as ``beit.data.build_loader``. ``segment_batches``: DALI
     training's pipeline length in batches (None: one pipeline per epoch; see the module docstring).
+    ``repeated_aug``: repeated augmentation's k (1: off; training only, evaluation refuses more): each epoch keeps
+    ``num_samples // (batch_size * num_shards)`` steps of the permutation with every sample repeated k times in a
+    row, dealt round-robin over the ranks (DeiT's RASampler; see the module docstring). It needs at least
+    ``batch_size * num_shards`` usable samples.
     """
     if backend not in ("auto", "dali", "pil"):
         raise ValueError(f"backend must be 'auto', 'dali' or 'pil', got {backend!r}")
@@ -710,6 +762,7 @@ def build_classification_loader(
         raise ValueError("the PIL loader runs on the CPU: pass device='cpu' (pin_memory=True for a GPU consumer)")
     if backend == "dali" and not dali_available():
         require_dali()  # raises, saying how to install it
+    _check_repeated_aug(repeated_aug, train)
     if rand_augment is not None and train:
         spec = RandAugmentSpec.parse(rand_augment)  # a bad spec fails before any listing
         if backend == "pil":
@@ -733,6 +786,7 @@ def build_classification_loader(
         validate=validate,
         max_pixels=max_pixels,
         pin_memory=pin_memory,
+        repeated_aug=repeated_aug,
     )
     if backend == "pil":
         return PilClassificationLoader(source, batch_size, **kw)

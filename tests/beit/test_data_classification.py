@@ -4,6 +4,7 @@ DALI's CPU pipeline and the PIL path, the evaluation transform against PIL compu
 sharding, resumed epochs, bad samples. CPU only; 40-70 px images, 48 px outputs."""
 
 import io
+import math
 import os
 import pickle
 import random
@@ -35,6 +36,7 @@ from beit.data.classification_loader import (
     default_crop_pct,
     eval_resize_size,
 )
+from beit.data.order import epoch_order
 
 needs_dali = pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not installed")
 BACKENDS = [pytest.param("dali", marks=needs_dali), "pil"]
@@ -546,3 +548,140 @@ def test_bad_arguments_fail_before_work(imagenet):
         build_classification_loader(imagenet, 4, train=False, backend="timm")
     with pytest.raises(ValueError, match="unsupported part"):
         build_classification_loader(imagenet, 4, train=True, rand_augment="rand-m9-x1")
+
+
+# ------------------------------------------------------------------------------------------------ repeated augmentation
+
+
+def _ra_sampler(perm, repeats, num_replicas, rank, grid):
+    """DeiT's RASampler.__iter__ (facebookresearch/deit samplers.py) transcribed with its 3 as ``repeats`` and its
+    256 as ``grid``, over a given permutation."""
+    n = len(perm)
+    num_samples = int(math.ceil(n * repeats / num_replicas))
+    total_size = num_samples * num_replicas
+    num_selected_samples = int(math.floor(n // grid * grid / num_replicas))
+    indices = [ele for ele in perm for _ in range(repeats)]
+    indices += indices[: (total_size - len(indices))]
+    assert len(indices) == total_size
+    indices = indices[rank:total_size:num_replicas]
+    assert len(indices) == num_samples
+    return indices[:num_selected_samples]
+
+
+def _ra_loader(imagenet, batch_size, **kw):
+    kw = dict(train=True, image_size=S, backend="pil", num_threads=1, rand_augment=None, seed=7) | kw
+    return build_classification_loader(imagenet, batch_size, **kw)
+
+
+@pytest.mark.parametrize(("num_shards", "batch_size", "repeats"), [(1, 4, 2), (2, 2, 2), (2, 2, 3)])
+def test_repeated_aug_epoch_is_deits_ra_sampler(imagenet, num_shards, batch_size, repeats):
+    """13 samples: each rank's batches, in order, are RASampler's indices over the epoch's permutation (the one
+    repeated_aug=1 deals out), cut to 13 // (batch_size * num_shards) whole steps."""
+    src = ImageFolderSource.from_folder(imagenet / "train")
+    plain = _ra_loader(src, 13, num_shards=1, shard_id=0)  # one batch of the whole permutation
+    plain.set_epoch(4)
+    (batch,) = _batches(plain)
+    perm = batch["index"].tolist()
+    assert sorted(perm) == list(range(13))
+    steps = 13 // (batch_size * num_shards)
+    seen = []
+    for rank in range(num_shards):
+        loader = _ra_loader(src, batch_size, num_shards=num_shards, shard_id=rank, repeated_aug=repeats)
+        loader.set_epoch(4)
+        assert len(loader) == steps
+        batches = _batches(loader)
+        assert len(batches) == steps and all(b["valid"].all() for b in batches)
+        got = torch.cat([b["index"] for b in batches]).tolist()
+        assert got == _ra_sampler(perm, repeats, num_shards, rank, batch_size * num_shards)
+        assert all(b["labels"].tolist() == [int(src.labels[i]) for i in b["index"]] for b in batches)
+        seen += got
+    # The epoch's multiset: the permutation's first samples, each `repeats` times (the last kept one maybe fewer).
+    kept = -(-len(seen) // repeats)
+    expected = [p for p in perm[:kept] for _ in range(repeats)][: len(seen)]
+    assert sorted(seen) == sorted(expected)
+
+
+@pytest.mark.parametrize(("num_shards", "repeats"), [(2, 2), (3, 3), (4, 2)])
+def test_repeated_aug_copies_go_to_different_ranks(imagenet, num_shards, repeats):
+    """With at least as many ranks as copies, every kept sample appears `repeats` times, each on another rank."""
+    src = ImageFolderSource.from_folder(imagenet / "train")
+    ranks_of: dict[int, list[int]] = {}
+    for rank in range(num_shards):
+        loader = _ra_loader(src, 1, num_shards=num_shards, shard_id=rank, repeated_aug=repeats)
+        order, valid = loader.epoch_order(2)
+        assert valid.all() and order.size == 13 // num_shards
+        for i in order.tolist():
+            ranks_of.setdefault(i, []).append(rank)
+    total = sum(len(r) for r in ranks_of.values())
+    assert total == 13 // num_shards * num_shards
+    full = [r for r in ranks_of.values() if len(r) == repeats]
+    assert len(full) == total // repeats  # only a last, cut-off sample may have fewer copies
+    assert all(len(r) <= repeats for r in ranks_of.values())
+    assert all(len(set(r)) == len(r) for r in ranks_of.values())  # never two copies on one rank
+
+
+def test_repeated_aug_one_is_todays_order_and_batches(imagenet):
+    src = ImageFolderSource.from_folder(imagenet / "train")
+    for rank in range(2):
+        default = _ra_loader(src, 4, num_shards=2, shard_id=rank)
+        one = _ra_loader(src, 4, num_shards=2, shard_id=rank, repeated_aug=1)
+        for e in (0, 3):
+            expected = epoch_order(13, 4, epoch=e, seed=7, shard_id=rank, num_shards=2, shuffle=True)
+            for got in (default.epoch_order(e), one.epoch_order(e)):
+                assert all(np.array_equal(g, x) for g, x in zip(got, expected))
+        assert len(one) == len(default) == 2
+        one.set_epoch(1)
+        default.set_epoch(1)
+        for a, b in zip(_batches(default), _batches(one), strict=True):
+            assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_repeated_aug_resumes_bitwise_and_copies_differ(imagenet):
+    """repeated_aug=3 on one rank: 13 // 4 = 3 steps; a fresh loader (with workers) resumed at batch 1 gives the
+    uninterrupted run's batches; the copies of a sample share the rank but not their augmentation."""
+    kw = dict(repeated_aug=3, rand_augment=None, seed=3)
+    loader = _ra_loader(imagenet, 4, **kw)
+    assert len(loader) == 3
+    loader.set_epoch(2)
+    full = _batches(loader)
+    assert len(full) == 3
+    fresh = _ra_loader(imagenet, 4, num_threads=2, **kw)
+    fresh.set_epoch(2)
+    resumed = _batches(fresh, 1)
+    assert len(resumed) == 2
+    for a, b in zip(full[1:], resumed, strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    index = torch.cat([b["index"] for b in full])
+    images = torch.cat([b["images"] for b in full])
+    assert index.tolist()[:3] == [index[0].item()] * 3  # one rank: the copies in a row
+    for i in index.unique().tolist():
+        copies = images[index == i]
+        assert all(not torch.equal(copies[0], c) for c in copies[1:])
+
+
+@needs_dali
+def test_dali_repeated_aug_takes_the_same_samples_as_pil(imagenet):
+    src = ImageFolderSource.from_folder(imagenet / "train")
+    kw = dict(num_shards=2, shard_id=1, repeated_aug=2)
+    pil = _ra_loader(src, 2, **kw)
+    dali = _ra_loader(src, 2, backend="dali", num_threads=2, segment_batches=2, **kw)
+    assert len(dali) == len(pil) == 3
+    for ld in (pil, dali):
+        ld.set_epoch(5)
+    full = _batches(dali)
+    assert [b["index"].tolist() for b in full] == [b["index"].tolist() for b in _batches(pil)]
+    resumed = _batches(dali, 1)
+    for a, b in zip(full[1:], resumed, strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_repeated_aug_bad_arguments_fail_before_work(imagenet):
+    with pytest.raises(ValueError, match="repeated_aug=2 is for training"):
+        build_classification_loader(imagenet, 4, train=False, image_size=S, backend="pil", repeated_aug=2)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="repeated_aug must be a positive integer"):
+            _ra_loader(imagenet, 4, repeated_aug=bad)
+    with pytest.raises(ValueError, match="only 13"):  # 13 samples, steps of 2 x 7
+        _ra_loader(imagenet, 7, num_shards=2, shard_id=0, repeated_aug=2)
+    with pytest.raises(ValueError, match="repeats must be a positive integer"):
+        epoch_order(13, 4, epoch=0, seed=0, shard_id=0, num_shards=1, repeats=0)
