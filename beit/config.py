@@ -5,7 +5,9 @@ command line's. Shared by the trainers."""
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+from pathlib import Path
 
 import yaml
 
@@ -75,3 +77,46 @@ def read_yaml(path: str) -> dict:
     if not isinstance(cfg, dict):
         raise TrainingError(f"{path} must hold a mapping of option names to values")
     return {k.replace("-", "_"): v for k, v in cfg.items()}
+
+
+def check_trainer_options(parser: argparse.ArgumentParser, args: argparse.Namespace, *, at_least_one: tuple[str, ...],
+                          non_negative: tuple[str, ...], optional_at_least_one: tuple[str, ...]) -> None:  # fmt: skip
+    """The checks both trainers make of their options, as parser errors: integers ``at_least_one`` >= 1, numbers
+    ``non_negative`` finite and >= 0 (NaN refused), ``optional_at_least_one`` unset or >= 1; AdamW's eps and betas,
+    drop path, the device, the output folder, a training length, the choices of values a config file or a demo set
+    (argparse checks only the command line's), and Triton's interpreter refused bf16."""
+    for name in at_least_one:
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in non_negative:
+        v = getattr(args, name)
+        if not (v >= 0 and math.isfinite(v)):
+            parser.error(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v}")
+    for name in optional_at_least_one:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not (args.eps > 0 and math.isfinite(args.eps)):
+        parser.error(f"--eps must be a finite number > 0, got {args.eps}")
+    if not all(0 <= b < 1 for b in args.betas):
+        parser.error(f"--betas must lie in [0, 1), got {' '.join(map(str, args.betas))}")
+    if not 0 <= args.drop_path < 1:
+        parser.error(f"--drop-path must lie in [0, 1), got {args.drop_path}")
+    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
+        parser.error(f"--output-dir {args.output_dir} exists and is not a folder")
+    for a in parser._actions:
+        if a.choices is not None and getattr(args, a.dest, None) not in a.choices:
+            parser.error(f"--{a.dest.replace('_', '-')} must be one of {', '.join(map(str, a.choices))}")
+    if args.epochs < 1 and args.steps < 1:
+        parser.error("give --epochs or --steps (>= 1)")
+    if args.device not in ("auto", "cuda", "cpu") and not args.device.startswith("cuda:"):
+        parser.error(f"--device must be auto, cuda, cuda:N or cpu, got {args.device!r}")
+    on_cpu = args.device == "cpu" or (args.device == "auto" and not _cuda_available())
+    if on_cpu and args.impl == "triton" and args.precision == "bf16":
+        parser.error("--impl triton --precision bf16 cannot run on the CPU: Triton's interpreter computes bf16 "
+                     "matrix products wrongly; use --precision fp32 there, or --impl sdpa for bf16")  # fmt: skip
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

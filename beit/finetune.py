@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import sys
@@ -47,7 +46,7 @@ import torch.nn.functional as F
 import beit
 from beit import train_state
 from beit.classifier import classifier_from_config, classifier_image_size, create_classifier, list_classifiers
-from beit.config import parse_with_config
+from beit.config import check_trainer_options, parse_with_config
 from beit.data import BadImageError
 from beit.distributed import Dist, init_distributed, shutdown
 from beit.engine import Metrics
@@ -61,7 +60,7 @@ from beit.sinks import LogSinks
 KIND = "beit-finetune"
 DATA_FORMATS = ("auto", "folder", "cifar100", "webdataset")
 # What a resume must keep: the model, and what an epoch's order and a step's batch depend on.
-RESUME_KEYS = ("model", "image_size", "batch_size", "accum_steps", "use_cls", "data_format")
+RESUME_KEYS = ("model", "image_size", "batch_size", "accum_steps", "use_cls", "data_format", "repeated_aug")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -152,6 +151,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--mixup-switch-prob", type=float, default=0.5)
     g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
     g.add_argument("--crop-pct", type=float, default=None, help="evaluation crop (default 0.875 below 384 px, else 1)")
+    g.add_argument("--repeated-aug", type=int, default=1,
+                   help="repeated augmentation (DeiT's RASampler, in the paper's recipe): each sample k times an "
+                   "epoch, with its own augmentations, on k ranks where there are k; an epoch keeps its length")
     g.add_argument("--on-bad-file", default="skip", choices=("skip", "error"))
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=int, default=128, help="images per GPU (process) per micro-step")
@@ -203,14 +205,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.model not in list_classifiers():
         parser.error(f"--model {args.model!r} is not one of {', '.join(list_classifiers())}")
-    for name in ("batch_size", "accum_steps", "log_interval", "keep_ckpts", "max_nonfinite"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("lr", "min_lr", "warmup_lr", "warmup_epochs", "weight_decay", "clip_grad", "num_workers", "steps",
-                 "epochs", "ckpt_interval", "eval_interval", "mixup", "cutmix", "smoothing", "reprob"):  # fmt: skip
-        v = getattr(args, name)
-        if not (v >= 0 and math.isfinite(v)):
-            parser.error(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v}")
+    check_trainer_options(
+        parser, args, at_least_one=("batch_size", "accum_steps", "log_interval", "keep_ckpts", "max_nonfinite",
+                                    "repeated_aug"),
+        non_negative=("lr", "min_lr", "warmup_lr", "warmup_epochs", "weight_decay", "clip_grad", "num_workers",
+                      "steps", "epochs", "ckpt_interval", "eval_interval", "mixup", "cutmix", "smoothing", "reprob"),
+        optional_at_least_one=("depth", "embed_dim", "num_heads", "global_batch_size", "num_classes", "image_size"),
+    )  # fmt: skip
     for name in ("reprob", "mixup_prob", "mixup_switch_prob", "model_ema_decay"):
         if not 0 <= getattr(args, name) <= 1:
             parser.error(f"--{name.replace('_', '-')} must lie in [0, 1], got {getattr(args, name)}")
@@ -218,15 +219,6 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error(f"--smoothing must lie in [0, 1), got {args.smoothing}")
     if not 0 < args.layer_decay <= 1:
         parser.error(f"--layer-decay must lie in (0, 1], got {args.layer_decay}")
-    if not 0 <= args.drop_path < 1:
-        parser.error(f"--drop-path must lie in [0, 1), got {args.drop_path}")
-    if not (args.eps > 0 and math.isfinite(args.eps)):
-        parser.error(f"--eps must be a finite number > 0, got {args.eps}")
-    if not all(0 <= b < 1 for b in args.betas):
-        parser.error(f"--betas must lie in [0, 1), got {' '.join(map(str, args.betas))}")
-    for name in ("depth", "embed_dim", "num_heads", "global_batch_size", "num_classes", "image_size"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.image_size is None:
         args.image_size = classifier_image_size(args.model)
     if args.image_size % 16 != 0:
@@ -238,20 +230,10 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     if (args.mixup > 0 or args.cutmix > 0) and args.mixup_prob > 0 and args.batch_size % 2:
         parser.error(f"mixup/cutmix mix each image with the batch's mirror and need an even --batch-size, got "
                      f"{args.batch_size}")  # fmt: skip
-    if args.epochs < 1 and args.steps < 1:
-        parser.error("give --epochs or --steps (>= 1)")
     if not args.demo and not args.data:
         parser.error("--data is required (or --demo)")
     if args.eval and not (args.resume not in ("auto", "none") or args.finetune):
         parser.error("--eval needs the checkpoint to evaluate: --resume PATH (or --finetune PATH)")
-    if args.device not in ("auto", "cuda", "cpu") and not args.device.startswith("cuda:"):
-        parser.error(f"--device must be auto, cuda, cuda:N or cpu, got {args.device!r}")
-    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
-        parser.error(f"--output-dir {args.output_dir} exists and is not a folder")
-    on_cpu = args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
-    if on_cpu and args.impl == "triton" and args.precision == "bf16":
-        parser.error("--impl triton --precision bf16 cannot run on the CPU: Triton's interpreter computes bf16 "
-                     "matrix products wrongly; use --precision fp32 there, or --impl sdpa for bf16")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -297,17 +279,7 @@ def weights_file(model: nn.Module, args: argparse.Namespace, extra: dict) -> dic
 
 def classifier_from_checkpoint(path: str | os.PathLike, **overrides) -> nn.Module:
     """A classifier rebuilt from one of our fine-tuning files (``best.pth`` or a training checkpoint)."""
-    ckpt = train_state.load_checkpoint(path, KIND) if Path(path).name.startswith("checkpoint-") else None
-    if ckpt is None:
-        problem = train_state.checkpoint_problem(Path(path))
-        if problem is not None:
-            raise TrainingError(f"{path}: {problem}")
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            from beit.checkpoint import torch_load_problem
-
-            raise TrainingError(f"{path} is not a readable checkpoint ({torch_load_problem(e)})") from e
+    ckpt = train_state.read_verified(path, f"{KIND} checkpoint")
     if not isinstance(ckpt, dict) or "model_config" not in ckpt or "model" not in ckpt:
         raise TrainingError(f"{path} is not a {KIND} checkpoint (it has no model_config)")
     model = classifier_from_config(ckpt["model_config"], **overrides)

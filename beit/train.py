@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import sys
@@ -45,7 +44,7 @@ import torch.nn as nn
 
 import beit
 from beit import train_state
-from beit.config import parse_with_config
+from beit.config import check_trainer_options, parse_with_config
 from beit.data import BadImageError
 from beit.distributed import Dist, init_distributed, shutdown
 from beit.engine import Faults, Metrics, MIMInputs, MIMStep
@@ -183,32 +182,17 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     if args.model not in beit.list_models() and args.model not in ("beit_base_patch16_224_8k_vocab",
                                                                    "beit_large_patch16_224_8k_vocab"):  # fmt: skip
         parser.error(f"--model {args.model!r} is not one of {', '.join(beit.list_models())}")
-    for name in ("batch_size", "accum_steps", "log_interval", "keep_ckpts", "max_nonfinite", "image_size"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("lr", "min_lr", "warmup_epochs", "weight_decay", "clip_grad", "num_workers", "steps", "epochs",
-                 "ckpt_interval"):  # fmt: skip
-        v = getattr(args, name)
-        if not (v >= 0 and math.isfinite(v)):  # NaN too
-            parser.error(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v}")
-    if not (args.eps > 0 and math.isfinite(args.eps)):
-        parser.error(f"--eps must be a finite number > 0, got {args.eps}")
-    if not all(0 <= b < 1 for b in args.betas):
-        parser.error(f"--betas must lie in [0, 1), got {' '.join(map(str, args.betas))}")
-    if not 0 <= args.drop_path < 1:
-        parser.error(f"--drop-path must lie in [0, 1), got {args.drop_path}")
+    check_trainer_options(
+        parser, args, at_least_one=("batch_size", "accum_steps", "log_interval", "keep_ckpts", "max_nonfinite",
+                                    "image_size"),
+        non_negative=("lr", "min_lr", "warmup_epochs", "weight_decay", "clip_grad", "num_workers", "steps", "epochs",
+                      "ckpt_interval"),
+        optional_at_least_one=("depth", "global_batch_size"),
+    )  # fmt: skip
     if args.weight_decay_end is not None and not args.weight_decay_end >= 0:
         parser.error(f"--weight-decay-end must be >= 0, got {args.weight_decay_end}")
     if args.layer_scale is not None and not args.layer_scale >= 0:
         parser.error(f"--layer-scale must be >= 0 (0: no layer scale), got {args.layer_scale}")
-    for name in ("depth", "global_batch_size"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
-        parser.error(f"--output-dir {args.output_dir} exists and is not a folder")
-    for a in parser._actions:  # the demo's defaults, too, meet the choices
-        if a.choices is not None and getattr(args, a.dest, None) not in a.choices:
-            parser.error(f"--{a.dest.replace('_', '-')} must be one of {', '.join(map(str, a.choices))}")
     if args.image_size % 16 != 0:
         # Patch 16 on the model view; the tokenizer view (half) then has stride-8 tokens on the same grid.
         parser.error(f"--image-size must be a multiple of 16, got {args.image_size}")
@@ -220,19 +204,11 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
                               args.max_mask_patches)  # fmt: skip
     except (TypeError, ValueError) as e:
         parser.error(f"--num-mask-patches, --min-mask-patches, --max-mask-patches: {e}")
-    if args.epochs < 1 and args.steps < 1:
-        parser.error("give --epochs or --steps (>= 1)")
     if not args.demo and (not args.data or not args.tokenizer):
         parser.error("--data and --tokenizer are required (or --demo)")
-    if args.device not in ("auto", "cuda", "cpu") and not args.device.startswith("cuda:"):
-        parser.error(f"--device must be auto, cuda, cuda:N or cpu, got {args.device!r}")
     problem = _cuda_graph_problem(args, int(os.environ.get("WORLD_SIZE", "1")))
     if problem:
         parser.error(problem)
-    on_cpu = args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
-    if on_cpu and args.impl == "triton" and args.precision == "bf16":
-        parser.error("--impl triton --precision bf16 cannot run on the CPU: Triton's interpreter computes bf16 "
-                     "matrix products wrongly; use --precision fp32 there, or --impl sdpa for bf16")  # fmt: skip
 
 
 def _cuda_graph_problem(args: argparse.Namespace, world_size: int) -> str | None:

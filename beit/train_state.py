@@ -193,19 +193,27 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def load_checkpoint(path: str | os.PathLike, kind: str = "beit-pretrain") -> dict:
-    """A verified training state (checksum first, then the keys a resume needs)."""
+def read_verified(path: str | os.PathLike, what: str = "training checkpoint") -> object:
+    """A file this package wrote with torch.save, read without executing code (``weights_only``), its checksum
+    verified first when it has one; any problem is a TrainingError naming the file."""
     problem = checkpoint_problem(Path(path)) if Path(path).is_file() else None
     if problem is not None:
-        raise TrainingError(f"{path} cannot be resumed from: {problem}")
+        raise TrainingError(f"{path} cannot be used: {problem}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as e:
         raise TrainingError(f"checkpoint not found: {path}") from e
     except Exception as e:
         from beit.checkpoint import torch_load_problem  # without torch's advice to load with weights_only=False
 
-        raise TrainingError(f"{path} is not a readable training checkpoint ({torch_load_problem(e)})") from e
+        raise TrainingError(f"{path} is not a readable {what} ({torch_load_problem(e)})") from e
+
+
+def load_checkpoint(path: str | os.PathLike, kind: str = "beit-pretrain") -> dict:
+    """A verified training state (checksum first, then the keys a resume needs)."""
+    ckpt = read_verified(path)
+    if not isinstance(ckpt, dict):
+        raise TrainingError(f"{path} is not a {kind} checkpoint: it holds a {type(ckpt).__name__}")
     missing = [k for k in REQUIRED_KEYS if k not in ckpt]
     if missing:
         raise TrainingError(f"{path} is not a {kind} checkpoint: it lacks {', '.join(missing)}")
