@@ -40,7 +40,7 @@ def build_loaders(args: argparse.Namespace, d: Dist, train_loader: bool = True):
                   pin_memory=d.device.type == "cuda")  # fmt: skip
     if train_loader:
         train_loader = build_classification_loader(train, args.batch_size, train=True, rand_augment=rand_augment,
-                                                   **common)  # fmt: skip
+                                                   repeated_aug=args.repeated_aug, **common)  # fmt: skip
     else:
         train_loader = None
     val_loader = build_classification_loader(val, args.batch_size, train=False, crop_pct=args.crop_pct, **common)

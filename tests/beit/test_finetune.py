@@ -123,6 +123,18 @@ def test_interrupted_and_resumed_finetuning_is_bitwise_identical(data, tmp_path,
     assert any(not torch.equal(ca["model"][k], v) for k, v in ca["model_ema"].items())
 
 
+def test_repeated_augmentation_sees_each_kept_sample_k_times(data, tmp_path):
+    from beit.finetune import finetune, parse_args
+
+    a = parse_args(args(data, tmp_path / "ra", "--epochs", "1", "--repeated-aug", "2", "--eval-interval", "0",
+                        "--mixup", "0", "--cutmix", "0"))  # fmt: skip
+    seen = finetune(a, record_samples=True)["samples"][0]
+    # 30 images, batch 4, one rank: 7 whole batches of copies (28 slots), the first 14 samples of the permutation
+    # twice each, in a row (DeiT's RASampler on one GPU).
+    assert len(seen) == 28 and all(seen[i] == seen[i + 1] for i in range(0, 28, 2))
+    assert len(set(seen)) == 14
+
+
 def test_two_gloo_processes_evaluate_each_sample_once(data, tmp_path):
     out = tmp_path / "run"
     assert main(args(data, out, "--steps", "2", "--eval-interval", "0", "--mixup", "0", "--cutmix", "0")) == 0
