@@ -27,6 +27,7 @@ import torch.nn as nn
 
 from beit.mim_plans import fused_blocks
 from beit.model import (
+    EncoderApi,
     PatchEmbed,
     RelativePositionBias,
     _default_impl,
@@ -72,7 +73,7 @@ class ClassifierConfig:
         return asdict(self)
 
 
-class VisionTransformer(nn.Module):
+class VisionTransformer(EncoderApi, nn.Module):
     """BEiT for image classification (the official fine-tuning class, same name and parameters)."""
 
     def __init__(self, config: ClassifierConfig | None = None, **kwargs):
@@ -139,30 +140,6 @@ class VisionTransformer(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     # -- API --------------------------------------------------------------------------------------------------
-    @property
-    def impl(self) -> str:
-        return self.config.impl
-
-    def set_impl(self, impl: str) -> None:
-        """Switch every attention of the model to ``impl`` (one of ``IMPLS``)."""
-        if impl not in IMPLS:
-            raise ValueError(f"unknown impl {impl!r}: expected one of {', '.join(IMPLS)}")
-        if impl == "triton":
-            resolve_impl(impl)  # raises a clear error when the kernels are absent
-        self.config.impl = impl
-        for block in self.blocks:
-            block.attn.impl = impl
-
-    def get_num_layers(self) -> int:
-        return len(self.blocks)
-
-    def no_weight_decay(self) -> set[str]:
-        return {"pos_embed", "cls_token"}
-
-    @property
-    def num_patches(self) -> int:
-        return self.patch_embed.num_patches
-
     def _embed(self, x: torch.Tensor, impl: str) -> torch.Tensor:
         if impl == "triton":
             import beit_kernels

@@ -120,3 +120,43 @@ def _cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def add_optimisation_options(g, *, epochs: int, lr: float, min_lr: float, warmup_epochs: float, clip_grad: float,
+                             clip_help: str) -> None:  # fmt: skip
+    """The optimisation options both trainers share, with each recipe's defaults."""
+    from beit.precision import PRECISIONS
+
+    g.add_argument("--batch-size", type=int, default=128, help="images per GPU (process) per micro-step")
+    g.add_argument("--global-batch-size", type=int, default=None,
+                   help="images per optimizer step over all GPUs; sets --batch-size to it / (GPUs x accum steps)")
+    g.add_argument("--accum-steps", type=int, default=1, help="gradient accumulation micro-steps per step")
+    g.add_argument("--epochs", type=int, default=epochs)
+    g.add_argument("--steps", type=int, default=0, help="total optimizer steps; overrides --epochs when > 0")
+    g.add_argument("--lr", type=float, default=lr)
+    g.add_argument("--min-lr", type=float, default=min_lr)
+    g.add_argument("--warmup-epochs", type=float, default=warmup_epochs)
+    g.add_argument("--warmup-steps", type=int, default=-1, help="overrides --warmup-epochs when >= 0")
+    g.add_argument("--weight-decay", type=float, default=0.05)
+    g.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.999))
+    g.add_argument("--eps", type=float, default=1e-8)
+    g.add_argument("--clip-grad", type=float, default=clip_grad, help=clip_help)
+    g.add_argument("--precision", default="auto", choices=PRECISIONS, help="auto: bf16 where supported, fp16 on "
+                   "older GPUs (with a gradient scaler), fp32 on CPU")
+    g.add_argument("--seed", type=int, default=0)
+
+
+def add_run_options(g, *, output_dir: str) -> None:
+    """The run options both trainers share: the folder, resume, checkpoints, logs, device, progress bar, and the
+    hidden fault injection of the tests."""
+    g.add_argument("--output-dir", default=output_dir)
+    g.add_argument("--resume", default="auto", help="auto (newest checkpoint in the output folder), none, or a path")
+    g.add_argument("--ckpt-interval", type=int, default=0, help="also checkpoint every N steps (0: per epoch only)")
+    g.add_argument("--keep-ckpts", type=int, default=3, help="how many checkpoints to keep")
+    g.add_argument("--log-interval", type=int, default=50, help="steps between metric reads (the only host syncs)")
+    g.add_argument("--max-nonfinite", type=int, default=10, help="stop after this many non-finite steps in a row")
+    g.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm progress bar")
+    # Fault injection for tests: make the loss non-finite at these global steps; interrupt (SIGINT) at a step.
+    g.add_argument("--inject-nonfinite", type=int, nargs="*", default=[], help=argparse.SUPPRESS)
+    g.add_argument("--inject-sigint", type=int, default=None, help=argparse.SUPPRESS)

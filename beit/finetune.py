@@ -46,7 +46,7 @@ import torch.nn.functional as F
 import beit
 from beit import train_state
 from beit.classifier import classifier_from_config, classifier_image_size, create_classifier, list_classifiers
-from beit.config import check_trainer_options, parse_with_config
+from beit.config import add_optimisation_options, add_run_options, check_trainer_options, parse_with_config
 from beit.data import BadImageError
 from beit.distributed import Dist, init_distributed, shutdown
 from beit.engine import Metrics
@@ -54,7 +54,7 @@ from beit.errors import TrainingError
 from beit.evaluate import evaluate
 from beit.loop import LoopOptions, Position, Task, run_loop
 from beit.optim import cosine_scheduler, fused_adamw
-from beit.precision import PRECISIONS, autocast, grad_scaler, resolve_precision
+from beit.precision import autocast, grad_scaler, resolve_precision
 from beit.sinks import LogSinks
 
 KIND = "beit-finetune"
@@ -156,38 +156,16 @@ def get_args_parser() -> argparse.ArgumentParser:
                    "epoch, with its own augmentations, on k ranks where there are k; an epoch keeps its length")
     g.add_argument("--on-bad-file", default="skip", choices=("skip", "error"))
     g = p.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=int, default=128, help="images per GPU (process) per micro-step")
-    g.add_argument("--global-batch-size", type=int, default=None, help="images per optimizer step over all GPUs")
-    g.add_argument("--accum-steps", type=int, default=1)
-    g.add_argument("--epochs", type=int, default=100)
-    g.add_argument("--steps", type=int, default=0, help="total optimizer steps; overrides --epochs when > 0")
-    g.add_argument("--lr", type=float, default=4e-3)
-    g.add_argument("--min-lr", type=float, default=1e-6)
-    g.add_argument("--warmup-lr", type=float, default=1e-6)
-    g.add_argument("--warmup-epochs", type=float, default=20)
-    g.add_argument("--warmup-steps", type=int, default=-1, help="overrides --warmup-epochs when >= 0")
-    g.add_argument("--layer-decay", type=float, default=0.65)
-    g.add_argument("--weight-decay", type=float, default=0.05)
-    g.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.999))
-    g.add_argument("--eps", type=float, default=1e-8)
-    g.add_argument("--clip-grad", type=float, default=0.0, help="max gradient norm; 0 (official default) disables")
-    g.add_argument("--precision", default="auto", choices=PRECISIONS)
-    g.add_argument("--seed", type=int, default=0)
+    add_optimisation_options(g, epochs=100, lr=4e-3, min_lr=1e-6, warmup_epochs=20, clip_grad=0.0,
+                             clip_help="max gradient norm; 0 (the official default) disables clipping")  # fmt: skip
+    g.add_argument("--warmup-lr", type=float, default=1e-6, help="the warm-up's first lr")
+    g.add_argument("--layer-decay", type=float, default=0.65, help="layer-wise lr decay (1: none)")
     g = p.add_argument_group("run")
-    g.add_argument("--output-dir", default="runs/finetune")
-    g.add_argument("--resume", default="auto", help="auto (newest checkpoint in the output folder), none, or a path")
+    add_run_options(g, output_dir="runs/finetune")
     g.add_argument("--eval", action="store_true", help="evaluate --resume (or --finetune) and stop")
     g.add_argument("--eval-interval", type=int, default=1, help="evaluate every N epochs (0: at the end only)")
-    g.add_argument("--ckpt-interval", type=int, default=0, help="also checkpoint every N steps (0: per epoch only)")
-    g.add_argument("--keep-ckpts", type=int, default=3)
-    g.add_argument("--log-interval", type=int, default=50)
-    g.add_argument("--max-nonfinite", type=int, default=10)
-    g.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu")
     g.add_argument("--demo", action="store_true", help="fine-tune the pretraining demo against training from scratch")
     g.add_argument("--demo-pretrain-dir", default="runs/demo", help="--demo: the pretraining demo's folder")
-    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
-    g.add_argument("--inject-nonfinite", type=int, nargs="*", default=[], help=argparse.SUPPRESS)
-    g.add_argument("--inject-sigint", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
 

@@ -302,7 +302,37 @@ class BeitConfig:
         return asdict(self)
 
 
-class VisionTransformerForMaskedImageModeling(nn.Module):
+class EncoderApi:
+    """What both BEiT models answer alike (they hold ``config``, ``blocks`` and ``patch_embed``): the
+    implementation switch, the layer count for layer-wise lr decay, the official weight-decay exclusions."""
+
+    @property
+    def impl(self) -> str:
+        return self.config.impl
+
+    def set_impl(self, impl: str) -> None:
+        """Switch every attention of the model to ``impl`` (one of ``IMPLS``)."""
+        if impl not in IMPLS:
+            raise ValueError(f"unknown impl {impl!r}: expected one of {', '.join(IMPLS)}")
+        if impl == "triton":
+            resolve_impl(impl)  # raises a clear error when the kernels are absent
+        self.config.impl = impl
+        for block in self.blocks:
+            block.attn.impl = impl
+
+    def get_num_layers(self) -> int:
+        return len(self.blocks)
+
+    def no_weight_decay(self) -> set[str]:
+        # As the official model: mask_token and the relative position table do get weight decay.
+        return {"pos_embed", "cls_token"}
+
+    @property
+    def num_patches(self) -> int:
+        return self.patch_embed.num_patches
+
+
+class VisionTransformerForMaskedImageModeling(EncoderApi, nn.Module):
     """BEiT for masked image modeling (the official class, same name and parameters)."""
 
     def __init__(self, config: BeitConfig | None = None, **kwargs):
@@ -348,31 +378,6 @@ class VisionTransformerForMaskedImageModeling(nn.Module):
         fix_init_weight(self.blocks)
 
     # -- API --------------------------------------------------------------------------------------------------
-    @property
-    def impl(self) -> str:
-        return self.config.impl
-
-    def set_impl(self, impl: str) -> None:
-        """Switch every attention of the model to ``impl`` (one of ``IMPLS``)."""
-        if impl not in IMPLS:
-            raise ValueError(f"unknown impl {impl!r}: expected one of {', '.join(IMPLS)}")
-        if impl == "triton":
-            resolve_impl(impl)  # raises a clear error when the kernels are absent
-        self.config.impl = impl
-        for block in self.blocks:
-            block.attn.impl = impl
-
-    def get_num_layers(self) -> int:
-        return len(self.blocks)
-
-    def no_weight_decay(self) -> set[str]:
-        # As the official model: mask_token and the relative position table do get weight decay.
-        return {"pos_embed", "cls_token"}
-
-    @property
-    def num_patches(self) -> int:
-        return self.patch_embed.num_patches
-
     def _check_inputs(self, x: torch.Tensor, bool_masked_pos: torch.Tensor | None) -> torch.Tensor | None:
         check_images(x, self.patch_embed, "create_model")
         if bool_masked_pos is None:

@@ -44,7 +44,7 @@ import torch.nn as nn
 
 import beit
 from beit import train_state
-from beit.config import check_trainer_options, parse_with_config
+from beit.config import add_optimisation_options, add_run_options, check_trainer_options, parse_with_config
 from beit.data import BadImageError
 from beit.distributed import Dist, init_distributed, shutdown
 from beit.engine import Faults, Metrics, MIMInputs, MIMStep
@@ -52,7 +52,7 @@ from beit.errors import TrainingError
 from beit.flops import peak_flops, tokenizer_flops_per_image, train_flops_per_image
 from beit.loop import LoopOptions, Position, Task, run_loop
 from beit.optim import cosine_scheduler, fused_adamw
-from beit.precision import PRECISIONS, autocast, grad_scaler, resolve_precision
+from beit.precision import autocast, grad_scaler, resolve_precision
 from beit.sinks import LogSinks
 
 LOADERS = ("auto", "dali-gpu", "dali-cpu", "reference")
@@ -97,41 +97,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--min-mask-patches", type=int, default=16)
     g.add_argument("--max-mask-patches", type=int, default=None)
     g = p.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=int, default=128, help="images per GPU (process) per micro-step")
-    g.add_argument(
-        "--global-batch-size",
-        type=int,
-        default=None,
-        help="images per optimizer step over all GPUs; sets --batch-size to it / (GPUs x accum steps)",
-    )
-    g.add_argument("--accum-steps", type=int, default=1, help="gradient accumulation micro-steps per step")
-    g.add_argument("--epochs", type=int, default=800)
-    g.add_argument("--steps", type=int, default=0, help="total optimizer steps; overrides --epochs when > 0")
-    g.add_argument("--lr", type=float, default=1.5e-3)
-    g.add_argument("--min-lr", type=float, default=1e-5)
-    g.add_argument("--warmup-epochs", type=float, default=10)
-    g.add_argument("--warmup-steps", type=int, default=-1, help="overrides --warmup-epochs when >= 0")
-    g.add_argument("--weight-decay", type=float, default=0.05)
+    add_optimisation_options(g, epochs=800, lr=1.5e-3, min_lr=1e-5, warmup_epochs=10, clip_grad=3.0,
+                             clip_help="max gradient norm; 0 disables clipping")  # fmt: skip
     g.add_argument("--weight-decay-end", type=float, default=None, help="cosine end value (default: constant)")
-    g.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.999))
-    g.add_argument("--eps", type=float, default=1e-8)
-    g.add_argument("--clip-grad", type=float, default=3.0, help="max gradient norm; 0 disables clipping")
-    g.add_argument("--precision", default="auto", choices=PRECISIONS, help="auto: bf16 where supported, fp16 on "
-                   "older GPUs (with a gradient scaler), fp32 on CPU")  # fmt: skip
-    g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("run")
-    g.add_argument("--output-dir", default="runs/beit")
-    g.add_argument("--resume", default="auto", help="auto (newest checkpoint in the output folder), none, or a path")
-    g.add_argument("--ckpt-interval", type=int, default=0, help="also checkpoint every N steps (0: per epoch only)")
-    g.add_argument("--keep-ckpts", type=int, default=3, help="how many checkpoints to keep")
-    g.add_argument("--log-interval", type=int, default=50, help="steps between metric reads (the only host syncs)")
-    g.add_argument("--max-nonfinite", type=int, default=10, help="stop after this many non-finite steps in a row")
-    g.add_argument("--device", default="auto", help="auto, cuda or cpu")
+    add_run_options(g, output_dir="runs/beit")
     g.add_argument("--demo", action="store_true", help="synthetic data, a fitted k-means tokenizer, a small BEiT")
-    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm progress bar")
-    # Fault injection for tests: make the loss non-finite at these global steps; interrupt (SIGINT) at a step.
-    g.add_argument("--inject-nonfinite", type=int, nargs="*", default=[], help=argparse.SUPPRESS)
-    g.add_argument("--inject-sigint", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
 
