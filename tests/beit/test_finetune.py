@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from _testutil import assert_same
+from _testutil import HostSyncs, assert_same
 
 from beit.classifier import create_classifier
 from beit.data import make_synthetic
@@ -60,6 +60,45 @@ def test_step_loss_is_the_mean_over_real_samples():
     # Without padding and mixing, the smoothed cross-entropy is PyTorch's.
     loss, _, _ = step(x, labels, None, torch.ones(4))
     assert torch.allclose(loss, F.cross_entropy(model(x), labels, label_smoothing=0.1), atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["triton", "sdpa"])
+def test_the_finetuning_step_never_waits_for_the_device(impl):
+    """The whole step as beit-finetune runs it (random erasing, cutmix or mixup, forward, soft-target loss,
+    backward, layer-decay AdamW, metrics, the EMA update), every op watched: nothing in it would synchronise the
+    host on a GPU (the loop reads the metrics at log points only)."""
+    import contextlib
+    import random
+
+    from beit.ema import ModelEma
+    from beit.engine import Metrics, train_step
+    from beit.finetune import ClassifyInputs
+    from beit.mixup import Mixup, RandomErasing
+    from beit.optim import fused_adamw
+
+    torch.manual_seed(0)
+    random.seed(0)
+    model = create_classifier("beit_tiny_patch16_224", num_classes=5, img_size=32, depth=2, embed_dim=32,
+                              num_heads=2, impl=impl, drop_path_rate=0.1)  # fmt: skip
+    opt = fused_adamw(model, 1e-3, 0.05, layer_decay=0.65)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+    ema = ModelEma(model, decay=0.9)
+    prepare = ClassifyInputs(torch.device("cpu"), Mixup(num_classes=5), RandomErasing(probability=1.0))
+    batch = {"images": torch.randn(4, 3, 32, 32), "labels": torch.tensor([0, 4, 2, 1]),
+             "valid": torch.tensor([True, True, True, False])}  # fmt: skip
+    metrics = Metrics(torch.device("cpu"), accuracy_name="train_acc")
+
+    def step():
+        train_step(ClassifyStep(model, 0.1), prepare, [batch], opt, scaler, metrics, amp=contextlib.nullcontext(),
+                   precision="fp32", clip_grad=0.0)  # fmt: skip
+        ema.update(model)
+
+    step()  # the optimizer's state is set up in the first step
+    with HostSyncs() as watch:
+        step()
+    assert watch.found == [], watch.found
+    if impl == "triton":
+        assert any(op.startswith("beit_kernels.") for op in watch.custom_ops), watch.custom_ops
 
 
 def test_finetune_evaluates_every_sample_once_and_keeps_the_best(data, tmp_path, capsys):

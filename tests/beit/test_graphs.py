@@ -11,9 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _testutil import make_train_assets, tiny_run_args
-from torch._library.custom_ops import OPDEFS
-from torch.utils._python_dispatch import TorchDispatchMode
+from _testutil import HostSyncs, make_train_assets, tiny_run_args
 
 import beit
 from beit.engine import Faults, Metrics, MIMInputs, MIMStep, train_step
@@ -190,44 +188,6 @@ def test_the_captured_step_needs_static_shapes_a_fused_optimizer_and_no_range_ch
     with pytest.raises(ValueError, match="check_range=False"):
         CudaGraphStep(MIMStep(model), tok, opt, scaler, Metrics(CPU), amp=contextlib.nullcontext(),
                       precision="fp32", clip_grad=3.0)  # fmt: skip
-
-
-# Ops that make the host wait for a CUDA device: a value read back (item, bool, equal), or an output whose size
-# depends on values (nonzero, masked_select, unique, boolean indexing). A captured step can contain none of them.
-HOST_SYNC_OPS = {
-    "aten._local_scalar_dense", "aten.item", "aten.is_nonzero", "aten.equal", "aten.allclose", "aten.nonzero",
-    "aten.masked_select", "aten.unique", "aten._unique", "aten._unique2", "aten.unique_consecutive",
-    "aten.unique_dim", "aten.bincount", "aten.repeat_interleave",
-}  # fmt: skip
-
-
-class HostSyncs(TorchDispatchMode):
-    """Records the ops of a region that would synchronise the host on a CUDA device. On the CPU nothing waits, so
-    this is how a CPU test sees them; boolean indexing counts, since it runs a nonzero inside the op.
-
-    A ``torch.library`` custom op (every ``beit_kernels`` op) reaches a dispatch mode as one opaque op; its
-    Python implementation is run here instead, with the mode on, so the ops inside it are watched too. Triton's
-    launches themselves are not torch ops (in the interpreter they run on the tensors' memory), so they are
-    not seen: on a GPU a launch does not wait for the device."""
-
-    def __init__(self):
-        super().__init__()
-        self.found = []
-        self.custom_ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = str(func.overloadpacket)
-        bool_index = name in ("aten.index", "aten.index_put", "aten.index_put_") and any(
-            isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in (args[1] or ())
-        )
-        if name in HOST_SYNC_OPS or bool_index:
-            self.found.append(name + (" (boolean index)" if bool_index else ""))
-        opdef = OPDEFS.get(f"{func.namespace}::{func._opname}")
-        if opdef is not None:
-            self.custom_ops.append(name)
-            with self:
-                return opdef._init_fn(*args, **(kwargs or {}))
-        return func(*args, **(kwargs or {}))
 
 
 @torch.library.custom_op("beit_tests::syncs_inside", mutates_args=())
