@@ -14,6 +14,9 @@
 #   machine keeps its Triton cache); max_batch, the largest-batch search, runs only when named.
 #   STAGES=finetune bash bench/device_check.sh    the fine-tuning step (issue 21), only when named: its limit of
 #   300 s is outside the default total above (one call: 300 s, 305 s with the grace, plus the install).
+#   STAGES=kernel_tests bash bench/device_check.sh    every kernel test on the GPU, not only those marked gpu: the
+#   value, reproducibility, compile and bad-input tests build their inputs on the test device, so this checks the
+#   compiled kernels; only when named (about 400 tests, each kernel specialisation compiled once: 240 s allowed).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$(mktemp -d)}
@@ -22,7 +25,7 @@ export PYTHONUNBUFFERED=1
 status=0
 STAGES=${STAGES:-gpu_tests bench_attention bench_fused_ops bench_tokenizer train_eager train_compile}
 KNOWN_STAGES="gpu_tests bench_attention bench_fused_ops bench_tokenizer tune_attention tune_glue train_eager \
-train_compile profile max_batch train_large finetune"
+train_compile profile max_batch train_large finetune kernel_tests"
 for s in $STAGES; do  # a misspelt stage would run nothing and still exit 0
     case " $KNOWN_STAGES " in
     *" $s "*) ;;
@@ -64,6 +67,7 @@ export BEIT_GIT_SHA=${BEIT_GIT_SHA:-$(cd bench && python -c "import harness; pri
 xdist=$(python -c "import xdist" 2>/dev/null && echo "-n 8")
 # GPU_TEST_PATHS narrows a rerun to the tests of what changed (default: all of tests/).
 stage gpu_tests 70 python -m pytest -q -rA -m gpu ${GPU_TEST_PATHS:-tests} -p no:cacheprovider $xdist
+stage kernel_tests 240 python -m pytest -q tests/kernels -p no:cacheprovider $xdist
 stage bench_attention 45 python bench/bench_attention.py --out "$OUT/bench_attention.json"
 stage bench_fused_ops 40 python bench/bench_fused_ops.py --no-compile --out "$OUT/bench_fused_ops.json"
 stage bench_tokenizer 40 python bench/bench_tokenizer.py --rep-ms 500 --out "$OUT/bench_tokenizer.json"
