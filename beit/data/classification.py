@@ -53,7 +53,7 @@ from pathlib import Path
 
 import numpy as np
 
-from beit.data.files import MAX_PIXELS, SUPPORTED_FORMATS, _image_format, find_undecodable, list_images, to_rgb
+from beit.data.files import MAX_PIXELS, check_image, check_many, find_undecodable, list_images, to_rgb
 from beit.data.order import mix_seeds
 
 WDS_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -509,50 +509,15 @@ class WebDatasetSource(ClassificationSource):
             return to_rgb(im)
 
     def check(self, num_threads: int = 4, max_pixels: int | None = MAX_PIXELS) -> list[str | None]:
-        """Per sample, ``check_encoded`` of its image (each image is read in full once)."""
+        """Per sample, ``files.check_image`` of its image's bytes (each image is read in full once)."""
 
         def one(i):
             try:
-                return check_encoded(self.read(i), max_pixels)
+                return check_image(self.read(i), max_pixels)
             except OSError as e:
                 return f"unreadable ({e})"
 
-        with ThreadPoolExecutor(max(1, num_threads)) as pool:
-            return list(pool.map(one, range(len(self)), chunksize=256))
-
-
-def check_encoded(data: bytes, max_pixels: int | None = MAX_PIXELS) -> str | None:
-    """Why the encoded image ``data`` cannot be used, or None: the checks ``files.check_image`` makes on a file
-    (signature, supported format, end marker of JPEG and PNG, header, pixel limit, float pixels), on bytes."""
-    from PIL import Image
-
-    if not data:
-        return "empty image"
-    fmt = _image_format(data[:16])
-    if fmt is None:
-        return "not an image (unknown file signature)"
-    if fmt not in SUPPORTED_FORMATS:
-        return f"unsupported image format {fmt} (supported: {', '.join(SUPPORTED_FORMATS)})"
-    if fmt == "JPEG" and b"\xff\xd9" not in data[-4096:]:
-        return "truncated JPEG (no end-of-image marker)"
-    if fmt == "PNG" and b"IEND" not in data[-64:]:
-        return "truncated PNG (no IEND chunk)"
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:
-                (w, h), mode = im.size, im.mode
-    except Image.DecompressionBombError as e:
-        return f"too large ({e})"
-    except Exception as e:  # PIL raises assorted types on garbage headers; any of them means "bad image"
-        return f"bad image header ({type(e).__name__}: {e})"
-    if w < 1 or h < 1:
-        return f"degenerate size {w}x{h}"
-    if max_pixels is not None and w * h > max_pixels:
-        return f"too large: {w}x{h} = {w * h} pixels, over max_pixels={max_pixels}"
-    if mode == "F":
-        return "unsupported pixel mode F (32-bit float)"
-    return None
+        return check_many(one, range(len(self)), num_threads)
 
 
 # ---------------------------------------------------------------------------------------------------- entry point

@@ -43,8 +43,8 @@ an uninterrupted iteration of that epoch does, on a fresh loader too:
           resume thus decodes up to an epoch (or a segment) in vain, once; shorter segments bound that at the
           price of a pipeline build per segment (about a second of host time with RandAugment's graph).
 
-Bad samples (as in pretraining): checked up front (``files.validate_images`` for files, ``check_encoded`` for tar
-members, the index's bad samples), then left out with a warning naming them (``on_bad_file="skip"``, listed in
+Bad samples (as in pretraining): checked up front (``files.validate_images`` for files, ``files.check_image`` of tar
+members' bytes, the index's bad samples), then left out with a warning naming them (``on_bad_file="skip"``, listed in
 ``loader.bad_files``) or an error naming the first (``"error"``); one that still fails to decode later becomes
 padding (``valid`` False) with a warning, or stops with an error naming it.
 
@@ -70,7 +70,7 @@ import torch
 
 from beit.data.base import LoaderBase
 from beit.data.classification import ClassificationSource, open_classification_source
-from beit.data.files import MAX_PIXELS, BadImageError, validate_images
+from beit.data.files import MAX_PIXELS, BadImageError, set_aside, validate_images
 from beit.data.loader import dali_available
 from beit.data.order import epoch_order, mix_seeds, repeated_steps
 from beit.data.plugin import require_dali
@@ -302,14 +302,9 @@ def _validate(source, on_bad_file, num_threads, max_pixels, validate) -> tuple[n
     bad = list(source.bad_samples)
     reasons = source.check(num_threads, max_pixels) if validate else [None] * len(source)
     bad += [(name, r) for name, r in zip(source.names, reasons) if r is not None]
-    if bad and on_bad_file == "error":
-        (name, reason), more = bad[0], f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-        raise BadImageError(f"bad sample {name}: {reason}{more}; pass on_bad_file='skip' to leave such samples out")
+    skipping = f"skipping {len(bad)} bad samples of {source.description}"
+    set_aside(bad, on_bad_file, first="bad sample", noun="samples", skipping=skipping, stacklevel=5)
     keep = np.asarray([i for i, r in enumerate(reasons) if r is None], dtype=np.int64)
-    if bad:
-        shown = "; ".join(f"{name}: {r}" for name, r in bad[:20])
-        more = f"; ... and {len(bad) - 20} more (loader.bad_files lists all)" if len(bad) > 20 else ""
-        warnings.warn(f"skipping {len(bad)} bad samples of {source.description}: {shown}{more}", stacklevel=5)
     if keep.size == 0:
         raise ValueError(f"no usable samples in {source.description}")
     return keep, bad

@@ -3,6 +3,7 @@ validation that sets bad files aside, and the decode check that names a file a p
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from collections.abc import Sequence
@@ -138,35 +139,40 @@ def _image_format(head: bytes) -> str | None:
     return None
 
 
-def check_image(path: str, max_pixels: int | None = MAX_PIXELS) -> str | None:
-    """Why ``path`` cannot be used, or None when it looks decodable. An image of more than ``max_pixels`` pixels
-    (None: no limit of ours) is refused from its header, before any decoding, as is one that PIL's own
-    decompression-bomb check refuses.
+def check_image(image: str | os.PathLike | bytes, max_pixels: int | None = MAX_PIXELS) -> str | None:
+    """Why ``image`` cannot be used, or None when it looks decodable. ``image`` is a file's path, or an encoded
+    image's bytes (a tar member). An image of more than ``max_pixels`` pixels (None: no limit of ours) is refused
+    from its header, before any decoding, as is one that PIL's own decompression-bomb check refuses.
 
-    Cheap (a few KiB read per file): the signature, the header as PIL parses it, and the end-of-image marker of
-    JPEG and PNG files, which is what truncation removes. A file corrupted in the middle passes; the loaders then
+    Cheap (a file: a few KiB read): the signature, the header as PIL parses it, and the end-of-image marker of JPEG
+    and PNG images, which is what truncation removes. An image corrupted in the middle passes; the loaders then
     name it when decoding fails."""
     from PIL import Image
 
+    encoded = isinstance(image, (bytes, bytearray, memoryview))
     try:
-        size = os.path.getsize(path)
+        if encoded:
+            data = bytes(image)
+            size, head, tail = len(data), data[:16], data[-4096:]
+        else:
+            size = os.path.getsize(image)
+            with open(image, "rb") as f:
+                head = f.read(16)
+                f.seek(max(0, size - 4096))
+                tail = f.read()
         if size == 0:
-            return "empty file"
-        with open(path, "rb") as f:
-            head = f.read(16)
-            fmt = _image_format(head)
-            if fmt is None:
-                return "not an image (unknown file signature)"
-            if fmt not in SUPPORTED_FORMATS:
-                return f"unsupported image format {fmt} (supported: {', '.join(SUPPORTED_FORMATS)})"
-            f.seek(max(0, size - 4096))
-            tail = f.read()
+            return "empty image" if encoded else "empty file"
+        fmt = _image_format(head)
+        if fmt is None:
+            return "not an image (unknown file signature)"
+        if fmt not in SUPPORTED_FORMATS:
+            return f"unsupported image format {fmt} (supported: {', '.join(SUPPORTED_FORMATS)})"
         # Decoders tolerate bytes after the end marker, so look for it near the end rather than at the very end.
         if fmt == "JPEG" and b"\xff\xd9" not in tail:
             return "truncated JPEG (no end-of-image marker)"
         if fmt == "PNG" and b"IEND" not in tail[-64:]:
             return "truncated PNG (no IEND chunk)"
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(data) if encoded else image) as im:
             (w, h), mode = im.size, im.mode
         if w < 1 or h < 1:
             return f"degenerate size {w}x{h}"
@@ -176,11 +182,39 @@ def check_image(path: str, max_pixels: int | None = MAX_PIXELS) -> str | None:
             return "unsupported pixel mode F (32-bit float)"
     except Image.DecompressionBombError as e:
         return f"too large ({e})"
-    except OSError as e:
-        return f"unreadable ({type(e).__name__}: {e})"
-    except Exception as e:  # PIL raises assorted types on garbage headers; any of them means "bad file"
+    except OSError as e:  # for a path, the file system's errors too; for bytes, only PIL's
+        return f"{'bad image header' if encoded else 'unreadable'} ({type(e).__name__}: {e})"
+    except Exception as e:  # PIL raises assorted types on garbage headers; any of them means "bad image"
         return f"bad image header ({type(e).__name__}: {e})"
     return None
+
+
+def check_many(check, items: Sequence, num_threads: int = 4) -> list[str | None]:
+    """``check(item)`` for each of ``items`` (``check_image`` or a wrapper of it), in ``num_threads`` threads, with
+    PIL's decompression-bomb warning silenced: the pixel check decides about such images. The warning filter is
+    set here, once, because ``warnings.catch_warnings`` in several threads at once can leave a filter behind."""
+    from PIL import Image
+
+    with warnings.catch_warnings(), ThreadPoolExecutor(max(1, num_threads)) as pool:
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return list(pool.map(check, items, chunksize=256))
+
+
+def set_aside(
+    bad: Sequence[tuple[str, str]], on_bad_file: str, *, first: str, noun: str, skipping: str, stacklevel: int
+) -> None:
+    """What happens to the (name, reason) pairs ``bad`` found up front: ``on_bad_file="error"`` raises
+    ``BadImageError`` naming the first (``first`` names its kind, e.g. "bad image file"; ``noun`` the plural, e.g.
+    "files"); ``"skip"`` warns once, ``skipping`` then the first 20 names with their reasons. ``stacklevel``
+    counts from the caller."""
+    if bad and on_bad_file == "error":
+        name, reason = bad[0]
+        more = f" (and {len(bad) - 1} more bad {noun})" if len(bad) > 1 else ""
+        raise BadImageError(f"{first} {name}: {reason}{more}; pass on_bad_file='skip' to leave such {noun} out")
+    if bad:
+        shown = "; ".join(f"{name}: {reason}" for name, reason in bad[:20])
+        more = f"; ... and {len(bad) - 20} more (loader.bad_files lists all)" if len(bad) > 20 else ""
+        warnings.warn(f"{skipping}: {shown}{more}", stacklevel=stacklevel + 1)
 
 
 def validate_images(
@@ -191,23 +225,10 @@ def validate_images(
     ``max_pixels``: see ``check_image``."""
     if on_bad_file not in ("skip", "error"):
         raise ValueError(f"on_bad_file must be 'skip' or 'error', got {on_bad_file!r}")
-    from PIL import Image
-
-    # PIL warns about images past its own limit when opening them; the pixel check here decides about them.
-    with warnings.catch_warnings(), ThreadPoolExecutor(max(1, num_threads)) as pool:
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        reasons = list(pool.map(lambda f: check_image(f, max_pixels), files, chunksize=256))
+    reasons = check_many(lambda f: check_image(f, max_pixels), files, num_threads)
     bad = [(f, r) for f, r in zip(files, reasons) if r is not None]
-    if bad and on_bad_file == "error":
-        f, r = bad[0]
-        more = f" (and {len(bad) - 1} more bad files)" if len(bad) > 1 else ""
-        raise BadImageError(f"bad image file {f}: {r}{more}; pass on_bad_file='skip' to leave such files out")
-    if bad:
-        shown = "; ".join(f"{f}: {r}" for f, r in bad[:20])
-        more = f"; ... and {len(bad) - 20} more (loader.bad_files lists all)" if len(bad) > 20 else ""
-        warnings.warn(
-            f"skipping {len(bad)} of {len(files)} files that cannot be decoded: {shown}{more}", stacklevel=5
-        )  # the caller of build_loader
+    skipping = f"skipping {len(bad)} of {len(files)} files that cannot be decoded"
+    set_aside(bad, on_bad_file, first="bad image file", noun="files", skipping=skipping, stacklevel=5)
     good = [f for f, r in zip(files, reasons) if r is None]
     if not good:
         raise ValueError(f"no decodable images among {len(files)} files (first: {files[0]})")

@@ -19,6 +19,7 @@ from beit.data import (
     BadImageError,
     build_dali_plugin,
     build_loader,
+    check_image,
     dali_available,
     epoch_order,
     list_images,
@@ -397,6 +398,23 @@ def test_16_bit_pngs_are_scaled_to_8_bits(tmp_path):
         (b,) = _batches(loader)
         for img in b["images"]:
             assert img.float().std() > 10, backend
+
+
+def test_check_image_reads_a_path_or_the_same_bytes_alike(messy_dir, tmp_path):
+    """One check for image files and tar members: a file's reason and its bytes' reason are the same, but for
+    the words an empty file and an unparsable header get (bytes have no file system to fail)."""
+    big = tmp_path / "big.png"
+    Image.new("L", (300, 200), 128).save(big)
+    paths = sorted(p for p in messy_dir.rglob("*") if p.is_file()) + [big]
+    reasons = {}
+    for p in paths:
+        by_path, by_bytes = check_image(p, 250 * 200), check_image(p.read_bytes(), 250 * 200)
+        assert by_path == {"empty image": "empty file"}.get(by_bytes, by_bytes), p.name
+        reasons[p.name] = by_path
+    assert {n for n, r in reasons.items() if r is not None} == {*BAD, "big.png"}
+    assert reasons["truncated.jpg"].startswith("truncated JPEG") and reasons["anim.gif"].startswith("unsupported")
+    assert reasons["big.png"].startswith("too large: 300x200")
+    assert check_image(b"\xff\xd8\xff" + b"junk" * 10 + b"\xff\xd9").startswith("bad image header")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
