@@ -221,7 +221,7 @@ def test_bad_input_is_named_before_work(data, tmp_path, capsys):
 @pytest.mark.slow
 def test_demo_end_to_end(pretraining_demo, tmp_path):
     """beit-finetune --demo: the pretraining demo's checkpoint fine-tuned against the same classifier from scratch,
-    the paper's Figure 5 in miniature. Pretraining must show: measured 0.89 against 0.68 (seed 0)."""
+    the paper's Figure 5 in miniature. Pretraining must show: seeds 0 to 2 measured 0.845-0.89 against 0.59-0.675."""
     out = tmp_path / "ft_demo"
     assert main(["--demo", "--demo-pretrain-dir", str(pretraining_demo), "--output-dir", str(out),
                  "--no-progress"]) == 0  # fmt: skip
