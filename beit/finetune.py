@@ -241,8 +241,7 @@ def load_weights(model: nn.Module, path: str, d: Dist, *, require_head: bool) ->
         report = beit.load_pretrained(model, path)
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
         raise TrainingError(f"{path}: {e}") from e
-    if require_head and any(k.startswith("head.") for k in report.missing_keys + getattr(report, "reinitialized",
-                                                                                         [])):  # fmt: skip
+    if require_head and (report.head_reinitialised or any(k.startswith("head.") for k in report.missing_keys)):
         raise TrainingError(f"{path} has no classification head for this model's {model.num_classes} classes "
                             f"({report}); evaluate a fine-tuned checkpoint, with --num-classes as it was trained")
     if d.main:
