@@ -216,6 +216,13 @@ def test_bad_input_is_named_before_work(data, tmp_path, capsys):
     # Evaluating a checkpoint without a head for these classes.
     assert main(args(data, tmp_path / "r5", "--eval", "--resume", str(bad))) == 2
     assert "wide.pth" in capsys.readouterr().err
+    # Evaluating a fine-tuned checkpoint of another class count: its head would be re-initialised, so refused.
+    ten = create_classifier("beit_tiny_patch16_224", num_classes=10, img_size=48, depth=2, embed_dim=32,
+                            num_heads=2, impl="ref")  # fmt: skip
+    torch.save({"model": ten.state_dict()}, tmp_path / "ten.pth")
+    assert main(args(data, tmp_path / "r6", "--eval", "--resume", str(tmp_path / "ten.pth"))) == 2
+    err = capsys.readouterr().err
+    assert "ten.pth has no classification head for this model's 3 classes" in err and "10 classes" in err, err
 
 
 @pytest.mark.slow
