@@ -1,5 +1,6 @@
-"""What both loaders share (``LoaderBase``): the options' checks, the file list and its validation, the shard, the
-per-epoch order and the bookkeeping of files that fail to decode; and the masking options (``mask_config``)."""
+"""What the loaders share (``LoaderBase``): the options' checks, the file list and its validation, the shard, the
+per-epoch order and the bookkeeping of files that fail to decode; the PIL loaders' epoch in a torch DataLoader
+(``EpochDataset``, ``LoaderBase._dataloader_batches``); and the masking options (``mask_config``)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from beit.data.files import MAX_PIXELS, BadImageError, list_images, validate_images
+from beit.data.files import MAX_PIXELS, BadImageError, list_images, to_rgb, validate_images
 from beit.data.order import epoch_order, mix_seeds, resolve_shards
 from beit.data.transforms import NORMALIZATIONS
 from beit.masking import MaskingGenerator
@@ -139,3 +140,82 @@ class LoaderBase:
         self.bad_files.append((path, reason))
         self._failed.add(self._index[path])
         warnings.warn(f"skipping a file that failed to decode: {path}: {reason}", stacklevel=4)
+
+    def image(self, i: int):
+        """File ``i`` of ``files`` as an 8-bit RGB PIL image; raises when it cannot be decoded."""
+        from PIL import Image
+
+        with Image.open(self.files[i]) as im:
+            return to_rgb(im)
+
+    def _dataloader_batches(self, ds: EpochDataset) -> Iterator[dict]:
+        """The batches of ``ds`` from a torch DataLoader with ``num_threads`` worker processes (in-process when it
+        is 1), recording the decode failures its samples report and stopping the workers when the epoch ends."""
+        workers = self.num_threads if self.num_threads > 1 else 0
+        dl = torch.utils.data.DataLoader(
+            ds,
+            batch_size=self.batch_size,
+            shuffle=False,
+            num_workers=workers,
+            pin_memory=self.pin_memory,
+            prefetch_factor=4 if workers else None,
+            # Its own generator: a DataLoader otherwise draws its base seed from the global torch RNG, which would
+            # make the model's random draws (drop path) depend on where an epoch's iteration started.
+            generator=torch.Generator().manual_seed(self._epoch_seed() % 2**63),
+        )
+        batches = iter(dl)
+        try:
+            try:
+                for batch in batches:
+                    for report in batch.pop("decode_failure"):
+                        if report:
+                            self._skip_runtime_failure(*report.split("\0", 1))
+                    yield batch
+            except BadImageError as e:
+                # A worker's error reaches here as the worker's whole traceback; its own message (one line, naming
+                # the file and the cause) is the traceback's last line.
+                lines = str(e).strip().splitlines()
+                if len(lines) > 1:
+                    raise BadImageError(lines[-1].split("BadImageError: ", 1)[-1]) from None
+                raise
+        finally:
+            # Stop the workers when the epoch ends, by an error too. An error raised in a worker keeps the iterator
+            # alive through its traceback's frames, and its workers would idle until the garbage collector ran
+            # its shutdown; falling inside another loader's start-up, that shutdown waits out a join timeout per
+            # worker.
+            shutdown = getattr(batches, "_shutdown_workers", None)  # absent without worker processes
+            if shutdown is not None:
+                shutdown()
+
+
+class EpochDataset(torch.utils.data.Dataset):
+    """One rank's epoch for a PIL loader's DataLoader, from slot ``start`` on: slot ``j`` is file ``order[j]`` of
+    ``loader.files``, read with ``loader.image``, and draws its randomness from (``seed``, j), so the output depends
+    neither on the number of workers nor on the slot the epoch's iteration starts from. Subclasses transform."""
+
+    def __init__(self, loader: LoaderBase, order: np.ndarray, valid: np.ndarray, seed: int, start: int = 0):
+        self.loader, self.order, self.valid, self.seed, self.start = loader, order, valid, seed, start
+
+    def __len__(self) -> int:
+        return len(self.order) - self.start
+
+    def _open(self, j: int):
+        """(file index, valid, RGB image, failure report) of slot ``j``; the report is "" unless the file failed
+        to decode ("skip"), when the next file that decodes takes the slot as padding."""
+        ld = self.loader
+        n = len(ld.files)
+        i = int(self.order[j])
+        try:
+            return i, bool(self.valid[j]), ld.image(i), ""
+        except Exception as e:
+            if ld.on_bad_file == "error":
+                raise BadImageError(f"decoding failed: {ld.files[i]}: {type(e).__name__}: {e}") from e
+            # Keep the batch full. The report travels with the sample because warnings raised in DataLoader
+            # workers never reach the main process.
+            report = f"{ld.files[i]}\0{type(e).__name__}: {e}"
+            for k in range(1, n):
+                try:
+                    return (i + k) % n, False, ld.image((i + k) % n), report
+                except Exception:  # another bad sample: try the next one
+                    continue
+            raise BadImageError(f"no sample of the data set decodes (first failure: {ld.files[i]}: {e})") from e

@@ -68,13 +68,20 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from beit.data.base import LoaderBase
+from beit.data.base import EpochDataset, LoaderBase
 from beit.data.classification import ClassificationSource, open_classification_source
 from beit.data.files import MAX_PIXELS, BadImageError, set_aside, validate_images
 from beit.data.loader import dali_available
 from beit.data.order import epoch_order, mix_seeds, repeated_steps
 from beit.data.plugin import require_dali
-from beit.data.transforms import CROP_RATIO, CROP_SCALE, NORMALIZATIONS, random_resized_crop_box, resized_crop
+from beit.data.transforms import (
+    CROP_RATIO,
+    CROP_SCALE,
+    NORMALIZATIONS,
+    normalize,
+    random_resized_crop_box,
+    resized_crop,
+)
 
 DEFAULT_RAND_AUGMENT = "rand-m9-mstd0.5-inc1"
 DALI_MAGNITUDE_BINS = 101  # timm's magnitude scale 0..10 in steps of 0.1: bin = 10 * M
@@ -276,10 +283,9 @@ class ClassificationLoader(LoaderBase):
         """The usable samples: without repeated augmentation, the valid entries of one epoch over all ranks."""
         return len(self.files)
 
-    def _normalize(self, hwc: torch.Tensor) -> torch.Tensor:
-        mean, std = NORMALIZATIONS[self.normalization]
-        x = hwc.permute(2, 0, 1).float().div_(255)  # [S, S, 3] uint8 -> [3, S, S]
-        return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    def image(self, i: int):
+        """Sample ``i`` of ``files`` (source position ``positions[i]``) as an 8-bit RGB PIL image."""
+        return self.source.image(int(self.positions[i]))
 
 
 def _check_repeated_aug(repeated_aug, train: bool) -> None:
@@ -313,34 +319,9 @@ def _validate(source, on_bad_file, num_threads, max_pixels, validate) -> tuple[n
 # ---------------------------------------------------------------------------------------------------- PIL
 
 
-class _PilEpoch(torch.utils.data.Dataset):
-    """One rank's epoch from slot ``start`` on; slot ``j`` draws its randomness from (seed, j)."""
-
-    def __init__(self, loader: PilClassificationLoader, order: np.ndarray, valid: np.ndarray, seed: int, start: int):
-        self.loader, self.order, self.valid, self.seed, self.start = loader, order, valid, seed, start
-
-    def __len__(self) -> int:
-        return len(self.order) - self.start
-
-    def _open(self, j: int):
-        """(loader file index, valid, RGB image, failure report); the report is "" unless the sample failed."""
-        ld = self.loader
-        n = len(ld.files)
-        i = int(self.order[j])
-        try:
-            return i, bool(self.valid[j]), ld.source.image(int(ld.positions[i])), ""
-        except Exception as e:
-            if ld.on_bad_file == "error":
-                raise BadImageError(f"decoding failed: {ld.files[i]}: {type(e).__name__}: {e}") from e
-            # The next sample that decodes takes the slot as padding; the report travels with the sample because
-            # warnings raised in DataLoader workers never reach the main process.
-            report = f"{ld.files[i]}\0{type(e).__name__}: {e}"
-            for k in range(1, n):
-                try:
-                    return (i + k) % n, False, ld.source.image(int(ld.positions[(i + k) % n])), report
-                except Exception:  # another bad sample: try the next one
-                    continue
-            raise BadImageError(f"no sample decodes (first failure: {ld.files[i]}: {e})") from e
+class _PilEpoch(EpochDataset):
+    """One rank's epoch from slot ``start`` on with the training or evaluation transforms; slot ``j`` draws its
+    randomness from (seed, j)."""
 
     def __getitem__(self, j: int) -> dict:
         from PIL import Image
@@ -360,7 +341,7 @@ class _PilEpoch(torch.utils.data.Dataset):
             img = resize_center_crop(img, ld.image_size, ld.crop_pct)
         pos = int(ld.positions[i])
         return {
-            "images": ld._normalize(torch.from_numpy(np.asarray(img).copy())),
+            "images": normalize(torch.from_numpy(np.asarray(img).copy()), ld.normalization),
             "labels": torch.tensor(int(ld.source.labels[pos]), dtype=torch.int64),
             "index": torch.tensor(pos, dtype=torch.int64),
             "valid": torch.tensor(valid),
@@ -399,36 +380,7 @@ class PilClassificationLoader(ClassificationLoader):
     def _iterate(self, step: int) -> Iterator[dict]:
         order, valid = self._this_epoch()
         ds = _PilEpoch(self, order, valid, self._epoch_seed(), start=step * self.batch_size)
-        workers = self.num_threads if self.num_threads > 1 else 0
-        dl = torch.utils.data.DataLoader(
-            ds,
-            batch_size=self.batch_size,
-            shuffle=False,
-            num_workers=workers,
-            pin_memory=self.pin_memory,
-            prefetch_factor=4 if workers else None,
-            # Its own generator: otherwise the DataLoader draws its base seed from the global torch RNG, and the
-            # model's random draws would depend on where an epoch's iteration started.
-            generator=torch.Generator().manual_seed(self._epoch_seed() % 2**63),
-        )
-        batches = iter(dl)
-        try:
-            try:
-                for batch in batches:
-                    for report in batch.pop("decode_failure"):
-                        if report:
-                            self._skip_runtime_failure(*report.split("\0", 1))
-                    yield batch
-            except BadImageError as e:
-                # From a worker the error arrives as its whole traceback; its own message is the last line.
-                lines = str(e).strip().splitlines()
-                if len(lines) > 1:
-                    raise BadImageError(lines[-1].split("BadImageError: ", 1)[-1]) from None
-                raise
-        finally:
-            shutdown = getattr(batches, "_shutdown_workers", None)  # stop the workers when the epoch ends
-            if shutdown is not None:
-                shutdown()
+        yield from self._dataloader_batches(ds)
 
 
 # ---------------------------------------------------------------------------------------------------- DALI

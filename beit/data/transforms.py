@@ -27,6 +27,14 @@ JITTER = 0.4  # brightness, contrast and saturation factors ~ U(1 - 0.4, 1 + 0.4
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, what PIL's convert("L") and torchvision use
 
 
+def normalize(hwc: torch.Tensor, normalization: str) -> torch.Tensor:
+    """An [H, W, 3] uint8 image as [3, H, W] float32, scaled to [0, 1] and normalised with ``normalization``'s
+    mean and std (a key of ``NORMALIZATIONS``)."""
+    mean, std = NORMALIZATIONS[normalization]
+    x = hwc.permute(2, 0, 1).float().div_(255)  # HWC -> CHW
+    return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+
+
 def map_pixels(x: torch.Tensor) -> torch.Tensor:
     """[0, 1] -> [0.1, 0.9], the DALL-E encoder's input range. Accepts any float tensor of shape [..., C, H, W]."""
     if not torch.is_floating_point(x):
