@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from beit.data.files import MAX_PIXELS, BadImageError, list_images, to_rgb, validate_images
-from beit.data.order import epoch_order, mix_seeds, resolve_shards
+from beit.data.order import epoch_order, mix_seeds, repeated_steps, resolve_shards
 from beit.data.transforms import NORMALIZATIONS
 from beit.masking import MaskingGenerator
 
@@ -30,7 +30,9 @@ def mask_config(masking: dict | None) -> dict:
 
 
 class LoaderBase:
-    """What both loaders share: files, validation, sharding, epoch order."""
+    """What the loaders share: files, validation, sharding, epoch order."""
+
+    repeated_aug = 1  # repeated augmentation's k (``order.epoch_order``'s ``repeats``): a fine-tuning option
 
     def __init__(
         self,
@@ -86,6 +88,8 @@ class LoaderBase:
         self.epoch = 0
 
     def __len__(self) -> int:
+        if self.repeated_aug > 1:
+            return repeated_steps(len(self.files), self.batch_size, self.num_shards, self.repeated_aug)
         per_step = self.batch_size * self.num_shards
         return (len(self.files) + per_step - 1) // per_step
 
@@ -106,6 +110,8 @@ class LoaderBase:
         return self._iterate(step)
 
     def epoch_order(self, epoch: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """This rank's (file indices, valid) for an epoch (default: the current one), with ``repeated_aug``'s
+        repetition (``order.epoch_order``'s ``repeats``)."""
         return epoch_order(
             len(self.files),
             self.batch_size,
@@ -114,6 +120,7 @@ class LoaderBase:
             shard_id=self.shard_id,
             num_shards=self.num_shards,
             shuffle=self.shuffle,
+            repeats=self.repeated_aug,
         )
 
     def _this_epoch(self) -> tuple[np.ndarray, np.ndarray]:

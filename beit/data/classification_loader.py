@@ -72,7 +72,7 @@ from beit.data.base import EpochDataset, LoaderBase
 from beit.data.classification import ClassificationSource, open_classification_source
 from beit.data.files import MAX_PIXELS, BadImageError, set_aside, validate_images
 from beit.data.loader import dali_available
-from beit.data.order import epoch_order, mix_seeds, repeated_steps
+from beit.data.order import mix_seeds, repeated_steps
 from beit.data.plugin import require_dali
 from beit.data.transforms import (
     CROP_RATIO,
@@ -255,25 +255,6 @@ class ClassificationLoader(LoaderBase):
         self._index = {f: i for i, f in enumerate(self.files)}
         if self.repeated_aug > 1:
             repeated_steps(len(self.files), batch_size, self.num_shards, self.repeated_aug)
-
-    def __len__(self) -> int:
-        if self.repeated_aug > 1:
-            return repeated_steps(len(self.files), self.batch_size, self.num_shards, self.repeated_aug)
-        return super().__len__()
-
-    def epoch_order(self, epoch: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """This rank's (file indices, valid) for an epoch (default: the current one), with ``repeated_aug``'s
-        repetition (``order.epoch_order``'s ``repeats``)."""
-        return epoch_order(
-            len(self.files),
-            self.batch_size,
-            epoch=self.epoch if epoch is None else epoch,
-            seed=self.seed,
-            shard_id=self.shard_id,
-            num_shards=self.num_shards,
-            shuffle=self.shuffle,
-            repeats=self.repeated_aug,
-        )
 
     def _check_backend(self) -> None:
         """Raise when this backend cannot apply the requested transforms (called before any work)."""
