@@ -10,7 +10,8 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from beit.data.files import MAX_PIXELS, BadImageError, list_images, to_rgb, validate_images
+from beit.data.classification import ClassificationSource, open_image_source
+from beit.data.files import MAX_PIXELS, BadImageError, set_aside, validate_images
 from beit.data.order import epoch_order, mix_seeds, repeated_steps, resolve_shards
 from beit.data.transforms import NORMALIZATIONS
 from beit.masking import MaskingGenerator
@@ -30,7 +31,9 @@ def mask_config(masking: dict | None) -> dict:
 
 
 class LoaderBase:
-    """What the loaders share: files, validation, sharding, epoch order."""
+    """What the loaders share: the source and its validation, sharding, epoch order. ``data_dir``: a
+    ``ClassificationSource`` (fine-tuning), or what ``open_image_source`` opens (pretraining). ``source`` holds
+    the samples, ``positions`` [M] int64 the source positions of the usable ones and ``files`` their names."""
 
     repeated_aug = 1  # repeated augmentation's k (``order.epoch_order``'s ``repeats``): a fine-tuning option
 
@@ -78,11 +81,16 @@ class LoaderBase:
         self.on_bad_file = on_bad_file
         self.mask_cfg = mask_config(masking)
         self.shuffle = shuffle
-        files = list_images(data_dir)
-        if validate:
-            self.files, self.bad_files = validate_images(files, on_bad_file, num_threads, max_pixels)
+        if isinstance(data_dir, ClassificationSource):
+            self.source = data_dir
         else:
-            self.files, self.bad_files = files, []
+            self.source = open_image_source(data_dir, num_threads=num_threads)
+        if self.repeated_aug > 1:  # the source's size bounds the usable count: too few fails before validating
+            repeated_steps(len(self.source), batch_size, self.num_shards, self.repeated_aug)
+        self.positions, self.bad_files = self._validate(num_threads, max_pixels, validate)
+        self.files = [self.source.names[p] for p in self.positions]  # the usable samples' names
+        if self.repeated_aug > 1:
+            repeated_steps(len(self.files), batch_size, self.num_shards, self.repeated_aug)
         self._index = {f: i for i, f in enumerate(self.files)}
         self._failed: set[int] = set()  # files that passed validation but failed to decode ("skip")
         self.epoch = 0
@@ -148,12 +156,29 @@ class LoaderBase:
         self._failed.add(self._index[path])
         warnings.warn(f"skipping a file that failed to decode: {path}: {reason}", stacklevel=4)
 
-    def image(self, i: int):
-        """File ``i`` of ``files`` as an 8-bit RGB PIL image; raises when it cannot be decoded."""
-        from PIL import Image
+    def _validate(self, num_threads: int, max_pixels: int | None, validate: bool):
+        """(source positions of the usable samples [M] int64, (name, reason) of the others): the index's bad
+        samples, then those the up-front check sets aside (``validate``). "error" raises on the first, naming it;
+        "skip" warns, naming them."""
+        source, on_bad_file = self.source, self.on_bad_file
+        if validate and source.kind == "files":
+            _, bad = validate_images(source.files, on_bad_file, num_threads, max_pixels)  # warns or raises itself
+            out = {f for f, _ in bad}
+            return np.asarray([i for i, f in enumerate(source.files) if f not in out], dtype=np.int64), bad
+        bad = list(source.bad_samples)
+        reasons = source.check(num_threads, max_pixels) if validate else [None] * len(source)
+        bad += [(name, r) for name, r in zip(source.names, reasons) if r is not None]
+        skipping = f"skipping {len(bad)} bad samples of {source.description}"
+        set_aside(bad, on_bad_file, first="bad sample", noun="samples", skipping=skipping, stacklevel=5)
+        keep = np.asarray([i for i, r in enumerate(reasons) if r is None], dtype=np.int64)
+        if keep.size == 0:
+            raise ValueError(f"no usable samples in {source.description}")
+        return keep, bad
 
-        with Image.open(self.files[i]) as im:
-            return to_rgb(im)
+    def image(self, i: int):
+        """Sample ``i`` of ``files`` (source position ``positions[i]``) as an 8-bit RGB PIL image; raises when it
+        cannot be decoded."""
+        return self.source.image(int(self.positions[i]))
 
     def _dataloader_batches(self, ds: EpochDataset) -> Iterator[dict]:
         """The batches of ``ds`` from a torch DataLoader with ``num_threads`` worker processes (in-process when it

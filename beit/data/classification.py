@@ -59,6 +59,7 @@ from beit.data.order import mix_seeds
 WDS_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 WDS_LABEL_EXTENSION = "cls"
 CIFAR_LABELS = {"fine": 100, "coarse": 20}
+UNLABELLED = "unlabelled"  # the one class of the pretraining sources (``open_image_source``)
 
 
 class ClassificationSource:
@@ -169,6 +170,15 @@ class ImageFolderSource(ClassificationSource):
 
     def undecodable(self, positions: Sequence[int]) -> list[tuple[str, str]]:
         return find_undecodable([self.files[int(p)] for p in dict.fromkeys(int(p) for p in positions)])
+
+
+def open_image_source(data, *, num_threads: int = 4) -> ClassificationSource:
+    """Images without labels, for pretraining: the image files ``files.list_images`` finds in ``data`` (a folder
+    searched recursively, class subfolders or not; a text file list; a list of paths), as one class: every label
+    is 0, of class ``UNLABELLED``. ``num_threads``: for the sources that index their samples."""
+    files = list_images(data)
+    desc = "" if isinstance(data, (list, tuple)) else os.fspath(data)
+    return ImageFolderSource(files, np.zeros(len(files), dtype=np.int64), [UNLABELLED], description=desc)
 
 
 def class_folders(root: str | os.PathLike) -> list[str]:

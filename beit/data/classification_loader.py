@@ -70,9 +70,9 @@ import torch
 
 from beit.data.base import EpochDataset, LoaderBase
 from beit.data.classification import ClassificationSource, open_classification_source
-from beit.data.files import MAX_PIXELS, BadImageError, set_aside, validate_images
+from beit.data.files import MAX_PIXELS, BadImageError
 from beit.data.loader import dali_available
-from beit.data.order import mix_seeds, repeated_steps
+from beit.data.order import mix_seeds
 from beit.data.plugin import require_dali
 from beit.data.transforms import (
     CROP_RATIO,
@@ -227,7 +227,7 @@ class ClassificationLoader(LoaderBase):
         self.crop_pct = default_crop_pct(image_size) if crop_pct is None else float(crop_pct)
         self.resize_size = eval_resize_size(image_size, self.crop_pct)
         super().__init__(
-            source.names,
+            source,
             batch_size,
             num_threads=num_threads,
             seed=seed,
@@ -240,21 +240,12 @@ class ClassificationLoader(LoaderBase):
             on_bad_file=on_bad_file,
             masking=None,
             shuffle=self.train,
-            validate=False,
+            validate=validate,
             max_pixels=max_pixels,
         )
-        self.source = source
         self.pin_memory = pin_memory
-        if self.repeated_aug > 1:  # the source's size bounds the usable count: too few fails before validating
-            repeated_steps(len(source), batch_size, self.num_shards, self.repeated_aug)
         self.classes = list(source.classes)
         self.num_classes = source.num_classes
-        keep, self.bad_files = _validate(source, on_bad_file, num_threads, max_pixels, validate)
-        self.positions = keep  # [M] int64: source position of each usable sample
-        self.files = [source.names[p] for p in keep]
-        self._index = {f: i for i, f in enumerate(self.files)}
-        if self.repeated_aug > 1:
-            repeated_steps(len(self.files), batch_size, self.num_shards, self.repeated_aug)
 
     def _check_backend(self) -> None:
         """Raise when this backend cannot apply the requested transforms (called before any work)."""
@@ -263,10 +254,6 @@ class ClassificationLoader(LoaderBase):
     def num_samples(self) -> int:
         """The usable samples: without repeated augmentation, the valid entries of one epoch over all ranks."""
         return len(self.files)
-
-    def image(self, i: int):
-        """Sample ``i`` of ``files`` (source position ``positions[i]``) as an 8-bit RGB PIL image."""
-        return self.source.image(int(self.positions[i]))
 
 
 def _check_repeated_aug(repeated_aug, train: bool) -> None:
@@ -277,24 +264,6 @@ def _check_repeated_aug(repeated_aug, train: bool) -> None:
             f"repeated_aug={repeated_aug} is for training: evaluation must see every sample exactly once "
             "(pass repeated_aug=1 for evaluation loaders)"
         )
-
-
-def _validate(source, on_bad_file, num_threads, max_pixels, validate) -> tuple[np.ndarray, list[tuple[str, str]]]:
-    """(positions of the usable samples [M] int64, (name, reason) of the others): the index's bad samples, then
-    those the up-front check sets aside. "error" raises on the first, naming it; "skip" warns, naming them."""
-    if validate and source.kind == "files":
-        _, bad = validate_images(source.files, on_bad_file, num_threads, max_pixels)  # warns or raises itself
-        out = {f for f, _ in bad}
-        return np.asarray([i for i, f in enumerate(source.files) if f not in out], dtype=np.int64), bad
-    bad = list(source.bad_samples)
-    reasons = source.check(num_threads, max_pixels) if validate else [None] * len(source)
-    bad += [(name, r) for name, r in zip(source.names, reasons) if r is not None]
-    skipping = f"skipping {len(bad)} bad samples of {source.description}"
-    set_aside(bad, on_bad_file, first="bad sample", noun="samples", skipping=skipping, stacklevel=5)
-    keep = np.asarray([i for i, r in enumerate(reasons) if r is None], dtype=np.int64)
-    if keep.size == 0:
-        raise ValueError(f"no usable samples in {source.description}")
-    return keep, bad
 
 
 # ---------------------------------------------------------------------------------------------------- PIL
