@@ -175,6 +175,24 @@ class LoaderBase:
             raise ValueError(f"no usable samples in {source.description}")
         return keep, bad
 
+    def _on_decode_failure(self, e: RuntimeError, order: np.ndarray, valid: np.ndarray, step: int) -> None:
+        """After a DALI pipeline's error at batch ``step``: re-raise ``e`` unless it is a decode failure; name the
+        samples the pipeline failed on (it prefetches: they lie in the next few batches), then raise naming them
+        ("error", or when none can be named), or make their slots padding from ``step`` on, so that the pipeline
+        can be built again from there with the same step count."""
+        if "Critical error in pipeline" not in str(e) and "Failed to decode" not in str(e):
+            raise e
+        window = order[step * self.batch_size : (step + 4) * self.batch_size]
+        culprits = self.source.undecodable(self.positions[list(dict.fromkeys(window.tolist()))])
+        if not culprits or self.on_bad_file == "error":
+            # One line: the sample and the cause (the pipeline's own report stays in the exception chain).
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            names = "; ".join(f"{f}: {r}" for f, r in culprits) or "could not tell which sample: " + first
+            raise BadImageError(f"decoding failed: {names}") from e
+        for name, reason in culprits:
+            self._skip_runtime_failure(name, reason)
+        self._replace(order, valid, self._failed, step * self.batch_size)
+
     def image(self, i: int):
         """Sample ``i`` of ``files`` (source position ``positions[i]``) as an 8-bit RGB PIL image; raises when it
         cannot be decoded."""

@@ -70,7 +70,8 @@ import torch
 
 from beit.data.base import EpochDataset, LoaderBase
 from beit.data.classification import ClassificationSource, open_classification_source
-from beit.data.files import MAX_PIXELS, BadImageError
+from beit.data.dali import op_seeds, pipeline_batches, pipeline_def, sample_codes, sample_input
+from beit.data.files import MAX_PIXELS
 from beit.data.loader import dali_available
 from beit.data.order import mix_seeds
 from beit.data.plugin import require_dali
@@ -336,30 +337,10 @@ class PilClassificationLoader(ClassificationLoader):
 # ---------------------------------------------------------------------------------------------------- DALI
 
 
-class _Feed:
-    """External-source callback: batch ``info.iteration`` of a stretch, as (samples, codes [B, 1] int64). Samples
-    are encoded bytes (1-D uint8) or decoded [H, W, 3] uint8 pixels. The batch depends only on its number, so
-    DALI's prefetching cannot reorder anything."""
-
-    def __init__(self, source: ClassificationSource, positions: np.ndarray, codes: np.ndarray, batch_size: int):
-        self.source, self.positions, self.codes, self.batch_size = source, positions, codes, batch_size
-
-    def __call__(self, info):
-        lo = info.iteration * self.batch_size
-        if lo >= len(self.positions):
-            raise StopIteration
-        sel = self.positions[lo : lo + self.batch_size]
-        if self.source.kind == "pixels":
-            samples = [self.source.pixels[p] for p in sel]
-        else:
-            samples = [np.frombuffer(self.source.read(int(p)), dtype=np.uint8) for p in sel]
-        return samples, self.codes[lo : lo + self.batch_size].reshape(-1, 1)
-
-
 def _dali_pipeline(loader: DaliClassificationLoader, positions: np.ndarray, codes: np.ndarray, seed: int):
     """The pipeline over the samples ``positions`` (source positions) in order; ``codes`` carry each sample's loader
     file index, -(index + 1) for padding, through the pipeline."""
-    dali = require_dali()
+    require_dali()
     from nvidia.dali import fn, types
 
     gpu = loader.device == "gpu"
@@ -367,27 +348,12 @@ def _dali_pipeline(loader: DaliClassificationLoader, positions: np.ndarray, code
     s = loader.image_size
     mean, std = NORMALIZATIONS[loader.normalization]
     ra = loader.rand_augment
+    op_seed = op_seeds(seed)
 
-    def op_seed(k: int) -> int:
-        # Explicit per-operator seeds: DALI's automatic ones depend on how many operators precede each.
-        return mix_seeds(seed, k) % 2**31
-
-    @dali.pipeline_def(
-        batch_size=loader.batch_size,
-        num_threads=loader.num_threads,
-        device_id=torch.cuda.current_device() if gpu else None,
-        seed=seed % 2**31,
-        prefetch_queue_depth=2,
-        enable_conditionals=ra is not None,  # RandAugment selects its operations with conditionals
-    )
+    # RandAugment selects its operations with conditionals.
+    @pipeline_def(loader, seed, enable_conditionals=ra is not None)
     def pipe():
-        if kind == "files":
-            files = [loader.source.files[int(p)] for p in positions]
-            data, code = fn.readers.file(files=files, labels=codes.tolist(), random_shuffle=False, name="Reader")
-        else:
-            feed = _Feed(loader.source, positions, codes, loader.batch_size)
-            layout = ["HWC" if kind == "pixels" else "", ""]
-            data, code = fn.external_source(source=feed, num_outputs=2, batch=True, batch_info=True, layout=layout)
+        data, code = sample_input(fn, loader.source, positions, codes, loader.batch_size)
         decoder = "mixed" if gpu else "cpu"
         if not loader.train:  # evaluation's geometry, from the host-side samples (operator arguments live there)
             shape = (fn.shapes if kind == "pixels" else fn.peek_image_shape)(data, dtype=types.INT64)
@@ -552,19 +518,12 @@ class DaliClassificationLoader(ClassificationLoader):
 
     def _stretch(self, order: np.ndarray, valid: np.ndarray, lo: int, hi: int, seed: int) -> Iterator[dict]:
         """Batches ``lo`` to ``hi`` (exclusive) of the epoch from one pipeline seeded with ``seed``."""
-        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
-
         b = self.batch_size
         sel, ok = order[lo * b : hi * b], valid[lo * b : hi * b]
-        codes = np.where(ok, sel, -sel - 1).astype(np.int64)
-        pipe = _dali_pipeline(self, self.positions[sel], codes, seed)
-        reader = dict(reader_name="Reader") if self.source.kind == "files" else {}
-        it = DALIGenericIterator(pipe, ["images", "code"], last_batch_policy=LastBatchPolicy.PARTIAL, **reader)
-        for (out,) in it:
-            code = out["code"].reshape(-1).long()
-            ok = code >= 0
-            index = self._positions_t[torch.where(ok, code, -code - 1)]
-            batch = {"images": out["images"], "labels": self._labels_t[index], "index": index, "valid": ok}
+        pipe = _dali_pipeline(self, self.positions[sel], sample_codes(sel, ok), seed)
+        for out in pipeline_batches(pipe, ["images", "code"], self.source):
+            index = self._positions_t[out["index"]]
+            batch = {"images": out["images"], "labels": self._labels_t[index], "index": index, "valid": out["valid"]}
             if self.pin_memory:  # a copy from pageable memory to a GPU makes the host wait for it
                 batch = {k: v.pin_memory() for k, v in batch.items()}
             yield batch
@@ -585,23 +544,7 @@ class DaliClassificationLoader(ClassificationLoader):
                     yield batch
                     step = k + 1
             except RuntimeError as e:
-                if "Critical error in pipeline" not in str(e) and "Failed to decode" not in str(e):
-                    raise
-                self._on_decode_failure(e, order, valid, step)
-
-    def _on_decode_failure(self, e: RuntimeError, order: np.ndarray, valid: np.ndarray, step: int) -> None:
-        """Name the sample the pipeline failed on (it prefetches: the next few batches), then raise, or make its
-        slots padding from ``step`` on so that the stretch can be run again."""
-        b = self.batch_size
-        window = order[step * b : (step + 4) * b]
-        culprits = self.source.undecodable(self.positions[np.unique(window)])
-        if not culprits or self.on_bad_file == "error":
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            names = "; ".join(f"{f}: {r}" for f, r in culprits) or "could not tell which sample: " + first
-            raise BadImageError(f"decoding failed: {names}") from e
-        for name, reason in culprits:
-            self._skip_runtime_failure(name, reason)
-        self._replace(order, valid, self._failed, step * b)
+                self._on_decode_failure(e, order, valid, step)  # the stretch then runs again from its start
 
 
 # ---------------------------------------------------------------------------------------------------- entry point

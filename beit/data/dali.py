@@ -5,6 +5,10 @@ Per sample: one RandomResizedCrop box decoded once (ROI decode) and resized twic
 Lanczos to ``tokenizer_size``), colour jitter on both views with the same factors, flip, normalisation, and the
 blockwise mask (the native operator or the Python generator through an external source). Every operator has an
 explicit seed derived from (seed, rank, epoch, start step), so an epoch is reproducible on its own.
+
+Both DALI loaders (this one and the fine-tuning one) build their pipelines from the pieces here: ``pipeline_def``,
+``op_seeds``, ``sample_input`` (DALI's file reader for image files, an external source for tar members' bytes or
+decoded pixels) and ``pipeline_batches``.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import numpy as np
 import torch
 
 from beit.data.base import OUTPUT_DTYPES, LoaderBase, mask_config
-from beit.data.files import BadImageError, find_undecodable
+from beit.data.classification import ClassificationSource
 from beit.data.order import mix_seeds
 from beit.data.plugin import load_dali_plugin, require_dali
 from beit.data.transforms import CROP_RATIO, CROP_SCALE, JITTER, LOGIT_LAPLACE_EPS, NORMALIZATIONS
@@ -86,38 +90,105 @@ def _mask_nodes(fn, cfg: dict, batch_size: int, seed: int, native: bool):
     return fn.external_source(source=_PythonMasks(cfg, batch_size, seed), num_outputs=2, batch=True)
 
 
+def pipeline_def(loader: LoaderBase, seed: int, **options):
+    """DALI's ``pipeline_def`` for a loader's pipeline: its batch size, threads and device, the pipeline seed from
+    ``seed``, two batches prefetched; ``options`` add to these."""
+    dali = require_dali()
+    return dali.pipeline_def(
+        batch_size=loader.batch_size,
+        num_threads=loader.num_threads,
+        device_id=torch.cuda.current_device() if loader.device == "gpu" else None,
+        seed=seed % 2**31,
+        prefetch_queue_depth=2,
+        **options,
+    )
+
+
+def op_seeds(seed: int):
+    """``op_seed(k)``, the explicit seed of a pipeline's operator ``k``, drawn from ``seed``: DALI's automatic
+    seeds depend on how many operators precede each, so a change to the graph would move every later draw."""
+
+    def op_seed(k: int) -> int:
+        return mix_seeds(seed, k) % 2**31
+
+    return op_seed
+
+
+def sample_codes(sel: np.ndarray, ok: np.ndarray) -> np.ndarray:
+    """The code each sample carries through a pipeline: its file index in the loader, -(index + 1) for padding."""
+    return np.where(ok, sel, -sel - 1).astype(np.int64)
+
+
+class SampleFeed:
+    """External-source callback: batch ``info.iteration`` of the samples ``positions`` of ``source``, as (samples,
+    codes [B, 1] int64). Samples are encoded bytes (1-D uint8) or decoded [H, W, 3] uint8 pixels. The batch
+    depends only on its number, so DALI's prefetching cannot reorder anything."""
+
+    def __init__(self, source: ClassificationSource, positions: np.ndarray, codes: np.ndarray, batch_size: int):
+        self.source, self.positions, self.codes, self.batch_size = source, positions, codes, batch_size
+
+    def __call__(self, info):
+        lo = info.iteration * self.batch_size
+        if lo >= len(self.positions):
+            raise StopIteration
+        sel = self.positions[lo : lo + self.batch_size]
+        if self.source.kind == "pixels":
+            samples = [self.source.pixels[p] for p in sel]
+        else:
+            samples = [np.frombuffer(self.source.read(int(p)), dtype=np.uint8) for p in sel]
+        return samples, self.codes[lo : lo + self.batch_size].reshape(-1, 1)
+
+
+def sample_input(fn, source: ClassificationSource, positions: np.ndarray, codes: np.ndarray, batch_size: int):
+    """The (sample, code) nodes of a pipeline over the samples ``positions`` of ``source`` in order, ``codes``
+    (``sample_codes``) riding along: DALI's file reader (named "Reader") for image files, an external source
+    (``SampleFeed``) for encoded bytes (tar members) or decoded pixels."""
+    if source.kind == "files":
+        files = [source.files[int(p)] for p in positions]
+        return fn.readers.file(files=files, labels=codes.tolist(), random_shuffle=False, name="Reader")
+    layout = ["HWC" if source.kind == "pixels" else "", ""]
+    feed = SampleFeed(source, positions, codes, batch_size)
+    return fn.external_source(source=feed, num_outputs=2, batch=True, batch_info=True, layout=layout)
+
+
+def pipeline_batches(pipe, outputs: list[str], source: ClassificationSource) -> Iterator[dict]:
+    """The batches of a pipeline whose input is ``sample_input``, as dicts of its ``outputs``; the last output, the
+    samples' codes, becomes ``index`` (the file index in the loader) and ``valid``. The file reader gives the
+    length of the stretch; an external source ends it by raising StopIteration."""
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+    reader = dict(reader_name="Reader") if source.kind == "files" else {}
+    for (out,) in DALIGenericIterator(pipe, outputs, last_batch_policy=LastBatchPolicy.PARTIAL, **reader):
+        code = out.pop(outputs[-1]).reshape(-1).long()
+        out["index"] = torch.where(code >= 0, code, -code - 1)
+        out["valid"] = code >= 0
+        yield out
+
+
 def _dali_pipeline(
     loader: DaliLoader,
-    files: list[str],
-    labels: list[int],
+    positions: np.ndarray,
+    codes: np.ndarray,
     seed: int,
     fused: bool = False,
     arithmetic_contrast: bool = False,
 ):
-    """The pipeline over ``files`` in order. ``fused``: colour jitter, flip and normalisation by the plugin's
-    ``beit_color_normalize`` (CPU only). ``arithmetic_contrast`` runs the GPU variant of the contrast step on the
-    CPU, so that tests without a GPU check its graph."""
-    dali = require_dali()
+    """The pipeline over the samples ``positions`` (source positions) in order, ``codes`` (``sample_codes``) riding
+    along. ``fused``: colour jitter, flip and normalisation by the plugin's ``beit_color_normalize`` (CPU only).
+    ``arithmetic_contrast`` runs the GPU variant of the contrast step on the CPU, so that tests without a GPU check
+    its graph."""
+    require_dali()
     import nvidia.dali.math as dmath
     from nvidia.dali import fn, types
 
     gpu = loader.device == "gpu"
     mean, std = NORMALIZATIONS[loader.normalization]
     eps = LOGIT_LAPLACE_EPS
+    op_seed = op_seeds(seed)
 
-    def op_seed(k: int) -> int:
-        # Explicit per-operator seeds: DALI's automatic ones depend on how many operators precede each.
-        return mix_seeds(seed, k) % 2**31
-
-    @dali.pipeline_def(
-        batch_size=loader.batch_size,
-        num_threads=loader.num_threads,
-        device_id=torch.cuda.current_device() if gpu else None,
-        seed=seed % 2**31,
-        prefetch_queue_depth=2,
-    )
+    @pipeline_def(loader, seed)
     def pipe():
-        encoded, label = fn.readers.file(files=files, labels=labels, random_shuffle=False, name="Reader")
+        encoded, label = sample_input(fn, loader.source, positions, codes, loader.batch_size)
         # One box, decoded once (ROI decode), resized twice: the official two-picture RandomResizedCrop.
         crop = fn.decoders.image_random_crop(
             encoded,
@@ -195,7 +266,7 @@ def _dali_pipeline(
 class DaliLoader(LoaderBase):
     """The DALI pipeline as an iterable of batch dicts (see the module docstring); ``build_loader`` makes one."""
 
-    OUTPUTS = ("images", "tokenizer_images", "bool_masked_pos", "mask_index", "label")
+    OUTPUTS = ("images", "tokenizer_images", "bool_masked_pos", "mask_index", "code")
 
     def __init__(self, data_dir, batch_size: int, *, device: str = "gpu", pin_memory: bool = False, **kw):
         require_dali()
@@ -212,23 +283,17 @@ class DaliLoader(LoaderBase):
         self._arithmetic_contrast = False
 
     def _iter_from(self, order: np.ndarray, valid: np.ndarray, start: int, restart: int) -> Iterator[dict]:
-        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
-
-        # The reader's label carries the file index; padding is encoded as -(index + 1).
         sel, ok = order[start * self.batch_size :], valid[start * self.batch_size :]
-        files = [self.files[i] for i in sel]
-        labels = [int(i) if v else -int(i) - 1 for i, v in zip(sel, ok)]
         pipe = _dali_pipeline(
-            self, files, labels, self._epoch_seed(start, restart), self.fused_color, self._arithmetic_contrast
-        )
-        it = DALIGenericIterator(
-            pipe, list(self.OUTPUTS), reader_name="Reader", last_batch_policy=LastBatchPolicy.PARTIAL
+            self,
+            self.positions[sel],
+            sample_codes(sel, ok),
+            self._epoch_seed(start, restart),
+            self.fused_color,
+            self._arithmetic_contrast,
         )
         dtype = OUTPUT_DTYPES[self.output_dtype]
-        for (out,) in it:
-            label = out.pop("label").reshape(-1).long()
-            out["index"] = torch.where(label >= 0, label, -label - 1)
-            out["valid"] = label >= 0
+        for out in pipeline_batches(pipe, list(self.OUTPUTS), self.source):
             out["bool_masked_pos"] = out["bool_masked_pos"].bool()
             _empty_padding_masks(out)
             if self.pin_memory:  # a copy from pageable memory to a GPU makes the host wait for it
@@ -247,18 +312,6 @@ class DaliLoader(LoaderBase):
                     step += 1
                 return
             except RuntimeError as e:
-                if "Critical error in pipeline" not in str(e) and "Failed to decode" not in str(e):
-                    raise
-                # The pipeline prefetches: the failing sample lies in the next few batches.
-                window = order[step * self.batch_size : (step + 4) * self.batch_size]
-                culprits = find_undecodable([self.files[i] for i in dict.fromkeys(window.tolist())])
-                if not culprits or self.on_bad_file == "error":
-                    # One line: the file and the cause (the pipeline's own report stays in the exception chain).
-                    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                    names = "; ".join(f"{f}: {r}" for f, r in culprits) or "could not tell which file: " + first
-                    raise BadImageError(f"decoding failed: {names}") from e
-                for f, r in culprits:
-                    self._skip_runtime_failure(f, r)
-                # Rebuild from this step with the same step count: the bad files' slots become padding.
-                self._replace(order, valid, self._failed, step * self.batch_size)
+                # Rebuild from this step with the same step count: the bad samples' slots become padding.
+                self._on_decode_failure(e, order, valid, step)
                 restart += 1
