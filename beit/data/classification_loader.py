@@ -72,7 +72,7 @@ from beit.data.base import EpochDataset, LoaderBase
 from beit.data.classification import ClassificationSource, open_classification_source
 from beit.data.dali import op_seeds, pipeline_batches, pipeline_def, sample_codes, sample_input
 from beit.data.files import MAX_PIXELS
-from beit.data.loader import dali_available
+from beit.data.loader import resolve_backend
 from beit.data.order import mix_seeds
 from beit.data.plugin import require_dali
 from beit.data.transforms import (
@@ -581,7 +581,8 @@ def build_classification_loader(
     ``source``: a ``ClassificationSource``, or a path or shard spec opened with ``open_classification_source``
     (the "train" split for training, "val" for evaluation; ``classes``, ``val_fraction`` and ``seed`` go to it).
     ``backend``: "dali" (``device`` "gpu": mixed decoding and augmentation on the GPU; "cpu": the same graph on
-    the CPU), "pil", or "auto" (DALI when it can be imported). ``normalization``: "inception" (mean = std = 0.5,
+    the CPU), "pil", or "auto" (``loader.resolve_backend``: DALI when it can be imported or ``device`` is "gpu",
+    else the PIL loader with a warning). ``normalization``: "inception" (mean = std = 0.5,
     BEiT's fine-tuning default) or "imagenet". ``rand_augment``: timm's spec string, or None; training only.
     ``crop_pct``: evaluation's crop fraction (default 0.875 below 384 px, 1.0 from 384 px). ``shard_id`` /
     ``num_shards`` default to torch.distributed's rank and world size when it is initialised. ``on_bad_file``,
@@ -592,16 +593,7 @@ def build_classification_loader(
     row, dealt round-robin over the ranks (DeiT's RASampler; see the module docstring). It needs at least
     ``batch_size * num_shards`` usable samples.
     """
-    if backend not in ("auto", "dali", "pil"):
-        raise ValueError(f"backend must be 'auto', 'dali' or 'pil', got {backend!r}")
-    if device not in ("cpu", "gpu"):
-        raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
-    if backend == "auto":
-        backend = "dali" if dali_available() else "pil"
-    if backend == "pil" and device == "gpu":
-        raise ValueError("the PIL loader runs on the CPU: pass device='cpu' (pin_memory=True for a GPU consumer)")
-    if backend == "dali" and not dali_available():
-        require_dali()  # raises, saying how to install it
+    backend = resolve_backend(backend, device, "pil")
     _check_repeated_aug(repeated_aug, train)
     if rand_augment is not None and train:
         spec = RandAugmentSpec.parse(rand_augment)  # a bad spec fails before any listing

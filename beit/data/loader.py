@@ -8,6 +8,7 @@ import warnings
 
 from beit.data.dali import DaliLoader
 from beit.data.files import MAX_PIXELS
+from beit.data.plugin import require_dali
 from beit.data.reference import ReferenceLoader
 
 
@@ -18,6 +19,29 @@ def dali_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def resolve_backend(backend: str, device: str, pil_name: str) -> str:
+    """The loader a ``backend`` choice gives on ``device`` ("gpu" or "cpu"): "dali", or ``pil_name``, the PIL
+    loader's name ("reference" for pretraining, "pil" for fine-tuning). "auto" takes DALI when it can be imported
+    or the device is the GPU, where only DALI runs, else the PIL loader, with a warning. Raises before any work on
+    an unknown choice, on the PIL loader asked to run on the GPU, and on DALI missing (saying how to install it)."""
+    if backend not in ("auto", "dali", pil_name):
+        raise ValueError(f"backend must be 'auto', 'dali' or {pil_name!r}, got {backend!r}")
+    if device not in ("gpu", "cpu"):
+        raise ValueError(f"device must be 'gpu' or 'cpu', got {device!r}")
+    if backend == "auto":
+        backend = "dali" if device == "gpu" or dali_available() else pil_name
+        if backend == pil_name:
+            warnings.warn(f"NVIDIA DALI is not installed: using the PIL loader (backend={pil_name!r})", stacklevel=3)
+    if backend == pil_name and device == "gpu":
+        raise ValueError(
+            f"the PIL loader (backend={pil_name!r}) runs on the CPU: pass device='cpu' (pin_memory=True for a GPU "
+            "consumer)"
+        )
+    if backend == "dali":
+        require_dali()  # raises, saying how to install it
+    return backend
 
 
 def build_loader(
@@ -73,10 +97,7 @@ def build_loader(
     pixels as a bad file, read from its header before any decoding (a small PNG can decode to gigabytes); with
     ``validate=False`` it is not checked.
     """
-    if backend not in ("auto", "dali", "reference"):
-        raise ValueError(f"backend must be 'auto', 'dali' or 'reference', got {backend!r}")
-    if device not in ("gpu", "cpu"):
-        raise ValueError(f"device must be 'gpu' or 'cpu', got {device!r}")
+    backend = resolve_backend(backend, device, "reference")
     kw = dict(
         num_threads=num_threads,
         seed=seed,
@@ -92,10 +113,6 @@ def build_loader(
         validate=validate,
         max_pixels=max_pixels,
     )
-    if backend == "reference" or (backend == "auto" and device == "cpu" and not dali_available()):
-        if device == "gpu":
-            raise ValueError("the reference loader runs on the CPU: pass device='cpu'")
-        if backend == "auto":
-            warnings.warn("NVIDIA DALI is not installed: using the reference PIL loader", stacklevel=2)
+    if backend == "reference":
         return ReferenceLoader(data_dir, batch_size, pin_memory=pin_memory, **kw)
     return DaliLoader(data_dir, batch_size, device=device, pin_memory=pin_memory, **kw)

@@ -588,9 +588,19 @@ def test_imports_and_falls_back_without_dali(data_dir):
         f"    beit.data.build_loader({str(data_dir)!r}, 4, device='gpu')\n"
         "except ImportError as e:\n"
         "    assert 'pip install nvidia-dali' in str(e); print('ok')\n"
+        # The fine-tuning loader resolves its backend the same way.
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        f"    loader = beit.data.build_classification_loader({str(data_dir)!r}, 4, train=True, image_size=48,"
+        " num_threads=1, rand_augment=None)\n"
+        "assert type(loader).__name__ == 'PilClassificationLoader' and any('DALI' in str(x.message) for x in w)\n"
+        "try:\n"
+        f"    beit.data.build_classification_loader({str(data_dir)!r}, 4, train=True, device='gpu')\n"
+        "except ImportError as e:\n"
+        "    assert 'pip install nvidia-dali' in str(e); print('fine-tuning ok')\n"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
+    assert res.returncode == 0 and "ok" in res.stdout and "fine-tuning ok" in res.stdout, res.stderr[-2000:]
 
 
 def test_make_synthetic_cli(tmp_path, capsys):
