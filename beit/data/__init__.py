@@ -14,8 +14,10 @@ Per sample, both loaders produce the official BEiT augmentation (unilm ``beit/da
                       file weighs once per epoch, though a batch stays full for static shapes
 
 ``build_loader`` returns the DALI loader (``device="gpu"``: nvJPEG / hardware decode and GPU augmentation) or, on
-``device="cpu"`` without DALI or with ``backend="reference"``, the reference loader. Both share the file list, the
-validation of bad files and the per-epoch, per-rank sample order, so they see the same files in the same order.
+``device="cpu"`` without DALI or with ``backend="reference"``, the reference loader. Both read image files (a
+folder, a file list) or WebDataset tar shards (``train-{000000..000009}.tar``: labels ignored, samples named
+``SHARD.tar:KEY``), and share the validation of bad samples and the per-epoch, per-rank sample order, so they see
+the same samples in the same order.
 
 Sharding: every epoch draws one permutation of all files (seeded by ``seed`` and the epoch, the same on every
 rank), pads it by repeating its first files to a multiple of ``num_shards * batch_size`` and deals it out
@@ -37,16 +39,19 @@ The modules:
     files       listing, image signature sniffing, validation, ``BadImageError``
     order       per-epoch, per-rank sample order, shards, seed mixing
     transforms  normalisations, the RandomResizedCrop box, colour jitter, DALL-E's map_pixels and epsilon
-    base        what both loaders share (``LoaderBase``), the masking options
+    base        what the loaders share (``LoaderBase``: source, validation, order; the PIL loaders' DataLoader
+                epoch), the masking options
     plugin      build (CMake) and load of the native DALI operators, their environment variables and cache
-    dali        the DALI pipeline and ``DaliLoader``
+    dali        the DALI pipeline and ``DaliLoader``, and the pieces both DALI loaders build their pipelines from
     reference   the PIL reference loader (``ReferenceDataset``, ``ReferenceLoader``)
-    loader      ``build_loader``, ``dali_available``
+    loader      ``build_loader``, ``dali_available``, ``resolve_backend``
     synthetic   the synthetic data set and ``beit-make-synthetic``
+    classification, classification_loader   the labelled sources (also the pretraining ones: ``open_image_source``)
+                and the fine-tuning loaders
 This package re-exports their public names.
 """
 
-from beit.data.base import OUTPUT_DTYPES, LoaderBase, mask_config
+from beit.data.base import OUTPUT_DTYPES, EpochDataset, LoaderBase, mask_config
 from beit.data.dali import DaliLoader, dali_masks
 from beit.data.files import (
     IMAGE_EXTENSIONS,
@@ -58,7 +63,7 @@ from beit.data.files import (
     to_rgb,
     validate_images,
 )
-from beit.data.loader import build_loader, dali_available
+from beit.data.loader import build_loader, dali_available, resolve_backend
 from beit.data.order import epoch_order, mix_seeds, resolve_shards
 from beit.data.plugin import (
     CACHE_ENV,
@@ -109,6 +114,7 @@ __all__ = [
     "SUPPORTED_FORMATS",
     "BadImageError",
     "DaliLoader",
+    "EpochDataset",
     "LoaderBase",
     "ReferenceDataset",
     "ReferenceLoader",
@@ -130,6 +136,7 @@ __all__ = [
     "mix_seeds",
     "random_resized_crop_box",
     "require_dali",
+    "resolve_backend",
     "resized_crop",
     "resolve_shards",
     "synthetic_image",
@@ -140,12 +147,14 @@ __all__ = [
 
 # Fine-tuning and evaluation data: labelled sources (class folders, CIFAR-100, WebDataset shards) and their loaders.
 from beit.data.classification import (  # noqa: E402
+    UNLABELLED,
     Cifar100Source,
     ClassificationSource,
     ImageFolderSource,
     WebDatasetSource,
     expand_braces,
     open_classification_source,
+    open_image_source,
     read_cifar_pickle,
     split_holdout,
 )
@@ -166,6 +175,7 @@ __all__ += [
     "ClassificationLoader",
     "Cifar100Source",
     "ClassificationSource",
+    "UNLABELLED",
     "DaliClassificationLoader",
     "ImageFolderSource",
     "PilClassificationLoader",
@@ -176,6 +186,7 @@ __all__ += [
     "eval_resize_size",
     "expand_braces",
     "open_classification_source",
+    "open_image_source",
     "read_cifar_pickle",
     "resize_center_crop",
     "split_holdout",

@@ -32,7 +32,9 @@ The formats:
                     label, with two images, or with an unreadable label is a bad sample named ``SHARD:KEY``
                     (``bad_samples``; the loaders skip it with a warning or stop, as with bad files). Shards are
                     indexed once (member offsets) so that any order reads them by seeking: compressed shards
-                    (``.tar.gz``) cannot be read that way and are refused.
+                    (``.tar.gz``) cannot be read that way and are refused. Pretraining reads the same shards
+                    unlabelled (``open_image_source``): the ``cls`` members are not read, and a sample needs only
+                    its image.
 
 Sources own no transform: the loaders apply the training or evaluation transforms and decide, with
 ``on_bad_file``, what happens to bad samples.
@@ -173,9 +175,13 @@ class ImageFolderSource(ClassificationSource):
 
 
 def open_image_source(data, *, num_threads: int = 4) -> ClassificationSource:
-    """Images without labels, for pretraining: the image files ``files.list_images`` finds in ``data`` (a folder
-    searched recursively, class subfolders or not; a text file list; a list of paths), as one class: every label
-    is 0, of class ``UNLABELLED``. ``num_threads``: for the sources that index their samples."""
+    """Images without labels, for pretraining, as one class (every label 0, of class ``UNLABELLED``): WebDataset
+    tar shards where ``data`` is a shard spec (``is_shard_spec``: .tar paths, braces allowed, or a folder of .tar
+    files; ``WebDatasetSource`` with ``labelled=False``, indexed in ``num_threads`` threads), else the image files
+    ``files.list_images`` finds (a folder searched recursively, class subfolders or not; a text file list; a list
+    of paths)."""
+    if is_shard_spec(data):
+        return WebDatasetSource(data, num_threads=num_threads, labelled=False)
     files = list_images(data)
     desc = "" if isinstance(data, (list, tuple)) else os.fspath(data)
     return ImageFolderSource(files, np.zeros(len(files), dtype=np.int64), [UNLABELLED], description=desc)
@@ -419,9 +425,10 @@ def class_like(folder: str | os.PathLike) -> bool:
     return any(not e.name.startswith(".") and e.is_dir() for e in os.scandir(folder))
 
 
-def _index_shard(path: str) -> tuple[list[tuple[str, int, int, int]], list[tuple[str, str]]]:
+def _index_shard(path: str, labelled: bool = True) -> tuple[list[tuple[str, int, int, int]], list[tuple[str, str]]]:
     """One shard's samples as (key, image offset, image size, label), in member order, and its bad samples as
-    (``SHARD:KEY``, reason)."""
+    (``SHARD:KEY``, reason). Unlabelled (``labelled=False``), the ``cls`` members are not read and every label is
+    0: a sample needs only its image."""
     with open(path, "rb") as f:
         magic = f.read(6)
     if magic[:2] == b"\x1f\x8b" or magic[:3] == b"BZh" or magic == b"\xfd7zXZ\x00":
@@ -441,7 +448,7 @@ def _index_shard(path: str) -> tuple[list[tuple[str, int, int, int]], list[tuple
                 ext = ext.lower()
                 if ext in WDS_IMAGE_EXTENSIONS:
                     e["images"].append((ext, m.offset_data, m.size))
-                elif ext == WDS_LABEL_EXTENSION:
+                elif ext == WDS_LABEL_EXTENSION and labelled:
                     text = tf.extractfile(m).read()
                     try:
                         e["label"] = int(text.decode("ascii").strip())
@@ -458,13 +465,13 @@ def _index_shard(path: str) -> tuple[list[tuple[str, int, int, int]], list[tuple
             bad.append((name, f"no image ({', '.join(WDS_IMAGE_EXTENSIONS)})"))
         elif len(e["images"]) > 1:
             bad.append((name, f"{len(e['images'])} images ({', '.join(x[0] for x in e['images'])}), expected one"))
-        elif e["label"] is None:
+        elif labelled and e["label"] is None:
             bad.append((name, f"no label ({WDS_LABEL_EXTENSION})"))
-        elif e["label"] < 0:
+        elif labelled and e["label"] < 0:
             bad.append((name, f"negative label {e['label']}"))
         else:
             _, offset, size = e["images"][0]
-            samples.append((key, offset, size, e["label"]))
+            samples.append((key, offset, size, e["label"] if labelled else 0))
     return samples, bad
 
 
@@ -473,13 +480,19 @@ class WebDatasetSource(ClassificationSource):
 
     kind = "encoded"
 
-    def __init__(self, shards, *, classes: Sequence[str] | int | None = None, num_threads: int = 4):
+    def __init__(
+        self, shards, *, classes: Sequence[str] | int | None = None, num_threads: int = 4, labelled: bool = True
+    ):
         """``shards``: a spec (see ``resolve_shards_spec``). ``classes``: the class names or their number (a
         validation set takes the training set's); by default the labels' maximum plus one, named by number. Every
-        shard is indexed (member headers and the ``cls`` members are read) when the source is made."""
+        shard is indexed (member headers and the ``cls`` members are read) when the source is made.
+        ``labelled=False`` (pretraining): labels are ignored, ``cls`` members not read, and a sample needs only its
+        image; every label is 0, of one class, ``UNLABELLED``."""
+        if not labelled and classes is not None:
+            raise ValueError("an unlabelled shard source has one class: pass no classes")
         self.shards = resolve_shards_spec(shards)
         with ThreadPoolExecutor(max(1, num_threads)) as pool:
-            indexed = list(pool.map(_index_shard, self.shards))
+            indexed = list(pool.map(lambda path: _index_shard(path, labelled), self.shards))
         shard_of, offsets, sizes, labels, names, bad = [], [], [], [], [], []
         for s, (samples, shard_bad) in enumerate(indexed):
             bad.extend(shard_bad)
@@ -492,7 +505,9 @@ class WebDatasetSource(ClassificationSource):
         if not names:
             first = f" (the first bad sample: {bad[0][0]}: {bad[0][1]})" if bad else ""
             raise ValueError(f"the {len(self.shards)} shards hold no usable samples{first}")
-        if classes is None:
+        if not labelled:
+            classes = [UNLABELLED]
+        elif classes is None:
             classes = max(labels) + 1
         if isinstance(classes, int):
             classes = [str(k) for k in range(classes)]

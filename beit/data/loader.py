@@ -1,6 +1,7 @@
 """``build_loader``, the entry point: the DALI loader, or the PIL reference loader on the CPU without DALI or when
-asked for. Both share the file list, the validation of bad files and the per-epoch, per-rank sample order, so
-they see the same files in the same order."""
+asked for. Both share the source (image files or tar shards), the validation of bad samples and the per-epoch,
+per-rank sample order, so they see the same samples in the same order. ``resolve_backend`` is the choice of loader
+that ``build_classification_loader`` makes too."""
 
 from __future__ import annotations
 
@@ -73,9 +74,13 @@ def build_loader(
     [B] bool (False for the samples that pad the last step so that all ranks take the same number of steps).
 
     ``data_dir``: an ImageFolder (class subfolders, labels ignored), a flat folder, a text file list or a list of
-    paths. ``device="gpu"`` decodes with nvJPEG / the hardware decoder and augments on the GPU (DALI); ``"cpu"``
-    runs the DALI CPU pipeline, or the reference loader (PIL + torch DataLoader, ``num_threads`` workers) when DALI
-    is absent or ``backend="reference"``.
+    paths; or WebDataset tar shards (``"shards/train-{000000..000009}.tar"``, a list of .tar paths, or a folder of
+    .tar files: ``classification.open_image_source``), read by seeking to each sample's image member (labels
+    ignored; a sample without an image is a bad sample named ``SHARD.tar:KEY``, as ``loader.files`` names every
+    sample), with the order, sharding, bad-sample handling and resume of files. ``device="gpu"`` decodes with
+    nvJPEG / the hardware decoder and augments on the GPU (DALI); ``"cpu"`` runs the DALI CPU pipeline, or the
+    reference loader (PIL + torch DataLoader, ``num_threads`` workers) when DALI is absent or
+    ``backend="reference"`` (``resolve_backend``).
 
     Augmentation (unilm ``DataAugmentationForBEiT``): ColorJitter(0.4, 0.4, 0.4), horizontal flip p=0.5, and one
     RandomResizedCrop box (scale 0.08-1, ratio 3/4-4/3) resized to ``image_size`` bicubic (normalised with

@@ -1,11 +1,16 @@
 """beit.data: both loaders' outputs, reproducibility, sharding, masks (native operator and fallback), bad input,
 the plugin build and the synthetic data set. CPU only; tiny images (64/32 px views, 4x4 masks) keep it fast."""
 
+import io
+import json
 import multiprocessing
 import os
+import re
 import subprocess
 import sys
+import tarfile
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -705,3 +710,147 @@ def test_pin_memory_reaches_the_cpu_loaders(data_dir, backend):
     Pinning itself needs CUDA: the GPU run of the trainer exercises it."""
     for pin in (False, True):
         assert build_loader(data_dir, 4, backend=backend, pin_memory=pin, **SMALL).pin_memory is pin
+
+
+# ------------------------------------------------------------------------------- WebDataset shards for pretraining
+
+
+def _add_member(tf, name, data):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tf.addfile(info, io.BytesIO(data))
+
+
+def _write_shards(files, folder, per_shard, extra=None) -> str:
+    """``files`` as samples of plain tar shards ``folder/train-NNN.tar``, ``per_shard`` each and in order, keyed by
+    their position (``0007``), each with a ``cls`` member that is no integer (pretraining reads no label) and a
+    ``json`` one; ``extra`` maps a shard number to more (name, bytes) members. Returns the shards' brace spec."""
+    folder.mkdir(parents=True, exist_ok=True)
+    num = -(-len(files) // per_shard)
+    for s in range(num):
+        with tarfile.open(folder / f"train-{s:03d}.tar", "w") as tf:
+            for k in range(s * per_shard, min(len(files), (s + 1) * per_shard)):
+                _add_member(tf, f"{k:04d}{os.path.splitext(files[k])[1]}", Path(files[k]).read_bytes())
+                _add_member(tf, f"{k:04d}.cls", b"cat")
+                _add_member(tf, f"{k:04d}.json", b"{}")
+            for name, data in (extra or {}).get(s, []):
+                _add_member(tf, name, data)
+    return f"{folder}/train-{{000..{num - 1:03d}}}.tar"
+
+
+@pytest.fixture(scope="module")
+def data_shards(data_dir, tmp_path_factory):
+    """data_dir's 22 images, in the order the folder lists them, as 3 shards of 8, 8 and 6 samples."""
+    folder = tmp_path_factory.mktemp("shards")
+    files = list_images(data_dir)
+    return _write_shards(files, folder, 8), folder, files
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("num_shards", [1, 2])
+def test_shards_give_the_batches_of_the_same_images_as_files(data_dir, data_shards, backend, num_shards):
+    """The pretraining loaders read tar shards: samples named SHARD.tar:KEY that, holding the folder's images in
+    the folder's order, give the folder's batches on every rank: the same order and sharding and, the same bytes
+    decoded with the same seeds, the same pixels and masks."""
+    spec, folder, files = data_shards
+    for rank in range(num_shards):
+        kw = dict(backend=backend, seed=3, shard_id=rank, num_shards=num_shards, **SMALL)
+        by_file, by_tar = build_loader(data_dir, 4, **kw), build_loader(spec, 4, **kw)
+        assert by_file.files == files and by_tar.bad_files == []
+        assert by_tar.files == [f"{folder}/train-{k // 8:03d}.tar:{k:04d}" for k in range(22)]
+        by_file.set_epoch(1)
+        by_tar.set_epoch(1)
+        a, b = _batches(by_file), _batches(by_tar)
+        assert len(a) == len(b) == len(by_tar) == -(-22 // (4 * num_shards))
+        for x, y in zip(a, b):
+            _check_batch(y, 4, "float32")
+            assert x.keys() == y.keys()
+            for k in x:
+                assert x[k].dtype == y[k].dtype and torch.equal(x[k], y[k]), (backend, k)
+        assert not torch.equal(a[0]["index"], torch.arange(4))  # shuffled: the order is not trivially equal
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_shard_epoch_resumes_mid_epoch(data_shards, backend):
+    spec = data_shards[0]
+    loader = build_loader(spec, 4, backend=backend, seed=3, **SMALL)
+    loader.set_epoch(1)
+    full = _batches(loader)
+    fresh = build_loader(spec, 4, backend=backend, seed=3, **SMALL)
+    fresh.set_epoch(1)
+    tail = [{k: v.clone() for k, v in b.items()} for b in fresh.iter_from(3)]
+    assert len(tail) == len(full) - 3 == 3
+    for a, b in zip(full[3:], tail):
+        assert torch.equal(a["index"], b["index"]) and torch.equal(a["valid"], b["valid"])
+        if backend == "reference":  # per-sample seeds: the very same batches
+            for key in ("images", "tokenizer_images", "bool_masked_pos", "mask_index"):
+                assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_shard_samples_are_named_by_shard_and_key(tmp_path, data_dir, backend):
+    """A sample without an image is set aside when the shards are indexed, named SHARD.tar:KEY: skipped with a
+    warning, or an error. An image that fails only when decoded (validation off) is named the same way."""
+    files = list_images(data_dir)[:7]
+    lost = [("lost.cls", b"3"), ("lost.json", b"{}")]  # a label and no image
+    spec = _write_shards(files, tmp_path / "a", 4, extra={1: lost})
+    name = f"{tmp_path}/a/train-001.tar:lost"
+    with pytest.warns(UserWarning, match=r"skipping 1 bad samples .*train-001\.tar:lost: no image"):
+        loader = build_loader(spec, 4, backend=backend, **SMALL)
+    assert loader.bad_files == [(name, "no image (jpg, jpeg, png, webp)")] and len(loader.files) == 7
+    seen = torch.cat([b["index"][b["valid"]] for b in _batches(loader)]).tolist()
+    assert sorted(seen) == list(range(7))
+    with pytest.raises(BadImageError, match=rf"bad sample {re.escape(name)}: no image"):
+        build_loader(spec, 4, backend=backend, on_bad_file="error", **SMALL)
+
+    k = next(i for i, f in enumerate(files) if f.endswith(".jpg"))
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes(Path(files[k]).read_bytes()[:700])
+    spec = _write_shards([*files[:k], str(truncated), *files[k + 1 :]], tmp_path / "b", 4)
+    name = f"{tmp_path}/b/train-{k // 4:03d}.tar:{k:04d}"
+    with pytest.warns(UserWarning, match=rf"{re.escape(name)}: truncated JPEG"):
+        build_loader(spec, 4, backend=backend, **SMALL)
+    loader = build_loader(spec, 4, backend=backend, validate=False, on_bad_file="error", **SMALL)
+    with pytest.raises(BadImageError, match=rf"decoding failed: {re.escape(name)}: ") as err:
+        _batches(loader)
+    del err  # its traceback would keep the pipeline (DALI's threads) alive while the next loader forks workers
+    loader = build_loader(spec, 4, backend=backend, validate=False, **SMALL)
+    with pytest.warns(UserWarning, match=rf"failed to decode: {re.escape(name)}"):
+        batches = _batches(loader)
+    seen = torch.cat([b["index"][b["valid"]] for b in batches]).tolist()
+    assert len(batches) == 2 and sorted(seen) == [i for i in range(7) if i != k]
+    assert [n for n, _ in loader.bad_files] == [name]
+
+
+def test_pretraining_runs_on_shards_and_resumes_mid_epoch(tmp_path, capsys):
+    """beit-pretrain --data 'train-{000..003}.tar' trains as on the folder of the same images (the same losses and
+    weights), and a run interrupted mid-epoch resumes on the shards, refusing the folder: the checkpoint's record
+    of the data holds the samples' SHARD.tar:KEY names."""
+    from _testutil import assert_same, make_train_assets, tiny_run_args
+
+    from beit.train import main as pretrain
+    from beit.train_state import list_checkpoints, load_checkpoint
+
+    data, tok = make_train_assets(tmp_path)
+    spec = _write_shards(list_images(data), tmp_path / "shards", 10)  # 40 images: 4 shards
+    steps = ("--precision", "fp32", "--steps", "10")
+    on_files, on_tars, resumed = tmp_path / "files", tmp_path / "tars", tmp_path / "resumed"
+    assert pretrain(tiny_run_args((data, tok), on_files, *steps)) == 0
+    assert pretrain(tiny_run_args((spec, tok), on_tars, *steps)) == 0
+    logs = [
+        [json.loads(x)["loss"] for x in (run / "log.jsonl").read_text().splitlines()] for run in (on_files, on_tars)
+    ]
+    assert logs[0] == logs[1] and len(logs[0]) == 2
+    a, b = (load_checkpoint(list_checkpoints(run)[-1]) for run in (on_files, on_tars))
+    assert_same(a["model"], b["model"], "model")
+    assert b["data"]["num_files"] == 40 and b["data"]["files_sha256"] != a["data"]["files_sha256"]
+    # 40 images in batches of 6: 7 batches an epoch, so step 8 is batch 1 of epoch 1.
+    assert pretrain(tiny_run_args((spec, tok), resumed, *steps, "--inject-sigint", "8")) == 130
+    capsys.readouterr()
+    assert pretrain(tiny_run_args((data, tok), resumed, *steps)) == 2
+    assert "files_sha256" in capsys.readouterr().err
+    assert pretrain(tiny_run_args((spec, tok), resumed, *steps)) == 0
+    assert "resumed from" in capsys.readouterr().out
+    c = load_checkpoint(list_checkpoints(resumed)[-1])
+    assert c["step"] == 10
+    assert_same(b["model"], c["model"], "model")
