@@ -83,7 +83,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         "3 eager steps and replay it: one GPU, --impl auto/sdpa/triton, not with --compile or torchrun",
     )
     g = p.add_argument_group("data")
-    g.add_argument("--data", help="image folder (ImageFolder or flat) or a text file list")
+    g.add_argument("--data", help="image folder (ImageFolder or flat), a text file list, or WebDataset tar shards "
+                   "('shards/train-{000000..000009}.tar' or a folder of .tar files; labels ignored)")  # fmt: skip
     g.add_argument("--tokenizer", help="visual tokenizer: dalle:PATH (encoder.pkl) or kmeans:PATH (.safetensors)")
     g.add_argument("--tokenizer-fused", default="auto", choices=("auto", "on", "off"),
                    help="the DALL-E encoder's glue in beit_kernels.conv_epilogue: auto = on CUDA (sm70+)")  # fmt: skip
