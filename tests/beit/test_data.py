@@ -854,3 +854,20 @@ def test_pretraining_runs_on_shards_and_resumes_mid_epoch(tmp_path, capsys):
     c = load_checkpoint(list_checkpoints(resumed)[-1])
     assert c["step"] == 10
     assert_same(b["model"], c["model"], "model")
+
+
+@pytest.mark.gpu
+@needs_dali
+def test_gpu_pipeline_reads_shards(data_dir, data_shards):
+    """device="gpu" on tar shards: the external source's bytes go to the mixed decoder, and the batches are the
+    folder's (the same samples, crops, flips and masks; pixels within decoder differences, if any)."""
+    by_file = _batches(build_loader(data_dir, 8, **{**SMALL, "device": "gpu"}))
+    by_tar = _batches(build_loader(data_shards[0], 8, **{**SMALL, "device": "gpu"}))
+    assert len(by_file) == len(by_tar) == 3
+    for x, y in zip(by_file, by_tar):
+        assert all(v.is_cuda for v in y.values())
+        _check_batch({k: v.cpu() for k, v in y.items()}, 8, "float32")
+        for k in ("index", "valid", "bool_masked_pos", "mask_index"):
+            assert torch.equal(x[k], y[k]), k
+        for k in ("images", "tokenizer_images"):
+            assert (x[k] - y[k]).abs().mean() < 1 / 255, k
