@@ -411,18 +411,30 @@ def resolve_shards_spec(spec) -> list[str]:
 
 
 def is_shard_spec(spec) -> bool:
-    """Whether ``spec`` looks like WebDataset shards: .tar paths (braces allowed) or a folder of .tar files."""
+    """Whether ``spec`` looks like WebDataset shards: .tar paths (braces allowed) or a folder of .tar files. A flat
+    folder that mixes .tar files with others is an error: neither reading would be all of it."""
     if isinstance(spec, (list, tuple)):
         return bool(spec) and all(os.fspath(s).endswith(".tar") for s in spec)
     spec = os.fspath(spec)
     if os.path.isdir(spec):
-        return any(p.name.endswith(".tar") for p in Path(spec).iterdir()) and not class_like(spec)
+        if class_like(spec):
+            return False
+        files = [p.name for p in Path(spec).iterdir() if p.is_file() and not p.name.startswith(".")]
+        tars = [f for f in files if f.endswith(".tar")]
+        if tars and len(tars) < len(files):  # reading either kind alone would silently drop the other
+            others = sorted(set(files) - set(tars))
+            raise ValueError(
+                f"{spec} holds both .tar shards ({len(tars)}) and other files ({len(others)}, e.g. {others[0]}): "
+                "give the shards or the images a folder of their own"
+            )
+        return bool(tars)
     return spec.endswith(".tar")
 
 
 def class_like(folder: str | os.PathLike) -> bool:
     """Whether ``folder`` has non-hidden subfolders (a class-folder tree rather than a folder of shards)."""
-    return any(not e.name.startswith(".") and e.is_dir() for e in os.scandir(folder))
+    with os.scandir(folder) as entries:  # closed even when any() stops early
+        return any(not e.name.startswith(".") and e.is_dir() for e in entries)
 
 
 def _index_shard(path: str, labelled: bool = True) -> tuple[list[tuple[str, int, int, int]], list[tuple[str, str]]]:

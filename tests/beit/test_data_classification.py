@@ -685,3 +685,16 @@ def test_repeated_aug_bad_arguments_fail_before_work(imagenet):
         _ra_loader(imagenet, 7, num_shards=2, shard_id=0, repeated_aug=2)
     with pytest.raises(ValueError, match="repeats must be a positive integer"):
         epoch_order(13, 4, epoch=0, seed=0, shard_id=0, num_shards=1, repeats=0)
+
+
+def test_a_folder_mixing_shards_and_images_is_refused(tmp_path):
+    from PIL import Image
+
+    from beit.data.classification import is_shard_spec
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "b.tar").write_bytes(b"")
+    with pytest.raises(ValueError, match="both .tar shards"):
+        is_shard_spec(tmp_path)
+    (tmp_path / "a.png").unlink()
+    assert is_shard_spec(tmp_path)
