@@ -58,7 +58,14 @@ import triton
 import triton.language as tl
 
 from beit_kernels import tuning
-from beit_kernels.backend import check_interpreter_dtype, check_kernel_device, fill_programs
+from beit_kernels.backend import (
+    call_op,
+    cdiv,
+    check_interpreter_dtype,
+    check_kernel_device,
+    fill_programs,
+    next_power_of_2,
+)
 
 LOG2E = 1.4426950408889634
 
@@ -431,6 +438,13 @@ def _validate(q, k, v, bias):
             f"attention: q, k, v must have one shape [B, H, N, D], got {tuple(q.shape)}, {tuple(k.shape)}, "
             f"{tuple(v.shape)}"
         )
+    _validate_tensors(q, k, v, tuple(q.shape), bias)
+
+
+def _validate_tensors(q, k, v, shape, bias):
+    """``_validate`` past the shapes, for q, k, v of [B, H, N, D] ``shape``. ``attention_qkvpacked`` passes its qkv
+    as all three: its views share its dtype, device and last stride, so checking qkv checks them (without making
+    the views)."""
     if q.dtype not in _DTYPES:
         raise TypeError(f"attention: dtype {q.dtype} is not supported; use float16, bfloat16 or float32")
     if not (q.dtype == k.dtype == v.dtype):
@@ -442,9 +456,9 @@ def _validate(q, k, v, bias):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.shape[-1] > 1 and t.stride(-1) != 1:  # a single feature has no stride to honour
             raise ValueError(f"attention: {name}'s last dimension must be contiguous (stride 1), got {t.stride()}")
-    B, H, N, D = q.shape
+    B, H, N, D = shape
     if N < 1 or B < 1 or H < 1:
-        raise ValueError(f"attention: empty input of shape {tuple(q.shape)}")
+        raise ValueError(f"attention: empty input of shape {shape}")
     if not 1 <= D <= MAX_HEAD_DIM:
         raise ValueError(f"attention: head dimension {D} is not supported (1 to {MAX_HEAD_DIM})")
     if bias is not None:
@@ -456,12 +470,10 @@ def _validate(q, k, v, bias):
             raise ValueError(f"attention: bias is on {bias.device} but q is on {q.device}")
         if bias.dim() > 4:
             raise ValueError(f"attention: bias of shape {tuple(bias.shape)} has more than 4 dimensions")
-        try:
-            torch.broadcast_shapes(tuple(bias.shape), (B, H, N, N))
-            expanded = torch.broadcast_shapes(tuple(bias.shape), (B, H, N, N)) == (B, H, N, N)
-        except RuntimeError:
-            expanded = False
-        if not expanded:
+        # Broadcasts to exactly [B, H, N, N]: each dimension, aligned from the right, 1 or the target's (what
+        # torch.broadcast_shapes(...) == (B, H, N, N) says, without its symbolic-shape machinery on the host).
+        target = (B, H, N, N)
+        if not all(s == 1 or s == n for s, n in zip(reversed(bias.shape), reversed(target))):
             raise ValueError(f"attention: bias of shape {tuple(bias.shape)} does not broadcast to [B, H, N, N] = "
                              f"{[B, H, N, N]}")  # fmt: skip
 
@@ -481,17 +493,17 @@ def attention_fwd(q, k, v, bias, scale: float) -> tuple[torch.Tensor, torch.Tens
     lse = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
     bias_v, sb = _bias_view(bias, B, H, N, q)
     cfg = tuning.attention_tile("fwd", D, q.dtype, tuning.shared_memory(q.device))
-    grid = (triton.cdiv(N, cfg["BLOCK_M"]), B * H)
+    grid = (cdiv(N, cfg["BLOCK_M"]), B * H)
     _attn_fwd_kernel[grid](
         q, k, v, bias_v, o, lse,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
+        *q.stride()[:3],
+        *k.stride()[:3],
+        *v.stride()[:3],
         *sb,
-        o.stride(0), o.stride(1), o.stride(2),
+        *o.stride()[:3],
         H, N, D, scale * LOG2E,
         HAS_BIAS=bias is not None, IEEE=q.dtype == torch.float32,
-        BLOCK_D=max(16, triton.next_power_of_2(D)),
+        BLOCK_D=max(16, next_power_of_2(D)),
         **cfg,
     )  # fmt: skip
     return o, lse
@@ -562,7 +574,7 @@ def _launch_fused_bwd(do, q, k, v, bias, o, lse, dq, dk, dv, scale, bias_grad) -
     B, H, N, D = q.shape
     bias_v, sb = _bias_view(bias, B, H, N, q)
     cfg = tuning.attention_tile("fused", D, q.dtype, tuning.shared_memory(q.device))
-    cfg["BLOCK_M"] = max(16, triton.next_power_of_2(N))
+    cfg["BLOCK_M"] = max(16, next_power_of_2(N))
     per_sm, group_scale = tuning.attention_groups("fused")
     broadcast = _batch_broadcast(bias)
     groups = _num_groups(B, H, 1, q.device, broadcast, group_scale, per_sm) if bias_grad else B
@@ -571,18 +583,18 @@ def _launch_fused_bwd(do, q, k, v, bias, o, lse, dq, dk, dv, scale, bias_grad) -
     dbias_partial = _partial_bias_grad(groups, H, N, bias_grad, False, q.device)
     _attn_bwd_fused_kernel[(H, groups)](
         q, k, v, bias_v, o, do, lse, dq, dk, dv, dbias_partial,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
+        *q.stride()[:3],
+        *k.stride()[:3],
+        *v.stride()[:3],
         *sb,
-        o.stride(0), o.stride(1), o.stride(2),
-        do.stride(0), do.stride(1), do.stride(2),
-        dq.stride(0), dq.stride(1), dq.stride(2),
-        dk.stride(0), dk.stride(1), dk.stride(2),
-        dv.stride(0), dv.stride(1), dv.stride(2),
-        dbias_partial.stride(0), dbias_partial.stride(1), dbias_partial.stride(2),
+        *o.stride()[:3],
+        *do.stride()[:3],
+        *dq.stride()[:3],
+        *dk.stride()[:3],
+        *dv.stride()[:3],
+        *dbias_partial.stride()[:3],
         B, H, N, D, per_group, scale * LOG2E, scale,
-        HAS_BIAS=bias is not None, BIAS_GRAD=bias_grad, IEEE=False, BLOCK_D=max(16, triton.next_power_of_2(D)),
+        HAS_BIAS=bias is not None, BIAS_GRAD=bias_grad, IEEE=False, BLOCK_D=max(16, next_power_of_2(D)),
         **cfg,
     )  # fmt: skip
     return dbias_partial
@@ -592,20 +604,20 @@ def _launch_two_kernel_bwd(do, q, k, v, bias, o, lse, dq, dk, dv, scale, bias_gr
     """The dq kernel, then a dk/dv kernel; returns the bias gradient's [G, H, N, N] partials."""
     B, H, N, D = q.shape
     bias_v, sb = _bias_view(bias, B, H, N, q)
-    block_d = max(16, triton.next_power_of_2(D))
+    block_d = max(16, next_power_of_2(D))
     ieee = q.dtype == torch.float32
     shared = tuning.shared_memory(q.device)
     delta = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
     cfg = tuning.attention_tile("dq", D, q.dtype, shared)
-    _attn_bwd_dq_kernel[(triton.cdiv(N, cfg["BLOCK_M"]), B * H)](
+    _attn_bwd_dq_kernel[(cdiv(N, cfg["BLOCK_M"]), B * H)](
         q, k, v, bias_v, o, do, lse, delta, dq,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
+        *q.stride()[:3],
+        *k.stride()[:3],
+        *v.stride()[:3],
         *sb,
-        o.stride(0), o.stride(1), o.stride(2),
-        do.stride(0), do.stride(1), do.stride(2),
-        dq.stride(0), dq.stride(1), dq.stride(2),
+        *o.stride()[:3],
+        *do.stride()[:3],
+        *dq.stride()[:3],
         H, N, D, scale * LOG2E, scale,
         HAS_BIAS=bias is not None, IEEE=ieee, BLOCK_D=block_d, **cfg,
     )  # fmt: skip
@@ -614,8 +626,8 @@ def _launch_two_kernel_bwd(do, q, k, v, bias, o, lse, dq, dk, dv, scale, bias_gr
     kind = "dkdv_allq" if all_queries else "dkdv"
     cfg = tuning.attention_tile(kind, D, q.dtype, shared)
     if all_queries:
-        cfg["BLOCK_M"] = max(16, triton.next_power_of_2(N))
-    n_blocks = triton.cdiv(N, cfg["BLOCK_N"])
+        cfg["BLOCK_M"] = max(16, next_power_of_2(N))
+    n_blocks = cdiv(N, cfg["BLOCK_N"])
     per_sm, group_scale = tuning.attention_groups(kind)
     broadcast = _batch_broadcast(bias)
     groups = _num_groups(B, H, n_blocks, q.device, broadcast, group_scale, per_sm) if bias_grad else B
@@ -625,14 +637,14 @@ def _launch_two_kernel_bwd(do, q, k, v, bias, o, lse, dq, dk, dv, scale, bias_gr
     kernel = _attn_bwd_dkdv_allq_kernel if all_queries else _attn_bwd_dkdv_kernel
     kernel[(n_blocks, H, groups)](
         q, k, v, bias_v, do, lse, delta, dk, dv, dbias_partial,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
+        *q.stride()[:3],
+        *k.stride()[:3],
+        *v.stride()[:3],
         *sb,
-        do.stride(0), do.stride(1), do.stride(2),
-        dk.stride(0), dk.stride(1), dk.stride(2),
-        dv.stride(0), dv.stride(1), dv.stride(2),
-        dbias_partial.stride(0), dbias_partial.stride(1), dbias_partial.stride(2),
+        *do.stride()[:3],
+        *dk.stride()[:3],
+        *dv.stride()[:3],
+        *dbias_partial.stride()[:3],
         B, H, N, D, per_group, scale * LOG2E, scale,
         HAS_BIAS=bias is not None, BIAS_GRAD=bias_grad, IEEE=ieee, BLOCK_D=block_d, **cfg,
     )  # fmt: skip
@@ -643,11 +655,13 @@ def _launch_two_kernel_bwd(do, q, k, v, bias, o, lse, dq, dk, dv, scale, bias_gr
 # torch.library registration: opaque custom ops, so torch.compile traces a model around them without a graph break
 
 
-@torch.library.custom_op("beit_kernels::attention_fwd", mutates_args=())
-def _attention_fwd_op(
+def _attention_fwd_impl(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return attention_fwd(q, k, v, bias, scale)
+
+
+_attention_fwd_op = torch.library.custom_op("beit_kernels::attention_fwd", _attention_fwd_impl, mutates_args=())
 
 
 @_attention_fwd_op.register_fake
@@ -657,8 +671,7 @@ def _(q, k, v, bias, scale):
     return o, q.new_empty((B, H, N), dtype=torch.float32)
 
 
-@torch.library.custom_op("beit_kernels::attention_bwd", mutates_args=())
-def _attention_bwd_op(
+def _attention_bwd_impl(
     do: torch.Tensor,
     q: torch.Tensor,
     k: torch.Tensor,
@@ -672,6 +685,9 @@ def _attention_bwd_op(
     return attention_bwd(do, q, k, v, bias, o, lse, scale, bias_grad)
 
 
+_attention_bwd_op = torch.library.custom_op("beit_kernels::attention_bwd", _attention_bwd_impl, mutates_args=())
+
+
 @_attention_bwd_op.register_fake
 def _(do, q, k, v, bias, o, lse, scale, bias_grad):
     B, H, N, D = q.shape
@@ -683,8 +699,7 @@ def _(do, q, k, v, bias, o, lse, scale, bias_grad):
     return like_q(), like_q(), like_q(), dbias
 
 
-@torch.library.custom_op("beit_kernels::attention_bwd_packed", mutates_args=())
-def _attention_bwd_packed_op(
+def _attention_bwd_packed_impl(
     do: torch.Tensor,
     qkv: torch.Tensor,
     bias: torch.Tensor | None,
@@ -696,6 +711,11 @@ def _attention_bwd_packed_op(
     """The backward of ``attention_qkvpacked``: (dqkv [B, N, 3, H, D], dbias); do and o are [B, H, N, D]."""
     q, k, v = _split_packed(qkv)
     return attention_bwd(do, q, k, v, bias, o, lse, scale, bias_grad, packed=True)
+
+
+_attention_bwd_packed_op = torch.library.custom_op(
+    "beit_kernels::attention_bwd_packed", _attention_bwd_packed_impl, mutates_args=()
+)
 
 
 @_attention_bwd_packed_op.register_fake
@@ -711,7 +731,7 @@ def _(do, qkv, bias, o, lse, scale, bias_grad):
 class AttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, bias, scale):
-        o, lse = torch.ops.beit_kernels.attention_fwd(q, k, v, bias, scale)
+        o, lse = call_op(_attention_fwd_op, _attention_fwd_impl, q, k, v, bias, scale)
         ctx.save_for_backward(q, k, v, bias, o, lse)
         ctx.scale = scale
         return o
@@ -720,7 +740,8 @@ class AttentionFunction(torch.autograd.Function):
     def backward(ctx, do):
         q, k, v, bias, o, lse = ctx.saved_tensors
         bias_grad = bias is not None and ctx.needs_input_grad[3]
-        dq, dk, dv, dbias = torch.ops.beit_kernels.attention_bwd(do, q, k, v, bias, o, lse, ctx.scale, bias_grad)
+        dq, dk, dv, dbias = call_op(_attention_bwd_op, _attention_bwd_impl, do, q, k, v, bias, o, lse, ctx.scale,
+                                     bias_grad)  # fmt: skip
         return dq, dk, dv, (dbias if bias_grad else None), None
 
 
@@ -731,7 +752,7 @@ class AttentionPackedFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qkv, bias, scale):
         q, k, v = _split_packed(qkv)
-        o, lse = torch.ops.beit_kernels.attention_fwd(q, k, v, bias, scale)
+        o, lse = call_op(_attention_fwd_op, _attention_fwd_impl, q, k, v, bias, scale)
         ctx.save_for_backward(qkv, bias, o, lse)
         ctx.scale = scale
         return o.transpose(1, 2)  # [B, N, H, D], contiguous: o's memory is laid out so
@@ -740,9 +761,9 @@ class AttentionPackedFunction(torch.autograd.Function):
     def backward(ctx, do):
         qkv, bias, o, lse = ctx.saved_tensors
         bias_grad = bias is not None and ctx.needs_input_grad[1]
-        dqkv, dbias = torch.ops.beit_kernels.attention_bwd_packed(
-            do.transpose(1, 2), qkv, bias, o, lse, ctx.scale, bias_grad
-        )  # do: [B, N, H, D] -> [B, H, N, D] view
+        dqkv, dbias = call_op(_attention_bwd_packed_op, _attention_bwd_packed_impl,
+                              do.transpose(1, 2), qkv, bias, o, lse, ctx.scale, bias_grad)  # fmt: skip
+        # do: [B, N, H, D] -> [B, H, N, D] view
         return dqkv, (dbias if bias_grad else None), None
 
 
@@ -780,8 +801,8 @@ def attention_qkvpacked(
         raise TypeError(f"attention_qkvpacked: qkv must be a torch.Tensor, got {type(qkv).__name__}")
     if qkv.dim() != 5 or qkv.shape[2] != 3:
         raise ValueError(f"attention_qkvpacked: qkv must be [B, N, 3, H, D], got shape {tuple(qkv.shape)}")
-    q, k, v = _split_packed(qkv)
-    _validate(q, k, v, bias)
+    B, N, _, H, D = qkv.shape
+    _validate_tensors(qkv, qkv, qkv, (B, H, N, D), bias)
     if scale is None:
         scale = qkv.shape[-1] ** -0.5
     return AttentionPackedFunction.apply(qkv, bias, float(scale))

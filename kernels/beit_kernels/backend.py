@@ -127,6 +127,18 @@ def check_vector(op: str, name: str, t: torch.Tensor | None, n: int, device: tor
         raise ValueError(f"{op}: {name} is on {t.device} but x is on {device}")
 
 
+def cdiv(a: int, b: int) -> int:
+    """``triton.cdiv`` for the launchers: Triton 3.9 makes it a constexpr function, and a host call then goes
+    through its wrapper (argument unwrapping, an import) each time."""
+    return (a + b - 1) // b
+
+
+def next_power_of_2(n: int) -> int:
+    """``triton.next_power_of_2`` for the launchers (a constexpr function in Triton 3.9, as ``cdiv``); 0 for 0, as
+    Triton's."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
 def fill_programs(device: torch.device, per_sm: int = 4) -> int:
     """Programs that fill CUDA ``device``: ``per_sm`` on each multiprocessor."""
     return per_sm * torch.cuda.get_device_properties(device).multi_processor_count
@@ -186,6 +198,40 @@ def block_shared_memory(device: torch.device) -> int:
     if optin:
         return int(optin)
     return shared_memory_optin(props.major, props.minor)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Calling the launchers
+
+
+# Tensor types the launchers take as they are; any other subclass (a FakeTensor, a DTensor, a functional wrapper)
+# goes through the dispatcher, which knows how to handle it.
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def call_op(op, impl, *args):
+    """``op(*args)`` for ``impl``, a launcher registered as the torch.library custom op ``op``. In eager mode on
+    plain tensors, ``impl(*args)`` itself: there the dispatcher's Python layers (the generated autograd kernel,
+    the backend kernel, dynamo's disable wrapper, the aliasing check) run the same function and only add host
+    time (``bench/host_overhead.py`` measures it). Through ``op`` wherever it matters: under torch.compile (the op
+    stays opaque), in a dispatch or function mode (fake tensors, tracing, functionalisation), on tensor subclasses
+    and meta tensors, and where autograd would record (grad mode on and an input that requires grad: a backward
+    with create_graph=True, where the op's missing autograd formula is a clear error rather than a silently wrong
+    double backward). Under the profiler the direct call is recorded under the op's name."""
+    if (
+        torch.compiler.is_compiling()
+        or torch._C._len_torch_dispatch_stack()
+        or torch._C._is_torch_function_mode_enabled()
+    ):
+        return op(*args)
+    grad = torch.is_grad_enabled()
+    for a in args:
+        if isinstance(a, torch.Tensor) and (type(a) not in _PLAIN_TENSORS or a.is_meta or (grad and a.requires_grad)):
+            return op(*args)
+    if torch._C._autograd._profiler_enabled():
+        with torch.autograd.profiler.record_function(getattr(op, "_qualname", impl.__name__)):
+            return impl(*args)
+    return impl(*args)
 
 
 IMPLS = ("auto", "ref", "sdpa", "triton")

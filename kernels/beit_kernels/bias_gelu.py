@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from beit_kernels import tuning
-from beit_kernels.backend import check_kernel_device, check_vector, fill_programs
+from beit_kernels.backend import call_op, cdiv, check_kernel_device, check_vector, fill_programs
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -123,8 +123,7 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
-@torch.library.custom_op("beit_kernels::bias_gelu_fwd", mutates_args=())
-def bias_gelu_fwd(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _bias_gelu_fwd(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """GELU(x + bias) in x's dtype, contiguous, x's shape."""
     out = x.new_empty(x.shape)
     x2 = _rows(x)
@@ -132,7 +131,7 @@ def bias_gelu_fwd(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     if M == 0 or D == 0:
         return out
     block_m, block_d, warps = tuning.bias_gelu_tile(D, backward=False)
-    _bias_gelu_fwd_kernel[(triton.cdiv(M, block_m), triton.cdiv(D, block_d))](
+    _bias_gelu_fwd_kernel[(cdiv(M, block_m), cdiv(D, block_d))](
         x2,
         bias if bias is not None else out,
         out,
@@ -147,13 +146,15 @@ def bias_gelu_fwd(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return out
 
 
+bias_gelu_fwd = torch.library.custom_op("beit_kernels::bias_gelu_fwd", _bias_gelu_fwd, mutates_args=())
+
+
 @bias_gelu_fwd.register_fake
 def _(x, bias):
     return x.new_empty(x.shape)
 
 
-@torch.library.custom_op("beit_kernels::bias_gelu_bwd", mutates_args=())
-def bias_gelu_bwd(
+def _bias_gelu_bwd(
     grad_out: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (grad_x in x's dtype, contiguous; grad_bias [D] fp32, empty without a bias)."""
@@ -162,14 +163,16 @@ def bias_gelu_bwd(
     x2 = _rows(x)
     M, D = x2.shape
     block_m, block_d, warps = tuning.bias_gelu_tile(max(D, 1), backward=True)
-    n_row_tiles = triton.cdiv(M, block_m)
-    n_col_tiles = triton.cdiv(D, block_d)
+    n_row_tiles = cdiv(M, block_m)
+    n_col_tiles = cdiv(D, block_d)
     if x.device.type == "cuda":
-        groups = triton.cdiv(fill_programs(x.device), max(n_col_tiles, 1))
+        groups = cdiv(fill_programs(x.device), max(n_col_tiles, 1))
     else:
         groups = 2  # the interpreter runs programs one by one; two exercise the partial sums
     groups = max(1, min(groups, n_row_tiles))
-    db = torch.zeros(groups if bias is not None else 0, D, device=x.device, dtype=torch.float32)
+    # Each launched (column block, group) program stores its part of the group's row of partials.
+    alloc = torch.empty if M > 0 and D > 0 else torch.zeros
+    db = alloc(groups if bias is not None else 0, D, device=x.device, dtype=torch.float32)
     if M > 0 and D > 0:
         _bias_gelu_bwd_kernel[(n_col_tiles, groups)](
             grad_out,
@@ -189,6 +192,9 @@ def bias_gelu_bwd(
         )
     # A fixed-order sum over the G partials.
     return grad_x, db.sum(0) if bias is not None else db.new_zeros(0)
+
+
+bias_gelu_bwd = torch.library.custom_op("beit_kernels::bias_gelu_bwd", _bias_gelu_bwd, mutates_args=())
 
 
 @bias_gelu_bwd.register_fake
@@ -218,14 +224,14 @@ def _validate(x, bias):
 class BiasGeluFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bias):
-        out = bias_gelu_fwd(x, bias)
+        out = call_op(bias_gelu_fwd, _bias_gelu_fwd, x, bias)
         ctx.save_for_backward(x, bias)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         x, bias = ctx.saved_tensors
-        grad_x, grad_bias = bias_gelu_bwd(grad_out, x, bias)
+        grad_x, grad_bias = call_op(bias_gelu_bwd, _bias_gelu_bwd, grad_out, x, bias)
         need = ctx.needs_input_grad
         return grad_x if need[0] else None, grad_bias.to(bias.dtype) if bias is not None and need[1] else None
 

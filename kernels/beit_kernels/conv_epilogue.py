@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from beit_kernels import tuning
-from beit_kernels.backend import check_kernel_device, check_vector
+from beit_kernels.backend import call_op, cdiv, check_kernel_device, check_vector
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -128,8 +128,7 @@ def _channels_last_empty(like: torch.Tensor, shape, dtype: torch.dtype) -> torch
     return torch.empty(shape, device=like.device, dtype=dtype, memory_format=torch.channels_last)
 
 
-@torch.library.custom_op("beit_kernels::conv_epilogue", mutates_args=("out", "relu_out"))
-def conv_epilogue_op(
+def _conv_epilogue_op(
     x: torch.Tensor,
     bias: torch.Tensor | None,
     residual: torch.Tensor | None,
@@ -148,7 +147,7 @@ def conv_epilogue_op(
     if P == 0 or C == 0:
         return
     block_p, block_c, warps = tuning.conv_epilogue_tile(C, pool)
-    _conv_epilogue_kernel[(triton.cdiv(P, block_p), triton.cdiv(C, block_c))](
+    _conv_epilogue_kernel[(cdiv(P, block_p), cdiv(C, block_c))](
         x,
         bias if bias is not None else x,
         residual if residual is not None else x,
@@ -171,6 +170,11 @@ def conv_epilogue_op(
         BLOCK_C=block_c,
         num_warps=warps,
     )
+
+
+conv_epilogue_op = torch.library.custom_op(
+    "beit_kernels::conv_epilogue", _conv_epilogue_op, mutates_args=("out", "relu_out")
+)
 
 
 @conv_epilogue_op.register_fake
@@ -249,5 +253,5 @@ def conv_epilogue(
     out = (x if inplace else _channels_last_empty(x, shape, x.dtype)) if return_out else None
     relu = x if inplace and not return_out else _channels_last_empty(x, shape, relu_dtype)
     bias, residual_bias = (t.contiguous() if t is not None else None for t in (bias, residual_bias))
-    conv_epilogue_op(x, bias, residual, residual_bias, float(gain), bool(pool), out, relu)
+    call_op(conv_epilogue_op, _conv_epilogue_op, x, bias, residual, residual_bias, float(gain), bool(pool), out, relu)
     return out, relu

@@ -47,7 +47,7 @@ import triton
 import triton.language as tl
 
 from beit_kernels import tuning
-from beit_kernels.backend import check_kernel_device, check_vector, persistent_programs
+from beit_kernels.backend import call_op, cdiv, check_kernel_device, check_vector, persistent_programs
 
 _MAX_D = 4096
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -230,8 +230,7 @@ def _add_ln_bwd_kernel(
 # Host launchers
 
 
-@torch.library.custom_op("beit_kernels::add_layer_norm_fwd", mutates_args=())
-def add_layer_norm_fwd(
+def _add_layer_norm_fwd(
     x: torch.Tensor,
     branch: torch.Tensor | None,
     gamma: torch.Tensor | None,
@@ -252,7 +251,7 @@ def add_layer_norm_fwd(
         return h, y, mean, rstd
     block_m, block_d, warps = tuning.layer_norm_tile(D, backward=False)
     dummy = mean
-    _add_ln_fwd_kernel[(triton.cdiv(R, block_m),)](
+    _add_ln_fwd_kernel[(cdiv(R, block_m),)](
         x,
         branch if branch is not None else dummy,
         gamma if gamma is not None else dummy,
@@ -283,6 +282,9 @@ def add_layer_norm_fwd(
     return h, y, mean, rstd
 
 
+add_layer_norm_fwd = torch.library.custom_op("beit_kernels::add_layer_norm_fwd", _add_layer_norm_fwd, mutates_args=())
+
+
 @add_layer_norm_fwd.register_fake
 def _(x, branch, gamma, sample_scale, weight, bias, eps, y_dtype):
     R = x.shape[0] * x.shape[1]
@@ -291,8 +293,7 @@ def _(x, branch, gamma, sample_scale, weight, bias, eps, y_dtype):
     return h, x.new_empty(x.shape, dtype=y_dtype), x.new_empty(R, **f32), x.new_empty(R, **f32)
 
 
-@torch.library.custom_op("beit_kernels::add_layer_norm_bwd", mutates_args=())
-def add_layer_norm_bwd(
+def _add_layer_norm_bwd(
     grad_h: torch.Tensor | None,
     grad_y: torch.Tensor | None,
     h: torch.Tensor,
@@ -322,13 +323,16 @@ def add_layer_norm_bwd(
     grad_branch = h.new_empty(h.shape if need_branch else (0,), dtype=branch_dtype)
     block_m, block_d, warps = tuning.layer_norm_tile(max(D, 1), backward=True)
     bwd = tuning.get("layer_norm.bwd")
-    n_tiles = triton.cdiv(R, block_m)
+    n_tiles = cdiv(R, block_m)
     programs = persistent_programs(n_tiles, h.device, bwd["programs_per_sm"])
     f32 = dict(device=h.device, dtype=torch.float32)
-    dg = torch.zeros(programs if gamma_grad else 0, D, **f32)
-    dw = torch.zeros(programs if has_dy else 0, D, **f32)
-    db = torch.zeros(programs if has_dy else 0, D, **f32)
-    if R > 0 and D > 0 and (has_dy or grad_h is not None):
+    launch = R > 0 and D > 0 and (has_dy or grad_h is not None)
+    # Every launched program stores its whole row of the partials it computes; without a launch they sum to zero.
+    alloc = torch.empty if launch else torch.zeros
+    dg = alloc(programs if gamma_grad else 0, D, **f32)
+    dw = alloc(programs if has_dy else 0, D, **f32)
+    db = alloc(programs if has_dy else 0, D, **f32)
+    if launch:
         dummy = mean
         _add_ln_bwd_kernel[(programs,)](
             grad_h if grad_h is not None else dummy,
@@ -379,6 +383,9 @@ def add_layer_norm_bwd(
         dw.sum(0) if has_dy else dw.new_zeros(0),
         db.sum(0) if has_dy else db.new_zeros(0),
     )
+
+
+add_layer_norm_bwd = torch.library.custom_op("beit_kernels::add_layer_norm_bwd", _add_layer_norm_bwd, mutates_args=())
 
 
 @add_layer_norm_bwd.register_fake
@@ -444,7 +451,8 @@ class AddLayerNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, branch, gamma, weight, bias, sample_scale, eps, y_dtype):
-        h, y, mean, rstd = add_layer_norm_fwd(x, branch, gamma, sample_scale, weight, bias, eps, y_dtype)
+        h, y, mean, rstd = call_op(add_layer_norm_fwd, _add_layer_norm_fwd, x, branch, gamma, sample_scale, weight,
+                                  bias, eps, y_dtype)  # fmt: skip
         has_branch = branch is not None
         # Branch is kept only for gamma's gradient, as PyTorch's ``gamma * branch`` keeps it.
         gamma_grad = has_branch and gamma is not None and ctx.needs_input_grad[2]
@@ -464,7 +472,9 @@ class AddLayerNormFunction(torch.autograd.Function):
         h, branch, gamma, sample_scale, weight, mean, rstd = ctx.saved_tensors
         br_dt, g_dt, w_dt, b_dt = ctx.dtypes
         need = ctx.needs_input_grad
-        grad_x, grad_br, dg, dw, db = add_layer_norm_bwd(
+        grad_x, grad_br, dg, dw, db = call_op(
+            add_layer_norm_bwd,
+            _add_layer_norm_bwd,
             grad_h,
             grad_y,
             h,

@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from beit_kernels import tuning
-from beit_kernels.backend import add_t_matmul_fp32, check_kernel_device
+from beit_kernels.backend import add_t_matmul_fp32, call_op, check_kernel_device, next_power_of_2
 
 # ----------------------------------------------------------------------------------------------------------------
 # Kernels
@@ -119,8 +119,7 @@ def default_chunk_size(M: int, V: int, D: int) -> int:
     return tuning.cross_entropy_chunk(M, V)
 
 
-@torch.library.custom_op("beit_kernels::linear_cross_entropy_fwd", mutates_args=())
-def linear_cross_entropy_fwd(
+def _linear_cross_entropy_fwd(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -148,19 +147,21 @@ def linear_cross_entropy_fwd(
             f"linear_cross_entropy: targets must lie in [0, {V}) or equal ignore_index={ignore_index}",
         )
         n_valid = valid.sum()  # int64 on the device
-        loss_rows = torch.zeros(M, device=dev, dtype=torch.float32)
-        correct = torch.zeros(M, device=dev, dtype=torch.int32)
+        # The row kernel stores the loss and the count of every row of every chunk.
+        loss_rows = torch.empty(M, device=dev, dtype=torch.float32)
+        correct = torch.empty(M, device=dev, dtype=torch.int32)
         grad_x = torch.empty(M if need_grad_x else 0, D, device=dev, dtype=x.dtype)
         grad_w = torch.zeros(V if need_grad_w else 0, D, device=dev, dtype=torch.float32)
         grad_b = torch.zeros(V if need_grad_b else 0, device=dev, dtype=torch.float32)
         ce = tuning.get("linear_cross_entropy.ce")
+        wt = weight.t()
         for start in range(0, M, chunk_size):
             end = min(start + chunk_size, M)
             xc = x[start:end]  # [C, D]
             if bias is not None:
-                z = torch.addmm(bias, xc, weight.t())  # [C, V]
+                z = torch.addmm(bias, xc, wt)  # [C, V]
             else:
-                z = xc @ weight.t()
+                z = xc @ wt
             _ce_rows_kernel[(end - start,)](
                 z,
                 target[start:end],
@@ -170,7 +171,7 @@ def linear_cross_entropy_fwd(
                 z.stride(0),
                 ignore_index,
                 COMPUTE_GRAD=compute_grad,
-                BLOCK_V=min(ce["BLOCK_V"], triton.next_power_of_2(V)),
+                BLOCK_V=min(ce["BLOCK_V"], next_power_of_2(V)),
                 num_warps=ce["num_warps"],
             )
             if not compute_grad:
@@ -184,8 +185,13 @@ def linear_cross_entropy_fwd(
                 grad_b += z.sum(0, dtype=torch.float32)
         loss = loss_rows.sum()
         if mean:
-            loss = loss / n_valid.clamp(min=1).to(torch.float32)
+            loss = loss / n_valid.clamp(min=1)  # int64 promotes to fp32 inside the division
     return loss, grad_x, grad_w, grad_b, correct.sum(dtype=torch.int64), n_valid
+
+
+linear_cross_entropy_fwd = torch.library.custom_op(
+    "beit_kernels::linear_cross_entropy_fwd", _linear_cross_entropy_fwd, mutates_args=()
+)
 
 
 @linear_cross_entropy_fwd.register_fake
@@ -246,9 +252,10 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, target, ignore_index, mean, chunk_size):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         need_b = need_b and bias is not None
-        loss, gx, gw, gb, num_correct, num_valid = linear_cross_entropy_fwd(
-            x, weight, bias, target, ignore_index, mean, need_x, need_w, need_b, chunk_size
-        )
+        loss, gx, gw, gb, num_correct, num_valid = call_op(
+            linear_cross_entropy_fwd, _linear_cross_entropy_fwd,
+            x, weight, bias, target, ignore_index, mean, need_x, need_w, need_b, chunk_size,
+        )  # fmt: skip
         ctx.save_for_backward(gx, gw, gb, num_valid)
         ctx.mean = mean
         ctx.needs = (need_x, need_w, need_b)
@@ -266,7 +273,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         # GradScaler's 2**16 is inf in fp16, and the mean's 1/n_valid would underflow there (module doc).
         g = grad_loss.float()
         if ctx.mean:
-            g = g / num_valid.clamp(min=1).to(torch.float32)
+            g = g / num_valid.clamp(min=1)  # int64 promotes to fp32 inside the division
         return (
             (gx.float() * g).to(gx.dtype) if need_x else None,
             (gw * g).to(w_dt) if need_w else None,

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from beit_kernels import tuning
-from beit_kernels.backend import check_kernel_device, check_vector, persistent_programs
+from beit_kernels.backend import call_op, check_kernel_device, check_vector, next_power_of_2, persistent_programs
 
 _MAX_D = 65536
 
@@ -169,8 +169,7 @@ def _masked_gather_bwd_kernel(
 # Host launchers
 
 
-@torch.library.custom_op("beit_kernels::masked_gather_fwd", mutates_args=())
-def masked_gather_fwd(
+def _masked_gather_fwd(
     x: torch.Tensor,
     index: torch.Tensor,
     ln_weight: torch.Tensor | None,
@@ -190,7 +189,7 @@ def masked_gather_fwd(
         return out, mean, rstd
     seen = torch.zeros(B, T, device=x.device, dtype=torch.int32)
     ok = torch.ones(1, device=x.device, dtype=torch.int32)
-    block_d = max(triton.next_power_of_2(D), 1)  # D == 0 still launches: the rows' indices are checked
+    block_d = max(next_power_of_2(D), 1)  # D == 0 still launches: the rows' indices are checked
     _masked_gather_fwd_kernel[(R,)](
         x,
         index,
@@ -221,6 +220,11 @@ def masked_gather_fwd(
     return out, mean, rstd
 
 
+# torch.library registration: opaque custom ops, so torch.compile traces a model around them without a graph break;
+# eager calls skip the dispatcher (``backend.call_op``).
+masked_gather_fwd = torch.library.custom_op("beit_kernels::masked_gather_fwd", _masked_gather_fwd, mutates_args=())
+
+
 @masked_gather_fwd.register_fake
 def _(x, index, ln_weight, ln_bias, eps, has_ln):
     R = x.shape[0] * index.shape[1]
@@ -228,8 +232,7 @@ def _(x, index, ln_weight, ln_bias, eps, has_ln):
     return x.new_empty(R, x.shape[2]), x.new_empty(n, dtype=torch.float32), x.new_empty(n, dtype=torch.float32)
 
 
-@torch.library.custom_op("beit_kernels::masked_gather_bwd", mutates_args=())
-def masked_gather_bwd(
+def _masked_gather_bwd(
     grad_out: torch.Tensor,
     x: torch.Tensor,
     index: torch.Tensor,
@@ -251,7 +254,7 @@ def masked_gather_bwd(
     dw = alloc(programs if has_ln else 0, D, **f32)
     db = alloc(programs if has_ln else 0, D, **f32)
     if R > 0 and D > 0:
-        block_d = triton.next_power_of_2(D)
+        block_d = next_power_of_2(D)
         _masked_gather_bwd_kernel[(programs,)](
             x,
             index,
@@ -278,6 +281,9 @@ def masked_gather_bwd(
     if not has_ln:
         return grad_x, dw.new_zeros(0), db.new_zeros(0)
     return grad_x, dw.sum(0), db.sum(0)
+
+
+masked_gather_bwd = torch.library.custom_op("beit_kernels::masked_gather_bwd", _masked_gather_bwd, mutates_args=())
 
 
 @masked_gather_bwd.register_fake
@@ -323,7 +329,7 @@ def _validate(x, index, ln_weight, ln_bias, eps):
 class MaskedGatherFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, index, ln_weight, ln_bias, eps, has_ln):
-        out, mean, rstd = masked_gather_fwd(x, index, ln_weight, ln_bias, eps, has_ln)
+        out, mean, rstd = call_op(masked_gather_fwd, _masked_gather_fwd, x, index, ln_weight, ln_bias, eps, has_ln)
         ctx.save_for_backward(x, index, ln_weight, mean, rstd)
         ctx.has_ln = has_ln
         ctx.param_dtypes = (
@@ -335,7 +341,8 @@ class MaskedGatherFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, index, ln_weight, mean, rstd = ctx.saved_tensors
-        grad_x, dw, db = masked_gather_bwd(grad_out, x, index, ln_weight, mean, rstd, ctx.has_ln)
+        grad_x, dw, db = call_op(masked_gather_bwd, _masked_gather_bwd, grad_out, x, index, ln_weight, mean, rstd,
+                                 ctx.has_ln)  # fmt: skip
         w_dt, b_dt = ctx.param_dtypes
         need = ctx.needs_input_grad
         return (

@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 
 from beit_kernels import tuning
-from beit_kernels.backend import add_t_matmul_fp32, check_interpreter_dtype, check_kernel_device
+from beit_kernels.backend import add_t_matmul_fp32, call_op, cdiv, check_interpreter_dtype, check_kernel_device
 
 # ----------------------------------------------------------------------------------------------------------------
 # Kernels
@@ -266,8 +266,7 @@ def _num_sms(device: torch.device) -> int:
     return 2  # the interpreter runs programs one by one; a couple of splits exercise the partial sums
 
 
-@torch.library.custom_op("beit_kernels::patch_embed_fwd", mutates_args=())
-def patch_embed_fwd(
+def _patch_embed_fwd(
     images: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -300,7 +299,7 @@ def patch_embed_fwd(
     mask_u8 = mask.view(torch.uint8) if mask is not None else None
     dummy = out  # never dereferenced: the constexpr flags switch those loads off
     tile = tuning.get("patch_embed.fwd")
-    grid = (triton.cdiv(D, tile["BLOCK_N"]) * triton.cdiv(B * T, tile["BLOCK_M"]),)
+    grid = (cdiv(D, tile["BLOCK_N"]) * cdiv(B * T, tile["BLOCK_M"]),)
     _patch_embed_fwd_kernel[grid](
         images,
         w2,
@@ -337,6 +336,9 @@ def patch_embed_fwd(
     return out
 
 
+patch_embed_fwd = torch.library.custom_op("beit_kernels::patch_embed_fwd", _patch_embed_fwd, mutates_args=())
+
+
 @patch_embed_fwd.register_fake
 def _(images, weight, bias, mask, mask_token, cls_token, pos_embed, scale, shift, out_dtype):
     D, _, p, _ = weight.shape
@@ -345,8 +347,7 @@ def _(images, weight, bias, mask, mask_token, cls_token, pos_embed, scale, shift
     return images.new_empty(images.shape[0], T, D, dtype=out_dtype)
 
 
-@torch.library.custom_op("beit_kernels::patch_embed_bwd", mutates_args=())
-def patch_embed_bwd(
+def _patch_embed_bwd(
     grad_out: torch.Tensor,
     images: torch.Tensor,
     weight: torch.Tensor,
@@ -376,18 +377,20 @@ def patch_embed_bwd(
     MP = B * N
     tile = {k: v for k, v in tuning.get("patch_embed.bwd").items() if k != "weight_grad"}
     block_m = tile["BLOCK_M"]
-    tiles = triton.cdiv(D, tile["BLOCK_D"]) * triton.cdiv(K, tile["BLOCK_K"])
+    tiles = cdiv(D, tile["BLOCK_D"]) * cdiv(K, tile["BLOCK_K"])
     # Enough row splits for about four programs per SM, but at least one BLOCK_M of rows in each.
-    splits = max(1, min(triton.cdiv(4 * _num_sms(grad_out.device), tiles), triton.cdiv(max(MP, 1), block_m)))
-    rows_per_split = triton.cdiv(triton.cdiv(max(MP, 1), splits), block_m) * block_m
-    splits = triton.cdiv(max(MP, 1), rows_per_split)
-    dw = torch.zeros(splits, D, K, **f32)
-    db = torch.zeros(splits, D, **f32)
-    dmt = torch.zeros(splits, D, **f32)
-    if MP > 0 and D > 0:
+    splits = max(1, min(cdiv(4 * _num_sms(grad_out.device), tiles), cdiv(max(MP, 1), block_m)))
+    rows_per_split = cdiv(cdiv(max(MP, 1), splits), block_m) * block_m
+    splits = cdiv(max(MP, 1), rows_per_split)
+    # A launch stores every element of the weight and bias partials, and of the mask token's with a mask.
+    launch = MP > 0 and D > 0
+    dw = (torch.empty if launch else torch.zeros)(splits, D, K, **f32)
+    db = (torch.empty if launch else torch.zeros)(splits, D, **f32)
+    dmt = (torch.empty if launch and mask is not None else torch.zeros)(splits, D, **f32)
+    if launch:
         s_ib, s_ic, s_ih, s_iw = _image_strides(images)
         mask_u8 = mask.view(torch.uint8) if mask is not None else None
-        grid = (triton.cdiv(D, tile["BLOCK_D"]), triton.cdiv(K, tile["BLOCK_K"]), splits)
+        grid = (cdiv(D, tile["BLOCK_D"]), cdiv(K, tile["BLOCK_K"]), splits)
         _patch_embed_bwd_kernel[grid](
             images,
             grad_out,
@@ -444,6 +447,9 @@ def _weight_grads_cublas(grad_out, images, mask, scale, shift, has_cls: bool, p:
     db = dy.sum(0, dtype=torch.float32)
     dw = add_t_matmul_fp32(dy.new_zeros(D, 3 * p * p, dtype=torch.float32), dy, patches)
     return dw.view(D, 3, p, p), db, dmt
+
+
+patch_embed_bwd = torch.library.custom_op("beit_kernels::patch_embed_bwd", _patch_embed_bwd, mutates_args=())
 
 
 @patch_embed_bwd.register_fake
@@ -571,7 +577,8 @@ def _out_dtype(device: torch.device, weight_dtype: torch.dtype) -> torch.dtype:
 class PatchEmbedFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, images, weight, bias, mask, mask_token, cls_token, pos_embed, scale, shift, out_dtype):
-        out = patch_embed_fwd(images, weight, bias, mask, mask_token, cls_token, pos_embed, scale, shift, out_dtype)
+        out = call_op(patch_embed_fwd, _patch_embed_fwd, images, weight, bias, mask, mask_token, cls_token, pos_embed,
+                      scale, shift, out_dtype)  # fmt: skip
         ctx.save_for_backward(images, weight, mask, scale, shift)
         ctx.has = (bias is not None, mask is not None, cls_token is not None, pos_embed is not None)
         # Chosen when the forward runs, so a graph captured around it keeps its choice.
@@ -585,8 +592,8 @@ class PatchEmbedFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         images, weight, mask, scale, shift = ctx.saved_tensors
         has_bias, has_mask, has_cls, has_pos = ctx.has
-        dw, db, dmt, dcls, dpos = patch_embed_bwd(grad_out, images, weight, mask, scale, shift, has_cls,
-                                                  ctx.weight_grad)  # fmt: skip
+        dw, db, dmt, dcls, dpos = call_op(patch_embed_bwd, _patch_embed_bwd, grad_out, images, weight, mask, scale,
+                                          shift, has_cls, ctx.weight_grad)  # fmt: skip
         need = ctx.needs_input_grad
 
         def cast(g, meta):

@@ -155,6 +155,9 @@ TABLE: Mapping[str, object] = types.MappingProxyType(_DEFAULTS)
 
 # What ``override`` has put in force: key -> value (a dict entry's fields, an attention tile's parameters).
 _active: dict[str, object] = {}
+# The entries in force as ``_entry`` resolved them, shared and never mutated; emptied whenever ``_active`` changes.
+# The launchers look entries up at every launch, and a deep copy each time cost a few microseconds of host time.
+_resolved: dict[str, object] = {}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -264,11 +267,13 @@ def override(entries: Mapping[str, object]) -> Iterator[None]:
             _active[key] = merged
         else:
             _active[key] = value
+    _resolved.clear()
     try:
         yield
     finally:
         _active.clear()
         _active.update(saved)
+        _resolved.clear()
 
 
 def overrides() -> dict[str, object]:
@@ -279,16 +284,37 @@ def overrides() -> dict[str, object]:
 def get(key: str):
     """The entry in force for ``key``: the table's value with the overrides applied (a copy). For the attention
     tiles (a list of rows), the fixed parameters in force; ``attention_tile`` resolves a launch's tile."""
+    value = _entry(key)
+    if isinstance(value, dict):
+        # A flat dict of numbers, strings and None copies as a dict; nested ones (masked_gather.rows,
+        # attention.interpreter) need the deep copy.
+        if all(v is None or isinstance(v, (int, float, str)) for v in value.values()):
+            return dict(value)
+        return copy.deepcopy(value)
+    return value
+
+
+def _entry(key: str):
+    """``get`` without the copy, for the lookups below, which only read it: resolved once while the overrides in
+    force stay the same."""
+    try:
+        return _resolved[key]
+    except KeyError:
+        pass
     if key not in _DEFAULTS:
         raise ValueError(f"tuning.get: unknown key {key!r}; known keys: {', '.join(sorted(_DEFAULTS))}")
     default = _DEFAULTS[key]
     if isinstance(default, list):
-        return copy.deepcopy(_active.get(key, {}))
-    if isinstance(default, dict):
+        value = copy.deepcopy(_active.get(key, {}))
+    elif isinstance(default, dict):
         if key == "attention.interpreter":
-            return {k: dict(v, **_active.get(key, {}).get(k, {})) for k, v in default.items()}  # type: ignore
-        return copy.deepcopy(dict(default, **_active.get(key, {})))  # type: ignore[arg-type]
-    return _active.get(key, default)
+            value = {k: dict(v, **_active.get(key, {}).get(k, {})) for k, v in default.items()}  # type: ignore
+        else:
+            value = copy.deepcopy(dict(default, **_active.get(key, {})))  # type: ignore[arg-type]
+    else:
+        value = _active.get(key, default)
+    _resolved[key] = value
+    return value
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -301,7 +327,7 @@ def _next_power_of_2(n: int) -> int:
 
 def shared_memory(device: torch.device) -> int:
     """Bytes of shared memory a block that the lookups assume on ``device`` (``shared_memory`` when set)."""
-    fixed = get("shared_memory")
+    fixed = _entry("shared_memory")
     return fixed if fixed is not None else block_shared_memory(device)
 
 
@@ -321,15 +347,15 @@ def attention_tile(kind: str, head_dim: int, dtype: torch.dtype, shared: int) ->
     if shared >= LARGE_SHARED:
         cfg.update(large)
     if interpreting():
-        cfg.update(get("attention.interpreter")[kind])
-    cfg.update(get(f"attention.{kind}"))
+        cfg.update(_entry("attention.interpreter")[kind])
+    cfg.update(_entry(f"attention.{kind}"))
     return cfg
 
 
 def attention_groups(kind: str) -> tuple[int, float]:
     """(programs a multiprocessor, scale) of the batch groups of the ``kind`` backward kernel that sums the bias
     gradient ("dkdv", "dkdv_allq" or "fused")."""
-    entry = get(f"attention.{kind}_groups")
+    entry = _entry(f"attention.{kind}_groups")
     return entry["programs_per_sm"], entry["scale"]
 
 
@@ -341,7 +367,7 @@ def attention_all_queries(N: int, D: int, dtype: torch.dtype, device: torch.devi
     """Whether the two-kernel backward takes the all-queries dk/dv kernel at this shape on ``device``."""
     if not _one_tile(N, D, dtype, ALL_QUERIES_MAX_N):
         return False
-    switch = get("attention.dkdv_all_queries")
+    switch = _entry("attention.dkdv_all_queries")
     if switch is None:
         return device is not None and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
     return switch
@@ -350,7 +376,7 @@ def attention_all_queries(N: int, D: int, dtype: torch.dtype, device: torch.devi
 def attention_fused(N: int, D: int, dtype: torch.dtype, device: torch.device) -> bool:
     """Whether the backward takes the fused kernel at this shape on ``device``: switched on, and a block has
     160 KiB of shared memory (one of its two forms needs up to 148 KiB; unbounded in the interpreter)."""
-    if not (get("attention.bwd_fused") and _one_tile(N, D, dtype, FUSED_MAX_N)):
+    if not (_entry("attention.bwd_fused") and _one_tile(N, D, dtype, FUSED_MAX_N)):
         return False
     return shared_memory(device) >= LARGE_SHARED
 
@@ -365,7 +391,7 @@ def attention_backward(N: int, D: int, dtype: torch.dtype, device: torch.device)
 
 def layer_norm_tile(D: int, backward: bool) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_D, num_warps) of ``add_layer_norm``'s forward or backward at row width D."""
-    e = get("layer_norm.bwd" if backward else "layer_norm.fwd")
+    e = _entry("layer_norm.bwd" if backward else "layer_norm.fwd")
     block_d = _next_power_of_2(D)
     block_m = e["BLOCK_M"] or max(1, min(e["max_rows"], e["max_elements"] // block_d))
     warps = e["num_warps"] or min(32, max(4, block_m * block_d // (32 * e["elements_per_thread"])))
@@ -375,14 +401,14 @@ def layer_norm_tile(D: int, backward: bool) -> tuple[int, int, int]:
 def bias_gelu_tile(D: int, backward: bool) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_D, num_warps) of ``bias_gelu``: the table's, narrowed to D's power of two for narrow rows
     (more rows a program instead)."""
-    e = get("bias_gelu.bwd" if backward else "bias_gelu.fwd")
+    e = _entry("bias_gelu.bwd" if backward else "bias_gelu.fwd")
     narrow = min(e["BLOCK_D"], _next_power_of_2(D))
     return e["BLOCK_M"] * (e["BLOCK_D"] // narrow), narrow, e["num_warps"]
 
 
 def conv_epilogue_tile(C: int, pool: bool) -> tuple[int, int, int]:
     """(BLOCK_P, BLOCK_C, num_warps) of ``conv_epilogue`` at C channels, with or without the max-pool."""
-    e = get("conv_epilogue.epi_pool" if pool else "conv_epilogue.epi")
+    e = _entry("conv_epilogue.epi_pool" if pool else "conv_epilogue.epi")
     block_c = min(e["max_channels"], _next_power_of_2(max(C, 1)))
     return max(1, e["elements"] // block_c), block_c, e["num_warps"]
 
@@ -390,7 +416,7 @@ def conv_epilogue_tile(C: int, pool: bool) -> tuple[int, int, int]:
 def cross_entropy_chunk(M: int, V: int) -> int:
     """Rows per chunk of ``linear_cross_entropy`` (a power of two): ``chunk_rows`` when set, else all M rows where
     their logits fit in ``max_logits`` elements, else the most rows that fit."""
-    e = get("linear_cross_entropy.ce")
+    e = _entry("linear_cross_entropy.ce")
     if e["chunk_rows"] is not None:
         return e["chunk_rows"]
     most = max(1, e["max_logits"] // max(V, 1))
@@ -400,7 +426,7 @@ def cross_entropy_chunk(M: int, V: int) -> int:
 
 def masked_gather_warps(block_d: int) -> int:
     """Warps of a ``masked_gather`` program over a row of ``block_d`` features."""
-    by_width = get("masked_gather.rows")["num_warps"]
+    by_width = _entry("masked_gather.rows")["num_warps"]
     for width in sorted(by_width):
         if block_d <= width:
             return by_width[width]

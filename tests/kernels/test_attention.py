@@ -576,3 +576,25 @@ def test_gpu_broadcast_bias_gradient_allocates_no_batch_sized_buffer():
     extra = added - outputs
     assert extra < full_fp32_bias / 2, f"backward added {extra / 2**20:.1f} MiB besides dq, dk, dv"
     assert grads[3].shape == bias.shape
+
+
+@pytest.mark.parametrize(
+    "bias_shape",
+    [(7,), (1,), (7, 7), (1, 7), (7, 1), (2, 7, 7), (1, 7, 7), (3, 2, 7, 7), (1, 1, 1, 1), (3, 1, 7, 1), (0, 7),
+     (2, 1), (7, 2), (3, 7, 7), (4, 2, 7, 7), (3, 2, 7, 7, 1), (2, 7, 8), (0,), ()],
+)  # fmt: skip
+def test_bias_shape_check_agrees_with_broadcast_shapes(bias_shape):
+    """The validation's own broadcast check accepts a bias exactly when torch.broadcast_shapes gives [B, H, N, N]."""
+    from beit_kernels.attention import _validate
+
+    q = torch.zeros(3, 2, 7, 16, device=DEVICE)
+    bias = torch.zeros(bias_shape, device=DEVICE)
+    try:
+        ok = torch.broadcast_shapes(bias_shape, tuple(q.shape[:3]) + (7,)) == (3, 2, 7, 7)
+    except RuntimeError:
+        ok = False
+    if ok:
+        _validate(q, q, q, bias)
+    else:
+        with pytest.raises(ValueError, match="does not broadcast|more than 4 dimensions"):
+            _validate(q, q, q, bias)

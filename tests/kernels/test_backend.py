@@ -145,3 +145,89 @@ def test_bf16_in_the_interpreter_is_refused_for_the_dot_kernels(case):
     op = case.split(" ")[0].replace("_qkvpacked", "")
     with pytest.raises(ValueError, match=f"{op}: bfloat16 is not computed correctly by Triton's CPU interpreter"):
         BF16_OPS[case]()
+
+
+@pytest.mark.parametrize("n", [*range(0, 70), 127, 128, 129, 768, 3072, 8192, 65535, 65536, 65537, 2**40 + 1])
+def test_host_cdiv_and_next_power_of_2_match_triton(n):
+    import triton
+
+    assert backend.next_power_of_2(n) == triton.next_power_of_2(n)
+    for d in (1, 2, 3, 16, 64, 128):
+        assert backend.cdiv(n, d) == triton.cdiv(n, d)
+
+
+class _Op:
+    """Stands for a torch.library custom op: records that the dispatcher was asked."""
+
+    _qualname = "beit_kernels::stand_in"
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, *args):
+        self.calls += 1
+        return "op"
+
+
+def _impl(*args):
+    return "impl"
+
+
+def test_call_op_calls_the_launcher_directly_in_eager_mode():
+    x = torch.zeros(3)
+    w = torch.nn.Parameter(torch.zeros(3))
+    op = _Op()
+    with torch.no_grad():  # as inside an autograd.Function's forward and backward
+        assert backend.call_op(op, _impl, x, w, None, 1.0, True) == "impl"
+    assert backend.call_op(op, _impl, x, w.detach()) == "impl"  # nothing for autograd to record
+    # Under the profiler the direct call is recorded under the op's name.
+    from torch.profiler import profile
+
+    with profile() as prof:
+        backend.call_op(op, _impl, x)
+    assert "beit_kernels::stand_in" in {e.key for e in prof.key_averages()}
+    assert op.calls == 0
+
+
+def test_call_op_goes_through_the_dispatcher_where_it_matters(monkeypatch):
+    from torch._subclasses import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    x = torch.zeros(3)
+    op = _Op()
+
+    class Mode(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    class Sub(torch.Tensor):
+        pass
+
+    with Mode():
+        assert backend.call_op(op, _impl, x) == "op"  # a dispatch mode sees the op
+    with FakeTensorMode():
+        assert backend.call_op(op, _impl, x) == "op"
+    assert backend.call_op(op, _impl, torch.zeros(3, device="meta")) == "op"
+    assert backend.call_op(op, _impl, x.as_subclass(Sub)) == "op"
+    # Autograd would record the launcher's own ops: a backward with create_graph=True.
+    assert backend.call_op(op, _impl, torch.zeros(3, requires_grad=True)) == "op"
+    with torch.no_grad():
+        assert backend.call_op(op, _impl, torch.zeros(3, requires_grad=True)) == "impl"
+    with torch.device("cpu"):  # a torch function mode
+        assert backend.call_op(op, _impl, x) == "op"
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert backend.call_op(op, _impl, x) == "op"
+    assert op.calls == 7
+
+
+def test_the_direct_call_and_the_custom_op_agree():
+    import importlib
+
+    mg = importlib.import_module("beit_kernels.masked_gather")  # the module (the package exports the function)
+    x = torch.randn(2, 7, 24)
+    index = torch.tensor([[3, 5, -1], [1, 2, 6]])
+    w, b = torch.randn(24), torch.randn(24)
+    op = mg.masked_gather_fwd(x, index, w, b, 1e-6, True)
+    direct = mg._masked_gather_fwd(x, index, w, b, 1e-6, True)
+    for a, d in zip(op, direct):
+        assert torch.equal(a, d)

@@ -71,3 +71,22 @@ def test_glue_tiles_follow_their_entries():
     with tuning.override(entries):
         assert tuning.layer_norm_tile(768, backward=True) == (2, 1024, 8)
         assert tuning.cross_entropy_chunk(19200, 8192) == 4
+
+
+def test_lookups_follow_overrides_entered_after_they_were_cached():
+    """The launchers' lookups are resolved once while the overrides in force stay the same; entering or leaving an
+    override block must show at the next lookup, and ``get`` hands out copies."""
+    assert tuning.masked_gather_warps(1024) == 4 and tuning.layer_norm_tile(768, backward=True) == (1, 1024, 4)
+    with tuning.override({"masked_gather.rows": {"num_warps": {65536: 2}}, "layer_norm.bwd": {"BLOCK_M": 2}}):
+        assert tuning.masked_gather_warps(1024) == 2 and tuning.layer_norm_tile(768, backward=True)[0] == 2
+    assert tuning.masked_gather_warps(1024) == 4 and tuning.layer_norm_tile(768, backward=True) == (1, 1024, 4)
+    for key in ("patch_embed.fwd", "masked_gather.rows", "attention.interpreter", "attention.fwd"):
+        got = tuning.get(key)
+        got.clear()  # a caller may change its copy
+        assert tuning.get(key) != {} or key == "attention.fwd", key
+    tuning.get("masked_gather.rows")["num_warps"][1024] = 32  # nested: a deep copy
+    assert tuning.masked_gather_warps(1024) == 4
+    with tuning.override({"attention.fwd": {"BLOCK_N": 16}}):
+        cfg = tuning.get("attention.fwd")
+        cfg["BLOCK_N"] = 8
+        assert tuning.get("attention.fwd") == {"BLOCK_N": 16}
