@@ -12,6 +12,7 @@ import argparse
 
 from beit.data.classification import Cifar100Source, ImageFolderSource, WebDatasetSource, open_classification_source
 from beit.data.classification_loader import build_classification_loader
+from beit.data.loader import dali_available
 from beit.distributed import Dist
 
 FORMATS = {"folder": ImageFolderSource, "cifar100": Cifar100Source, "webdataset": WebDatasetSource}
@@ -31,8 +32,11 @@ def build_loaders(args: argparse.Namespace, d: Dist, train_loader: bool = True):
     if val.num_classes > train.num_classes:
         raise ValueError(f"the validation set {val_spec} has {val.num_classes} classes, the training set "
                          f"{train.num_classes}")  # fmt: skip
-    backend = {"auto": "auto", "dali": "dali", "pil": "pil"}[args.loader]
-    device = "gpu" if d.device.type == "cuda" and backend != "pil" else "cpu"
+    backend = args.loader
+    if backend == "auto":  # as beit-pretrain's --loader auto: DALI where it is installed, else the PIL loader
+        backend = "dali" if dali_available() else "pil"
+    # DALI runs on the training device; the PIL loader on the CPU, its batches pinned for a GPU.
+    device = "gpu" if d.device.type == "cuda" and backend == "dali" else "cpu"
     rand_augment = None if str(args.rand_augment).lower() == "none" else args.rand_augment
     common = dict(image_size=args.image_size, backend=backend, device=device,
                   num_threads=threads, seed=args.seed, shard_id=d.rank, num_shards=d.world_size,

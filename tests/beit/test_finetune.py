@@ -244,3 +244,19 @@ def test_demo_end_to_end(pretraining_demo, tmp_path):
         assert im.size[0] > 300 and im.size[1] > 200
     for name in ("pretrained", "scratch"):
         assert (out / name / "best.pth").is_file() and evals(out / name)[-1]["acc1"] == summary[name]["final_acc1"]
+
+
+@pytest.mark.parametrize("dali, want", [(False, ("pil", "cpu")), (True, ("dali", "gpu"))])
+def test_loader_auto_on_a_gpu_run_takes_dali_or_the_pil_loader(data, dali, want, monkeypatch):
+    """--loader auto as beit-pretrain's: DALI on the training GPU where DALI is installed, else the PIL loader on
+    the CPU (not an error for the missing DALI)."""
+    import beit.finetune_data as fd
+    from beit.distributed import Dist
+    from beit.finetune import parse_args
+
+    calls = []
+    monkeypatch.setattr(fd, "dali_available", lambda: dali)
+    monkeypatch.setattr(fd, "build_classification_loader", lambda src, bs, **kw: calls.append((kw["backend"],
+                                                                                             kw["device"])))
+    fd.build_loaders(parse_args(args(data, "/nonexistent")), Dist(device=torch.device("cuda", 0)))
+    assert calls == [want, want]
