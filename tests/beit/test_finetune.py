@@ -258,5 +258,5 @@ def test_loader_auto_on_a_gpu_run_takes_dali_or_the_pil_loader(data, dali, want,
     monkeypatch.setattr(fd, "dali_available", lambda: dali)
     monkeypatch.setattr(fd, "build_classification_loader", lambda src, bs, **kw: calls.append((kw["backend"],
                                                                                              kw["device"])))
-    fd.build_loaders(parse_args(args(data, "/nonexistent")), Dist(device=torch.device("cuda", 0)))
+    fd.build_loaders(parse_args(args(data, "/nonexistent", "--loader", "auto")), Dist(device=torch.device("cuda", 0)))
     assert calls == [want, want]
