@@ -14,9 +14,11 @@ import yaml
 from beit.errors import TrainingError
 
 
-def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None) -> tuple[argparse.Namespace, set[str]]:
+def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None,
+                      demo: dict | None = None) -> tuple[argparse.Namespace, set[str]]:  # fmt: skip
     """Parse ``argv`` (``sys.argv[1:]`` when None) with the defaults of its ``--config`` file. Returns the options
-    and the names the user set, on the command line or in the file."""
+    and the names the user set, on the command line or in the file. With ``--demo`` set, ``demo`` replaces the
+    defaults of the options the user did not set."""
     argv = sys.argv[1:] if argv is None else argv
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")
@@ -32,7 +34,25 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None) -
         parser.set_defaults(**cfg)
     args = parser.parse_args(argv)
     given = {a.split("=")[0][2:].replace("-", "_") for a in argv if a.startswith("--")} | set(cfg)
+    if demo is not None and getattr(args, "demo", False):
+        for k, v in demo.items():
+            if k not in given:
+                setattr(args, k, v)
     return args, given
+
+
+def apply_global_batch_size(args: argparse.Namespace, world_size: int) -> None:
+    """``--global-batch-size``: images per optimizer step over all ranks, so ``--batch-size`` becomes it divided by
+    ranks x accumulation steps; one that does not divide is a TrainingError."""
+    if args.global_batch_size is None:
+        return
+    per = world_size * args.accum_steps
+    if args.global_batch_size % per:
+        raise TrainingError(
+            f"--global-batch-size {args.global_batch_size} does not divide across {world_size} GPU(s) x "
+            f"{args.accum_steps} accumulation step(s)"
+        )
+    args.batch_size = args.global_batch_size // per
 
 
 def check_config_values(parser: argparse.ArgumentParser, cfg: dict, path: str) -> None:

@@ -42,13 +42,6 @@ DEMO = dict(
 VAL_FRACTION = 0.5
 
 
-def demo_defaults(args: argparse.Namespace, given: set[str]) -> None:
-    """--demo changes the defaults the user did not set, on the command line or in the config file."""
-    for k, v in DEMO.items():
-        if k not in given:
-            setattr(args, k, v)
-
-
 def _pretraining_checkpoint(args: argparse.Namespace) -> Path:
     """The newest intact checkpoint of the pretraining demo, running that demo first when there is none."""
     from beit import train, train_state

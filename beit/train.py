@@ -44,7 +44,13 @@ import torch.nn as nn
 
 import beit
 from beit import train_state
-from beit.config import add_optimisation_options, add_run_options, check_trainer_options, parse_with_config
+from beit.config import (
+    add_optimisation_options,
+    add_run_options,
+    apply_global_batch_size,
+    check_trainer_options,
+    parse_with_config,
+)
 from beit.data import BadImageError
 from beit.distributed import Dist, init_distributed, shutdown
 from beit.engine import Faults, Metrics, MIMInputs, MIMStep
@@ -109,9 +115,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = get_args_parser()
-    args, given = parse_with_config(parser, argv)
-    if args.demo:
-        _demo_defaults(args, given)
+    args, _ = parse_with_config(parser, argv, demo=DEMO)
     _check_args(parser, args)
     return args
 
@@ -141,13 +145,6 @@ DEMO_DATA = dict(
     image_size=(192, 144),
     vocab=64,
 )
-
-
-def _demo_defaults(args: argparse.Namespace, given: set[str]) -> None:
-    """--demo changes the defaults the user did not set, on the command line or in the config file."""
-    for k, v in DEMO.items():
-        if k not in given:
-            setattr(args, k, v)
 
 
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -246,14 +243,7 @@ def train(args: argparse.Namespace, record_samples: bool = False) -> dict:
     --cuda-graph captured the step). With ``record_samples`` the result also lists, per epoch, the data-set indices
     of the samples this rank saw."""
     d = init_distributed(args.device)
-    if args.global_batch_size is not None:
-        per = d.world_size * args.accum_steps
-        if args.global_batch_size % per:
-            raise TrainingError(
-                f"--global-batch-size {args.global_batch_size} does not divide across {d.world_size} GPU(s) x "
-                f"{args.accum_steps} accumulation step(s)"
-            )
-        args.batch_size = args.global_batch_size // per
+    apply_global_batch_size(args, d.world_size)
     out_dir = Path(args.output_dir)
     lock = train_state.open_run_folder(d, out_dir)  # one writer per run folder, before any work
     try:
