@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from beit.checkpoint import peek_checkpoint
 from beit.classifier import VisionTransformer, classifier_from_config
 from beit.data.files import check_image, to_rgb
 from beit.data.transforms import NORMALIZATIONS
@@ -224,22 +225,6 @@ def draw_attention_maps(
 # Checkpoints and images
 
 
-def _peek(path: str | os.PathLike):
-    """The checkpoint's contents with its tensors memory-mapped, so that the MIM path, which reads the file again
-    through ``model_from_checkpoint``, does not read the weights (and any optimizer state) twice. Files that cannot
-    be mapped (safetensors, folders, legacy formats, damaged files) are read by ``read_state_dict``, which also
-    gives the refusal of a bad one."""
-    from beit.checkpoint import read_state_dict
-
-    p = Path(path)
-    if p.is_file() and p.suffix != ".safetensors":
-        try:
-            return torch.load(p, map_location="cpu", weights_only=True, mmap=True)
-        except Exception:  # any failure: read_state_dict reads it or says why it cannot
-            pass
-    return read_state_dict(p)
-
-
 def load_model(path: str | os.PathLike, model_name: str | None = None, image_size: int | None = None):
     """(model, kind, recorded normalisation or None) from a checkpoint, in eval mode with ``impl="ref"``.
 
@@ -253,7 +238,7 @@ def load_model(path: str | os.PathLike, model_name: str | None = None, image_siz
     overrides = {"impl": "ref"}
     if image_size is not None:
         overrides["img_size"] = image_size
-    ckpt = _peek(path)
+    ckpt = peek_checkpoint(path)  # mapped: the MIM path reads the file again in model_from_checkpoint
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path} is not a checkpoint (it holds a {type(ckpt).__name__}, not a dict)")
     kind = ckpt.get("kind")

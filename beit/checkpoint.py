@@ -344,6 +344,20 @@ def read_state_dict(path: str | os.PathLike) -> dict:
         ) from e
 
 
+def peek_checkpoint(path: str | os.PathLike):
+    """A checkpoint's contents with its tensors memory-mapped where the file allows it (a torch zip file), so that
+    reading its entries (``args``, ``model_config``, ``kind``) leaves the weights and any optimizer state unread.
+    Files that cannot be mapped (safetensors, folders, legacy formats, damaged files) are read by
+    ``read_state_dict``, which also gives the refusal of a bad one."""
+    p = Path(path)
+    if p.is_file() and p.suffix != ".safetensors":
+        try:
+            return torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # read_state_dict reads it or says why it cannot
+            pass
+    return read_state_dict(p)
+
+
 def torch_load_problem(e: BaseException) -> str:
     """A ``torch.load`` error in one line, for our messages: what made the loader refuse the file, without torch's
     advice to re-run with ``weights_only=False`` (which runs whatever code the file names) or to allowlist the

@@ -45,13 +45,21 @@ import torch.nn.functional as F
 
 import beit
 from beit import train_state
+from beit.checkpoint import peek_checkpoint
 from beit.classifier import classifier_from_config, classifier_image_size, create_classifier, list_classifiers
-from beit.config import add_optimisation_options, add_run_options, check_trainer_options, parse_with_config
+from beit.config import (
+    add_optimisation_options,
+    add_run_options,
+    apply_global_batch_size,
+    check_trainer_options,
+    parse_with_config,
+)
 from beit.data import BadImageError
 from beit.distributed import Dist, init_distributed, shutdown
-from beit.engine import Metrics
+from beit.engine import Faults, Metrics
 from beit.errors import TrainingError
 from beit.evaluate import evaluate
+from beit.finetune_demo import DEMO
 from beit.loop import LoopOptions, Position, Task, run_loop
 from beit.optim import cosine_scheduler, fused_adamw
 from beit.precision import autocast, grad_scaler, resolve_precision
@@ -171,11 +179,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = get_args_parser()
-    args, given = parse_with_config(parser, argv)
-    if args.demo:
-        from beit.finetune_demo import demo_defaults
-
-        demo_defaults(args, given)
+    args, _ = parse_with_config(parser, argv, demo=DEMO)
     _check_args(parser, args)
     return args
 
@@ -272,12 +276,7 @@ def finetune(args: argparse.Namespace, record_samples: bool = False) -> dict:
     """Run (or resume) a fine-tuning run, or evaluate a checkpoint (``--eval``); returns the final step, the train
     metrics, the evaluation history, the best accuracy and the model."""
     d = init_distributed(args.device)
-    if args.global_batch_size is not None:
-        per = d.world_size * args.accum_steps
-        if args.global_batch_size % per:
-            raise TrainingError(f"--global-batch-size {args.global_batch_size} does not divide across "
-                                f"{d.world_size} GPU(s) x {args.accum_steps} accumulation step(s)")  # fmt: skip
-        args.batch_size = args.global_batch_size // per
+    apply_global_batch_size(args, d.world_size)
     out_dir = Path(args.output_dir)
     if args.eval:
         return _evaluate_only(args, d)
@@ -312,10 +311,11 @@ def _evaluate_only(args: argparse.Namespace, d: Dist) -> dict:
 
 def _model_for_eval(args: argparse.Namespace, path: str, num_classes: int, d: Dist) -> nn.Module:
     """Ours rebuild from their recorded configuration; others are loaded into the model the options name."""
+    file = Path(path).is_file() and Path(path).suffix != ".safetensors"
     try:
-        head = torch.load(path, map_location="cpu", weights_only=True, mmap=True) if Path(path).is_file() else None
-    except Exception:
-        head = None
+        head = peek_checkpoint(path) if file else None  # mapped: only its entries are read here
+    except ValueError as e:
+        raise TrainingError(str(e)) from e
     if isinstance(head, dict) and "model_config" in head and "model" in head:
         model = classifier_from_checkpoint(path, impl=args.impl)
         if model.num_classes != num_classes:
@@ -393,8 +393,6 @@ def _finetune(args: argparse.Namespace, d: Dist, out_dir: Path, record_samples: 
         _write_evals(out_dir, state["evals"])
     amp = autocast(precision, d.device)
     metrics = Metrics(d.device, accuracy_name="train_acc")
-    from beit.engine import Faults
-
     faults = Faults(args.inject_nonfinite, args.inject_sigint, device=d.device)
     mixup, erasing = _batch_augmentations(args, num_classes)
     plots = {"loss": "training loss", "train_acc": "training accuracy"}

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from beit.checkpoint import read_state_dict
+from beit.checkpoint import peek_checkpoint
 from beit.data import NORMALIZATIONS
 from beit.export import model_from_checkpoint
 from beit.model import VisionTransformerForMaskedImageModeling
@@ -60,11 +60,7 @@ def pretraining_normalization(checkpoint: str | Path) -> str | None:
     path = Path(checkpoint)
     if not path.is_file() or path.suffix == ".safetensors":
         return None
-    try:
-        # Only the args are wanted: mapping the file leaves the weights (and optimizer state) unread.
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # a legacy (non-zip) file cannot be mapped; read_state_dict gives the refusal of a bad one
-        ckpt = read_state_dict(path)
+    ckpt = peek_checkpoint(path)  # only the args are wanted
     args = ckpt.get("args") if isinstance(ckpt, dict) else None
     return args.get("normalization") if isinstance(args, dict) else None
 
