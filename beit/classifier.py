@@ -33,11 +33,12 @@ from beit.model import (
     _default_impl,
     build_blocks,
     check_images,
+    checked_config,
     fix_init_weight,
     init_module,
     trunc_normal_,
 )
-from beit_kernels.backend import IMPLS, resolve_impl
+from beit_kernels.backend import resolve_impl
 
 
 @dataclass
@@ -78,14 +79,7 @@ class VisionTransformer(EncoderApi, nn.Module):
 
     def __init__(self, config: ClassifierConfig | None = None, **kwargs):
         super().__init__()
-        if config is None:
-            config = ClassifierConfig(**kwargs)
-        elif kwargs:
-            raise TypeError("pass either a ClassifierConfig or keyword arguments, not both")
-        if config.impl not in IMPLS:
-            raise ValueError(f"unknown impl {config.impl!r}: expected one of {', '.join(IMPLS)}")
-        if config.embed_dim % config.num_heads != 0 and config.attn_head_dim is None:
-            raise ValueError(f"embed_dim {config.embed_dim} is not divisible by num_heads {config.num_heads}")
+        config = checked_config(ClassifierConfig, config, kwargs)
         if config.num_classes < 0:
             raise ValueError(f"num_classes must be >= 0 (0: no head), got {config.num_classes}")
         self.config = config

@@ -302,6 +302,20 @@ class BeitConfig:
         return asdict(self)
 
 
+def checked_config(config_cls, config, kwargs: dict):
+    """A model's configuration: ``config``, or a ``config_cls`` built from the constructor's keyword arguments (not
+    both), its ``impl`` and its width's split into heads checked."""
+    if config is None:
+        config = config_cls(**kwargs)
+    elif kwargs:
+        raise TypeError(f"pass either a {config_cls.__name__} or keyword arguments, not both")
+    if config.impl not in IMPLS:
+        raise ValueError(f"unknown impl {config.impl!r}: expected one of {', '.join(IMPLS)}")
+    if config.embed_dim % config.num_heads != 0 and config.attn_head_dim is None:
+        raise ValueError(f"embed_dim {config.embed_dim} is not divisible by num_heads {config.num_heads}")
+    return config
+
+
 class EncoderApi:
     """What both BEiT models answer alike (they hold ``config``, ``blocks`` and ``patch_embed``): the
     implementation switch, the layer count for layer-wise lr decay, the official weight-decay exclusions."""
@@ -337,14 +351,7 @@ class VisionTransformerForMaskedImageModeling(EncoderApi, nn.Module):
 
     def __init__(self, config: BeitConfig | None = None, **kwargs):
         super().__init__()
-        if config is None:
-            config = BeitConfig(**kwargs)
-        elif kwargs:
-            raise TypeError("pass either a BeitConfig or keyword arguments, not both")
-        if config.impl not in IMPLS:
-            raise ValueError(f"unknown impl {config.impl!r}: expected one of {', '.join(IMPLS)}")
-        if config.embed_dim % config.num_heads != 0 and config.attn_head_dim is None:
-            raise ValueError(f"embed_dim {config.embed_dim} is not divisible by num_heads {config.num_heads}")
+        config = checked_config(BeitConfig, config, kwargs)
         self.config = config
         self.num_features = self.embed_dim = config.embed_dim
         dim = config.embed_dim
